@@ -1,0 +1,74 @@
+"""Calibration files: activation amax per input quantizer, in checkpoint key space, as safetensors.
+
+Keys are quantizer paths (`model.layers.0.self_attn.q_proj.input_quantizer`), values 0-d float32 amax.
+Metadata binds the file to the model (names, dtypes and shapes of every tensor) and to the recipe, so a
+calibration made for another model or recipe is refused instead of silently misapplied.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+CALIB_FORMAT = "dist_export-calibration-1"
+
+
+def model_signature(tensors: dict) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        m = tensors[name]
+        h.update(f"{name}|{m.dtype}|{tuple(m.shape)}\n".encode())
+    return h.hexdigest()[:32]
+
+
+def input_quantizer_name(module: str) -> str:
+    return f"{module}.input_quantizer"
+
+
+def save_calibration(path: str, amax: dict[str, torch.Tensor], recipe, signature: str) -> None:
+    tensors = {k: v.detach().float().reshape(()).cpu().contiguous() for k, v in sorted(amax.items())}
+    meta = {"format": CALIB_FORMAT, "recipe": recipe.name, "recipe_fingerprint": recipe.fingerprint,
+            "model_signature": signature}
+    tmp = path + ".tmp"
+    save_file(tensors, tmp, metadata=meta)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def file_sha256_small(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def load_calibration(path: str, recipe, signature: str, required: list[str]) -> dict[str, torch.Tensor]:
+    """Read and check a calibration file; returns {quantizer path: 0-d float32 amax}."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"calibration file {path} does not exist; run `dist-export calibrate` first")
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+            amax = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
+        raise ValueError(f"calibration file {path} is not a valid safetensors file ({e})") from None
+    if meta.get("format") != CALIB_FORMAT:
+        raise ValueError(f"{path} is not a dist_export calibration file (metadata format={meta.get('format')!r})")
+    if meta.get("model_signature") != signature:
+        raise ValueError(f"calibration file {path} was made for another model; calibrate this model first")
+    if meta.get("recipe_fingerprint") != recipe.fingerprint:
+        raise ValueError(f"calibration file {path} was made with recipe {meta.get('recipe')!r}, not "
+                         f"{recipe.name!r}; calibrate again with --recipe {recipe.name}")
+    missing = [k for k in required if k not in amax]
+    if missing:
+        raise ValueError(f"calibration file {path} has no amax for {len(missing)} quantizers, e.g. {missing[0]!r}")
+    for k, v in amax.items():
+        if not torch.isfinite(v).all() or (v < 0).any():
+            raise ValueError(f"calibration file {path}: amax of {k!r} is {v.item()} (must be finite and >= 0)")
+    return amax
+
+
+def required_input_quantizers(plan) -> list[str]:
+    return sorted(input_quantizer_name(i.module) for i in plan.items.values()
+                  if i.quantized and i.input is not None and i.input.needs_calibration)

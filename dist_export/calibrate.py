@@ -1,0 +1,154 @@
+"""`dist-export calibrate`: max calibration of activation (input) amax for every quantized Linear.
+
+The model is loaded with transformers (CPU, one GPU, or `device_map="auto"`), forward hooks record max|x| at
+the input of each Linear the recipe quantizes, and the result is written in checkpoint key space. Fused
+in-memory experts (transformers 5 `*Experts` modules holding 3-D `gate_up_proj`/`down_proj`) are observed per
+expert by replaying the routing inside a wrapper. Experts that no calibration token reached get the layer's
+max over routed experts (explicit and logged: serving engines apply one input scale per fused MoE layer).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+
+import torch
+
+from .calib import input_quantizer_name, model_signature, save_calibration
+from .io.reader import SourceCheckpoint
+from .plan import classify_tensors
+
+log = logging.getLogger(__name__)
+_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|w1|w3|down_proj|w2)$")
+
+
+def calibration_batches(model_dir: str, vocab_size: int, data: str | None, num_samples: int, seq_len: int, seed: int):
+    """Token id batches: from a text/JSONL file with the model's tokenizer, or seeded random ids."""
+    if data is None:
+        gen = torch.Generator().manual_seed(seed)
+        return [torch.randint(0, vocab_size, (1, seq_len), generator=gen) for _ in range(num_samples)]
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(model_dir)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"--data needs the model's tokenizer, which failed to load from {model_dir}: {e}") from None
+    with open(data) as f:
+        lines = [ln.strip() for ln in f if ln.strip()]
+    if data.endswith(".jsonl"):
+        lines = [json.loads(ln).get("text", "") for ln in lines]
+    if not lines:
+        raise ValueError(f"calibration data {data} holds no text")
+    return [tok(t, return_tensors="pt", truncation=True, max_length=seq_len)["input_ids"] for t in lines[:num_samples]]
+
+
+class _AmaxRecorder:
+    def __init__(self):
+        self.amax: dict[str, torch.Tensor] = {}
+
+    def observe(self, name: str, x: torch.Tensor) -> None:
+        if x.numel() == 0:
+            return
+        a = x.detach().abs().amax().float().cpu()
+        self.amax[name] = torch.maximum(self.amax[name], a) if name in self.amax else a
+
+
+def _hook_linears(model, targets: set[str], rec: _AmaxRecorder) -> list:
+    handles = []
+    for name, module in model.named_modules():
+        if name in targets and isinstance(module, torch.nn.Linear):
+            handles.append(module.register_forward_pre_hook(
+                lambda m, args, _n=name: rec.observe(input_quantizer_name(_n), args[0])))
+    return handles
+
+
+def _hook_fused_experts(model, expert_modules: dict[str, dict[int, dict[str, str]]], rec: _AmaxRecorder) -> list:
+    """Wrap each fused experts module so its forward also records per-expert input amax."""
+    handles = []
+    for prefix, experts in expert_modules.items():
+        module = model.get_submodule(prefix)
+        if not hasattr(module, "gate_up_proj"):
+            continue
+
+        def hook(mod, args, kwargs, _experts=experts):
+            hidden, top_k_index = args[0], args[1] if len(args) > 1 else kwargs["top_k_index"]
+            for e, names in _experts.items():
+                rows = (top_k_index == e).any(dim=-1)
+                if not rows.any():
+                    continue
+                x = hidden[rows]
+                for proj in ("gate_proj", "up_proj", "w1", "w3"):
+                    if proj in names:
+                        rec.observe(names[proj], x)
+                down = names.get("down_proj") or names.get("w2")
+                if down:
+                    gate, up = torch.nn.functional.linear(x, mod.gate_up_proj[e]).chunk(2, dim=-1)
+                    rec.observe(down, mod.act_fn(gate) * up)
+
+        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+    return handles
+
+
+def calibrate(model_dir: str, recipe, out: str, data: str | None = None, num_samples: int = 16, seq_len: int = 128,
+              seed: int = 0, device_map: str | None = None, trust_remote_code: bool = False) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    source = SourceCheckpoint(model_dir)
+    items, _ = classify_tensors(source.tensors, recipe)
+    targets = [i.module for i in items if i.quantized and i.input is not None and i.input.needs_calibration]
+    if not targets:
+        raise ValueError(f"recipe {recipe.name!r} has no static input quantizers; it needs no calibration")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", device_map=device_map,
+                                                 trust_remote_code=trust_remote_code)
+    model.eval()
+    rec = _AmaxRecorder()
+    expert_modules: dict[str, dict[int, dict[str, str]]] = {}
+    plain = set()
+    for m in targets:
+        hit = _EXPERT.match(m)
+        if hit and not isinstance(_try_submodule(model, m), torch.nn.Linear):
+            expert_modules.setdefault(hit.group(1), {}).setdefault(int(hit.group(2)), {})[hit.group(3)] = \
+                input_quantizer_name(m)
+        else:
+            plain.add(m)
+    handles = _hook_linears(model, plain, rec) + _hook_fused_experts(model, expert_modules, rec)
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for ids in calibration_batches(model_dir, model.config.vocab_size, data, num_samples, seq_len, seed):
+                model(ids.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    _fill_unrouted_experts(targets, rec)
+    missing = [m for m in targets if input_quantizer_name(m) not in rec.amax]
+    if missing:
+        raise RuntimeError(f"calibration saw no input for {len(missing)} modules, e.g. {missing[0]!r}; "
+                           f"they are not Linear modules of the loaded model")
+    save_calibration(out, rec.amax, recipe, model_signature(source.tensors))
+    log.info("calibrated %d input quantizers on %d samples -> %s", len(rec.amax), num_samples, out)
+    return rec.amax
+
+
+def _try_submodule(model, name):
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _fill_unrouted_experts(targets: list[str], rec: _AmaxRecorder) -> None:
+    by_layer: dict[tuple[str, str], list[str]] = {}
+    for m in targets:
+        hit = _EXPERT.match(m)
+        if hit:
+            by_layer.setdefault((hit.group(1), hit.group(3)), []).append(input_quantizer_name(m))
+    for (prefix, proj), names in by_layer.items():
+        seen = [rec.amax[n] for n in names if n in rec.amax]
+        unseen = [n for n in names if n not in rec.amax]
+        if unseen and seen:
+            fill = torch.stack(seen).amax()
+            for n in unseen:
+                rec.amax[n] = fill.clone()
+            log.warning("%s.*.%s: %d experts got no calibration tokens; their input amax is the layer max %.4g",
+                        prefix, proj, len(unseen), float(fill))

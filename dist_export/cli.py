@@ -1,0 +1,184 @@
+"""Command line: `dist-export {export,calibrate,make-model,verify,plan}` (also `python -m dist_export`).
+
+Thin by design: parse, set up logging with the rank, call the stage, turn a user's mistake into one line on
+stderr and a non-zero exit.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from . import __version__
+
+log = logging.getLogger("dist_export")
+
+
+def _add_export(sub):
+    p = sub.add_parser("export", help="quantize and export a checkpoint (run under torchrun for several ranks)")
+    p.add_argument("--model", default=None, help="HF checkpoint folder or synthetic:<arch>-<preset> "
+                                                 "(default: synthetic:llama-tiny)")
+    p.add_argument("--recipe", default="fp8-block", help="recipe name in configs/ or a .yaml path")
+    p.add_argument("--out", required=True, help="output folder (new or empty)")
+    p.add_argument("--format", default="vllm-fq", help="vllm-fq | fp8-block | modelopt")
+    p.add_argument("--calib", default=None, help="calibration file from `dist-export calibrate`")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted export, reusing checked shards")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
+    p.add_argument("--max-shard-size", default="1GB", help="largest output file (default 1GB)")
+    p.add_argument("--hang-timeout", type=float, default=45.0, help="seconds without progress before a rank "
+                                                                    "counts as hung (default 45)")
+    p.add_argument("--dead-timeout", type=float, default=20.0, help="seconds without heartbeat before a rank "
+                                                                    "counts as dead (default 20)")
+    p.add_argument("--no-verify", action="store_true", help="skip the structural check after writing")
+    p.add_argument("--summary-json", default=None, help="write the run summary (timings, bytes, RSS) here")
+
+
+def _add_calibrate(sub):
+    p = sub.add_parser("calibrate", help="max-calibrate activation amax for a recipe's static input quantizers")
+    p.add_argument("--model", default=None)
+    p.add_argument("--recipe", required=True)
+    p.add_argument("--out", required=True, help="calibration file to write (.safetensors)")
+    p.add_argument("--data", default=None, help="text or JSONL file; default: seeded random token ids")
+    p.add_argument("--num-samples", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device-map", default=None, help='e.g. "auto" or "cpu" (transformers device_map)')
+    p.add_argument("--trust-remote-code", action="store_true")
+
+
+def _add_make_model(sub):
+    from .synthetic import ARCHS
+
+    p = sub.add_parser("make-model", help="write a synthetic HF checkpoint with deterministic random weights")
+    p.add_argument("--arch", required=True, choices=sorted(ARCHS))
+    p.add_argument("--preset", default="tiny", help="tiny, small, or a real model's shape (e.g. qwen3-8b)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--max-shard-size", default="4GB")
+
+
+def _add_verify(sub):
+    p = sub.add_parser("verify", help="check an exported folder; with --source recompute every tensor")
+    p.add_argument("dir")
+    p.add_argument("--source", default=None, help="source model (folder or synthetic:...) to recompute against")
+    p.add_argument("--json", default=None, help="write the report as JSON to this file ('-' for stdout)")
+
+
+def _add_plan(sub):
+    p = sub.add_parser("plan", help="print the shard layout and per-rank balance for a world size (no writes)")
+    p.add_argument("--model", default=None)
+    p.add_argument("--recipe", default="fp8-block")
+    p.add_argument("--format", default="vllm-fq")
+    p.add_argument("--world-size", type=int, default=8)
+    p.add_argument("--max-shard-size", default="1GB")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dist-export", description="Export quantized HF LLMs on every GPU at once.")
+    parser.add_argument("--version", action="version", version=f"dist_export {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="INFO logs on every rank")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_export, _add_calibrate, _add_make_model, _add_verify, _add_plan):
+        add(sub)
+    return parser
+
+
+def cmd_export(args) -> int:
+    from .api import export
+
+    summary = export(args.model, args.out, recipe=args.recipe, format=args.format, calib=args.calib,
+                     overwrite=args.overwrite, resume=args.resume, device=args.device,
+                     max_shard_size=args.max_shard_size, hang_timeout=args.hang_timeout,
+                     dead_timeout=args.dead_timeout, verify=not args.no_verify)
+    if args.summary_json and int(os.environ.get("RANK", "0")) == 0:
+        with open(args.summary_json, "w") as f:
+            json.dump(summary, f, indent=1)
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from .api import resolve_model
+    from .calibrate import calibrate
+    from .recipe import load_recipe
+
+    calibrate(resolve_model(args.model), load_recipe(args.recipe), args.out, data=args.data,
+              num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed, device_map=args.device_map,
+              trust_remote_code=args.trust_remote_code)
+    return 0
+
+
+def cmd_make_model(args) -> int:
+    from .api import parse_size
+    from .synthetic import make_model
+
+    make_model(args.arch, args.preset, args.out, seed=args.seed, dtype=args.dtype,
+               max_shard_size=parse_size(args.max_shard_size))
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .api import resolve_model
+    from .verify import format_report, verify_export
+
+    source = resolve_model(args.source) if args.source else None
+    report = verify_export(args.dir, source_dir=source)
+    print(format_report(report))
+    if args.json:
+        text = json.dumps(report, indent=1)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w") as f:
+                f.write(text)
+    return 0 if report["ok"] else 1
+
+
+def cmd_plan(args) -> int:
+    from .api import parse_size, resolve_model
+    from .io.reader import SourceCheckpoint
+    from .plan import build_plan, rank_loads
+    from .recipe import load_recipe
+    from .writers import get_output_format
+
+    source = SourceCheckpoint(resolve_model(args.model))
+    plan = build_plan(source.tensors, load_recipe(args.recipe), get_output_format(args.format), args.world_size,
+                      parse_size(args.max_shard_size))
+    print(f"{len(plan.items)} items, {len(plan.shards)} shards, {plan.total_size / 1e9:.3f} GB out, "
+          f"{len(plan.groups)} shared-amax groups, world size {args.world_size}")
+    loads = rank_loads(plan)
+    mean_cost = sum(d["cost"] for d in loads) / len(loads)
+    for d in loads:
+        print(f"  rank {d['rank']}: {d['shards']} shards, in {d['bytes_in'] / 1e9:.3f} GB, out "
+              f"{d['bytes_out'] / 1e9:.3f} GB, cost {d['cost'] / mean_cost:.3f} x mean")
+    return 0
+
+
+COMMANDS = {"export": cmd_export, "calibrate": cmd_calibrate, "make-model": cmd_make_model, "verify": cmd_verify,
+            "plan": cmd_plan}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from .log import setup_logging
+
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    setup_logging(rank, args.verbose)
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"[rank {rank}] error: {msg}", file=sys.stderr, flush=True)
+        if os.environ.get("DIST_EXPORT_DEBUG"):
+            raise
+        return 1
+    except KeyboardInterrupt:
+        print(f"[rank {rank}] error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Stage 3, rank 0 only, after every rank reported success: check what was written, then publish.
+
+Order matters: shard headers are checked against the plan, then config.json, the extra files (state file,
+hf_quant_config.json) and the export record are written, and last the index (temp file, fsync, rename) or,
+for a single file, the rename to `model.safetensors`. Until that final step no loader can see a complete
+checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+
+from .io.reader import INDEX_NAME, SINGLE_NAME, safe_join
+from .io.st_format import read_header
+from .manifest import MANIFEST_DIR
+from .outdir import fsync_dir
+from .plan import ExportPlan
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json", "chat_template.jinja",
+                   "chat_template.json", "preprocessor_config.json", "processor_config.json")
+RECORD_NAME = "dist_export.json"
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.fchmod(fd, 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def check_written_shards(plan: ExportPlan, out_dir: str, staged) -> None:
+    """Every planned shard exists and its header lists exactly the planned tensors (names, dtypes, shapes)."""
+    for shard in plan.shards:
+        path = staged(out_dir, plan, shard.filename)
+        if not os.path.isfile(path):
+            raise RuntimeError(f"commit: shard {shard.filename} is missing; a rank did not write it")
+        _, header = read_header(path)
+        got = {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items()}
+        want = {t.name: (t.dtype, t.shape) for t in shard.tensors}
+        if got != want:
+            bad = sorted(set(got.items()) ^ set(want.items()))[:3]
+            raise RuntimeError(f"commit: shard {shard.filename} does not match the plan, e.g. {bad}")
+
+
+def _copy_side_files(src: str, out_dir: str, config: dict) -> dict:
+    for name in ["generation_config.json", *TOKENIZER_FILES]:
+        path = os.path.join(src, name)
+        if os.path.isfile(path):
+            shutil.copyfile(path, os.path.join(out_dir, name))
+            os.chmod(os.path.join(out_dir, name), 0o644)
+    auto_map = config.get("auto_map")
+    if auto_map:
+        refs = auto_map.values() if isinstance(auto_map, dict) else []
+        modules = set()
+        for ref in refs:
+            for r in ref if isinstance(ref, list) else [ref]:
+                if r and "." in r:
+                    modules.add(r.split("--")[-1].rsplit(".", 1)[0] + ".py")
+        missing = [m for m in modules if not os.path.isfile(os.path.join(src, m))]
+        if missing:
+            log.warning("config.json auto_map names %s, missing from the source: auto_map removed "
+                        "(vLLM raises on a dangling auto_map)", missing)
+            config = {k: v for k, v in config.items() if k != "auto_map"}
+        else:
+            for m in sorted(modules):
+                safe_join(src, m, "remote-code file")
+                shutil.copyfile(os.path.join(src, m), os.path.join(out_dir, m))
+    return config
+
+
+def commit_export(plan: ExportPlan, out_dir: str, source_dir: str | None, source_config: dict, recipe,
+                  output_format, calib: dict, record: dict, staged) -> None:
+    """Publish the export; the index (or the single file's final name) comes last."""
+    check_written_shards(plan, out_dir, staged)
+    config = output_format.update_config(source_config, plan, recipe)
+    if source_dir is not None:
+        config = _copy_side_files(source_dir, out_dir, config)
+    elif "auto_map" in config:
+        config = {k: v for k, v in config.items() if k != "auto_map"}
+    write_atomic(os.path.join(out_dir, "config.json"), (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    for name, data in output_format.extra_files(plan, recipe, calib).items():
+        write_atomic(os.path.join(out_dir, name), data)
+    write_atomic(os.path.join(out_dir, RECORD_NAME), (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
+    if plan.single_file:
+        os.replace(staged(out_dir, plan, SINGLE_NAME), os.path.join(out_dir, SINGLE_NAME))
+    else:
+        weight_map = {t.name: s.filename for s in plan.shards for t in s.tensors}
+        index = {"metadata": {"total_size": plan.total_size}, "weight_map": dict(sorted(weight_map.items()))}
+        write_atomic(os.path.join(out_dir, INDEX_NAME), (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
+    shutil.rmtree(os.path.join(out_dir, MANIFEST_DIR), ignore_errors=True)
+    fsync_dir(out_dir)

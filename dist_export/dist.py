@@ -1,0 +1,154 @@
+"""The control plane shared by all stages: process group, device binding, and one helper for every
+cross-rank step.
+
+Ranks exchange only small metadata (plans' digests, amax scalars, per-rank results), so the process group is
+always gloo, also on GPU nodes (tensor data never crosses ranks). Every cross-rank step goes through
+`DistContext.step`: it runs the local part, catches the local error, gathers every rank's status and raises
+the same one-line error on all ranks, naming the failed ranks. A background monitor (see `monitor.py`) turns a
+killed or hung peer into an error within a bounded time, so no rank waits forever.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import subprocess
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+class ExportError(RuntimeError):
+    """A failure reported identically on every rank (one line, naming the failed ranks)."""
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    owns_process_group: bool = False
+    monitor: object = None  # set by monitor.start_monitor
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+    def all_gather_object(self, obj) -> list:
+        if not self.is_distributed:
+            return [obj]
+        out = [None] * self.world_size
+        with self._waiting():
+            dist.all_gather_object(out, obj)
+        return out
+
+    def _waiting(self):
+        """Tell the monitor this rank is blocked on peers (so a slow peer is not mistaken for us hanging)."""
+        from contextlib import nullcontext
+
+        return self.monitor.waiting() if self.monitor is not None else nullcontext()
+
+    def step(self, name: str, fn, *args, **kwargs) -> list:
+        """Run `fn` on every rank; return every rank's result, or raise the same error on all ranks.
+
+        With one rank the original exception propagates unchanged (so a user's ValueError stays one).
+        """
+        if not self.is_distributed:
+            return [fn(*args, **kwargs)]
+        status, result, exc = None, None, None
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - reported to every rank below
+            exc = e
+            status = f"{type(e).__name__}: {e}".splitlines()[0]
+        gathered = self.all_gather_object((status, result))
+        failed = [(r, s) for r, (s, _) in enumerate(gathered) if s is not None]
+        if failed:
+            ranks = ", ".join(str(r) for r, _ in failed)
+            cause = failed[0][1]
+            err = ExportError(f"{name} failed on rank {ranks}: {cause}")
+            if exc is not None:
+                raise err from exc
+            raise err
+        return [r for _, r in gathered]
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.stop()
+            self.monitor = None
+        if self.owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self.owns_process_group = False
+
+
+def _slurm_head_node() -> str:
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodelist:
+        return "127.0.0.1"
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+        return out.stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return nodelist.split(",")[0]
+
+
+def launcher_env() -> dict[str, int] | None:
+    """Rank layout from torchrun (RANK/WORLD_SIZE/LOCAL_RANK) or, without torchrun, from Slurm's
+    one-task-per-GPU variables; None for a plain single process."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return {"rank": int(env["RANK"]), "world_size": int(env["WORLD_SIZE"]),
+                "local_rank": int(env.get("LOCAL_RANK", 0))}
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        env.setdefault("MASTER_ADDR", _slurm_head_node())
+        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        return {"rank": int(env["SLURM_PROCID"]), "world_size": int(env["SLURM_NTASKS"]),
+                "local_rank": int(env.get("SLURM_LOCALID", 0))}
+    return None
+
+
+def pick_device(local_rank: int, requested: str | None = None) -> torch.device:
+    """cuda:(LOCAL_RANK % device_count) on GPU nodes, else CPU; `requested` ("cpu"/"cuda") overrides."""
+    if requested == "cpu" or (requested is None and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("--device cuda was requested but no CUDA device is visible")
+    index = local_rank % torch.cuda.device_count()
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def init_distributed(
+    device: str | None = None,
+    timeout_s: float = 3600.0,
+    store: dist.Store | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> DistContext:
+    """Create the context: from an explicit store (tests), the launcher's environment, or a single process."""
+    if store is not None:
+        layout = {"rank": rank, "world_size": world_size, "local_rank": rank}
+    else:
+        layout = launcher_env()
+    if layout is None or layout["world_size"] == 1:
+        return DistContext(device=pick_device(0, device))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    owns = False
+    if not dist.is_initialized():
+        if store is not None:
+            dist.init_process_group("gloo", store=store, rank=layout["rank"], world_size=layout["world_size"],
+                                    timeout=timeout)
+        else:
+            dist.init_process_group("gloo", init_method="env://", rank=layout["rank"],
+                                    world_size=layout["world_size"], timeout=timeout)
+        owns = True
+    return DistContext(layout["rank"], layout["world_size"], layout["local_rank"],
+                       pick_device(layout["local_rank"], device), owns)

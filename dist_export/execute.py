@@ -1,0 +1,254 @@
+"""Stage 2, every rank: read the owned items, quantize them on this rank's device, write the owned shards.
+
+Three threads overlap the work of one rank: a reader prefetches the next items' bytes (positioned reads,
+bounded queue), the main thread quantizes on the device, and a writer streams finished tensors into the open
+shard (file writes release the GIL). Host memory is bounded by the two queues plus the item in flight; a shard
+never sits whole in memory. Each finished shard is fsynced, renamed and recorded in the resume manifest.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .io.writer import ShardWriter
+from .manifest import Manifest
+from .numerics import compute_amax
+from .plan import ExportPlan, Item
+
+log = logging.getLogger(__name__)
+_DONE = object()
+
+
+@dataclass
+class RankResult:
+    rank: int
+    shards: dict[str, dict] = field(default_factory=dict)  # filename -> {"sha256", "size", "reused"}
+    bytes_read: int = 0
+    bytes_written: int = 0
+    items: int = 0
+    seconds: float = 0.0
+    peak_rss: int = 0
+    peak_gpu: int = 0
+
+
+def staged_path(out_dir: str, plan: ExportPlan, filename: str) -> str:
+    """Where a finished shard waits for the commit. A single `model.safetensors` keeps a staging name until
+    rank 0 commits, since its final name alone would make a partial export look complete."""
+    if plan.single_file:
+        return os.path.join(out_dir, filename + ".staged")
+    return os.path.join(out_dir, filename)
+
+
+def peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class _Worker(threading.Thread):
+    """A thread whose exception is re-raised in the main thread."""
+
+    def __init__(self, name, fn):
+        super().__init__(name=name, daemon=True)
+        self.fn, self.error = fn, None
+
+    def run(self):
+        try:
+            self.fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            self.error = e
+
+
+def input_amax_for(item: Item, calib: dict, fmt) -> torch.Tensor | None:
+    if item.input is None or item.input.dynamic:
+        return None
+    from .writers.modelopt import fused_input_amax
+
+    return fused_input_amax(item.module, calib)
+
+
+def execute_rank(ctx, plan: ExportPlan, source, output_format, out_dir: str, calib: dict,
+                 group_amax: dict[str, torch.Tensor], manifest: Manifest, fault=None) -> RankResult:
+    """Write every shard this rank owns (skipping shards the manifest proves finished); return its result."""
+    start = time.monotonic()
+    result = RankResult(ctx.rank)
+    todo = []
+    for shard in plan.owned_shards(ctx.rank):
+        reused = manifest.reusable(shard.filename, staged_path(out_dir, plan, shard.filename))
+        if reused is not None:
+            result.shards[shard.filename] = {**reused, "reused": True}
+            log.info("resume: reusing %s (checksum verified)", shard.filename)
+            if ctx.monitor:
+                ctx.monitor.advance(len(shard.items), shard.nbytes)
+        else:
+            todo.append(shard)
+    if todo:
+        _run_pipeline(ctx, plan, source, output_format, out_dir, calib, group_amax, manifest, todo, result, fault)
+    result.seconds = time.monotonic() - start
+    result.peak_rss = peak_rss_bytes()
+    if ctx.device.type == "cuda":
+        result.peak_gpu = torch.cuda.max_memory_allocated(ctx.device)
+    return result
+
+
+def _run_pipeline(ctx, plan, source, output_format, out_dir, calib, group_amax, manifest, shards, result, fault):
+    read_q: queue.Queue = queue.Queue(maxsize=2)
+    write_q: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def put(q, obj):
+        while not stop.is_set():
+            try:
+                q.put(obj, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def reader():
+        for shard in shards:
+            for name in shard.items:
+                if stop.is_set():
+                    return
+                meta = plan.items[name].meta
+                put(read_q, (shard, name, source.read(meta)))
+                result.bytes_read += meta.nbytes
+        put(read_q, _DONE)
+
+    open_writer: dict = {}
+
+    def writer():
+        while True:
+            try:
+                job = write_q.get(timeout=0.2)
+            except queue.Empty:
+                if stop.is_set():
+                    return
+                continue
+            if job is _DONE:
+                return
+            kind = job[0]
+            if kind == "open":
+                shard = job[1]
+                path = os.path.join(out_dir, shard.filename)
+                open_writer["w"] = ShardWriter(path, [(t.name, t.dtype, t.shape) for t in shard.tensors], {"format": "pt"})
+            elif kind == "tensor":
+                _, name, tensor = job
+                open_writer["w"].write(name, tensor)
+                result.bytes_written += tensor.numel() * tensor.element_size()
+            elif kind == "close":
+                shard = job[1]
+                w = open_writer.pop("w")
+                dest = staged_path(out_dir, plan, shard.filename)
+                sha = w.finish(rename_to=dest)
+                info = {"sha256": sha, "size": os.path.getsize(dest)}
+                manifest.record_shard(shard.filename, info)
+                result.shards[shard.filename] = {**info, "reused": False}
+
+    threads = [_Worker(f"reader-rank{ctx.rank}", reader), _Worker(f"writer-rank{ctx.rank}", writer)]
+    for t in threads:
+        t.start()
+    try:
+        current = None
+        while True:
+            job = _get(read_q, threads)
+            if job is _DONE:
+                break
+            shard, name, cpu_tensor = job
+            if shard is not current:
+                if current is not None:
+                    _put_checked(write_q, ("close", current), threads)
+                _put_checked(write_q, ("open", shard), threads)
+                current = shard
+            item = plan.items[name]
+            if fault is not None:
+                fault.maybe_fire(ctx.rank, name)
+            for out_name, tensor in _quantize_item(ctx, item, cpu_tensor, output_format, calib, group_amax):
+                _put_checked(write_q, ("tensor", out_name, tensor), threads)
+            result.items += 1
+            if ctx.monitor:
+                ctx.monitor.advance(1, sum(t.nbytes for t in output_format.outputs(item)))
+        if current is not None:
+            _put_checked(write_q, ("close", current), threads)
+        _put_checked(write_q, _DONE, threads)
+        threads[1].join()
+        if threads[1].error:
+            raise threads[1].error
+    except BaseException:
+        stop.set()
+        for t in threads:
+            t.join(timeout=10)
+        if "w" in open_writer:
+            open_writer["w"].abort()
+        raise
+
+
+def _get(q, threads):
+    while True:
+        try:
+            return q.get(timeout=0.2)
+        except queue.Empty:
+            for t in threads:
+                if t.error is not None:
+                    raise t.error
+                if not t.is_alive() and t.name.startswith("reader") and q.empty():
+                    return _DONE
+
+
+def _put_checked(q, obj, threads):
+    while True:
+        for t in threads:
+            if t.error is not None:
+                raise t.error
+        try:
+            q.put(obj, timeout=0.2)
+            return
+        except queue.Full:
+            continue
+
+
+def _quantize_item(ctx, item: Item, cpu_tensor: torch.Tensor, output_format, calib, group_amax):
+    """The outputs of one item, on the host, in `outputs(item)` order."""
+    if not item.quantized:
+        return [(item.name, cpu_tensor)]  # copied byte for byte, never touched by a device
+    w = cpu_tensor.to(ctx.device, non_blocking=False)
+    amax = group_amax[item.group] if item.group else compute_amax(w, item.weight, item.name)
+    block_amax = None
+    if item.weight.scale_search == "mse":
+        from .numerics.mse import search_block_amax
+
+        amax, block_amax = search_block_amax(w, item.weight, amax, tick=ctx.monitor.tick if ctx.monitor else None)
+    outs = output_format.produce(item, w, amax.to(ctx.device), block_amax, input_amax_for(item, calib, output_format))
+    return [(n, t.to("cpu")) for n, t in outs]
+
+
+def measure_group_amax(ctx, plan: ExportPlan, source) -> dict[str, float]:
+    """This rank's part of the shared amax: max|W| over the group members in the shards it owns."""
+    local: dict[str, float] = {}
+    for shard in plan.owned_shards(ctx.rank):
+        for name in shard.items:
+            item = plan.items[name]
+            if item.group is None:
+                continue
+            amax = float(compute_amax(source.read(item.meta).to(ctx.device), item.weight, item.name))
+            local[item.group] = max(local.get(item.group, 0.0), amax)
+            if ctx.monitor:
+                ctx.monitor.tick()
+    return local
+
+
+def merge_group_amax(plan: ExportPlan, parts: list[dict[str, float]]) -> dict[str, torch.Tensor]:
+    """Shared amax per group = max over every rank's part (order-independent: equals a single-process run)."""
+    merged: dict[str, float] = {}
+    for part in parts:
+        for g, v in part.items():
+            merged[g] = max(merged.get(g, 0.0), v)
+    missing = sorted(set(plan.groups) - set(merged))
+    if missing:
+        raise RuntimeError(f"no rank measured the shared amax of {missing[:3]}")
+    return {g: torch.tensor(v, dtype=torch.float32) for g, v in merged.items()}

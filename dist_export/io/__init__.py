@@ -1,0 +1,1 @@
+"""Safetensors files: header parsing, validated lazy reads, and a streaming shard writer."""

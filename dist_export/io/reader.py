@@ -1,0 +1,110 @@
+"""Read-only view of a source checkpoint folder: validated metadata, then one tensor at a time.
+
+Everything here is safe to run on every rank: it reads headers and the owned tensors' bytes only.
+Names from an index cannot escape the folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from .st_format import CorruptFileError, TensorMeta, file_tensor_metas
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+def safe_join(folder: str, name: str, what: str = "file") -> str:
+    """Join and refuse names that escape `folder` (absolute paths, `..`)."""
+    if os.path.isabs(name) or name != os.path.normpath(name) or name.startswith(".."):
+        raise ValueError(f"{what} name {name!r} escapes the folder {folder}; refusing to read it")
+    path = os.path.join(folder, name)
+    if os.path.commonpath([os.path.realpath(folder), os.path.realpath(path)]) != os.path.realpath(folder):
+        raise ValueError(f"{what} name {name!r} escapes the folder {folder}; refusing to read it")
+    return path
+
+
+class SourceCheckpoint:
+    """Metadata of every tensor in a Hugging Face safetensors checkpoint, validated once.
+
+    Checks: the config exists, index entries name existing files and tensors present in those files, no tensor
+    appears in two files, headers agree with file sizes.
+    """
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"model folder {folder} does not exist; pass a Hugging Face checkpoint folder")
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise FileNotFoundError(f"{folder} has no config.json; it is not a Hugging Face checkpoint folder")
+        self.files = self._list_files()
+        self.tensors: dict[str, TensorMeta] = {}
+        for file in self.files:
+            for meta in file_tensor_metas(folder, file):
+                if meta.name in self.tensors:
+                    other = self.tensors[meta.name].file
+                    raise CorruptFileError(
+                        f"tensor {meta.name!r} appears in both {other} and {file}; remove the duplicate from the source"
+                    )
+                self.tensors[meta.name] = meta
+        self._check_index_against_headers()
+
+    def _list_files(self) -> list[str]:
+        index_path = os.path.join(self.folder, INDEX_NAME)
+        if os.path.isfile(index_path):
+            with open(index_path) as f:
+                try:
+                    self.index = json.load(f)
+                    weight_map = self.index["weight_map"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise CorruptFileError(f"{INDEX_NAME} in {self.folder} is not a valid index") from None
+            files = sorted(set(weight_map.values()))
+            for file in files:
+                path = safe_join(self.folder, file, "shard file")
+                if not os.path.isfile(path):
+                    raise FileNotFoundError(f"{INDEX_NAME} names {file}, which is missing from {self.folder}")
+            return files
+        self.index = None
+        if os.path.isfile(os.path.join(self.folder, SINGLE_NAME)):
+            return [SINGLE_NAME]
+        raise FileNotFoundError(f"{self.folder} has no {SINGLE_NAME} or {INDEX_NAME}; only safetensors checkpoints are read")
+
+    def _check_index_against_headers(self) -> None:
+        if self.index is None:
+            return
+        weight_map = self.index["weight_map"]
+        for name, file in weight_map.items():
+            meta = self.tensors.get(name)
+            if meta is None or meta.file != file:
+                raise CorruptFileError(f"{INDEX_NAME} says {name!r} is in {file}, but that file's header has no such tensor")
+        extra = sorted(set(self.tensors) - set(weight_map))
+        if extra:
+            raise CorruptFileError(f"{len(extra)} tensors are in shard files but not in {INDEX_NAME}, e.g. {extra[0]!r}")
+
+    @property
+    def config_path(self) -> str:
+        return os.path.join(self.folder, "config.json")
+
+    def load_config(self) -> dict:
+        with open(self.config_path) as f:
+            return json.load(f)
+
+    def read(self, meta: TensorMeta, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one tensor's bytes with a positioned read (no mmap, no whole-file map).
+
+        `out` is an optional reusable uint8 buffer (e.g. pinned host memory) of at least meta.nbytes; the
+        returned tensor is a view into it, so the caller must finish with it before reusing the buffer.
+        """
+        path = os.path.join(self.folder, meta.file)
+        buf = torch.empty(meta.nbytes, dtype=torch.uint8) if out is None else out[: meta.nbytes]
+        view = memoryview(buf.numpy()) if meta.nbytes else memoryview(b"")
+        with open(path, "rb", buffering=0) as f:
+            got = 0
+            while got < meta.nbytes:
+                n = os.preadv(f.fileno(), [view[got:]], meta.start + got)
+                if n <= 0:
+                    raise CorruptFileError(f"{meta.file}: unexpected end of file while reading {meta.name!r}")
+                got += n
+        return buf.view(meta.torch_dtype).reshape(meta.shape)

@@ -1,0 +1,164 @@
+"""Per-rank background monitor: heartbeats, hang/death detection, and rank 0's job-wide progress bar.
+
+Every `interval` seconds each rank publishes `hb/<rank>` = "<beat> <progress> <waiting> <items> <bytes>" in the
+process group's key-value store and reads its peers' records:
+  * a peer whose beat has not changed for `dead_after` s is dead (killed, node lost);
+  * a peer whose progress counter has not changed for `hang_after` s while it is not waiting on others is hung.
+Either way this rank prints one line naming the peer and exits non-zero (after removing its own temporary
+files), so every rank ends within a bounded time and none waits forever inside a collective. Timestamps are
+local (`time.monotonic`): no clock agreement between nodes is needed.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import threading
+import time
+
+log = logging.getLogger(__name__)
+
+
+class Monitor:
+    def __init__(self, ctx, store, interval: float = 1.0, dead_after: float = 20.0, hang_after: float = 45.0,
+                 on_fail=None):
+        self.ctx, self.store = ctx, store
+        self.interval, self.dead_after, self.hang_after = interval, dead_after, hang_after
+        self.on_fail = on_fail
+        self.items = self.bytes = self.progress = 0
+        self.total_items = self.total_bytes = 0
+        self._waiting = 0
+        self._beat = 0
+        self._stop = threading.Event()
+        self._seen: dict[int, tuple[tuple[int, int], float, float]] = {}
+        self._bar = None
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name=f"monitor-rank{ctx.rank}", daemon=True)
+
+    # -- called by the main thread ---------------------------------------------------------------
+    def start(self) -> "Monitor":
+        self._publish()
+        self._thread.start()
+        return self
+
+    def tick(self) -> None:
+        """Main thread made progress (call inside long loops)."""
+        self.progress += 1
+
+    def advance(self, items: int, nbytes: int) -> None:
+        with self._lock:
+            self.items += items
+            self.bytes += nbytes
+            self.progress += 1
+
+    def set_totals(self, items: int, nbytes: int) -> None:
+        self.total_items, self.total_bytes = items, nbytes
+
+    @contextlib.contextmanager
+    def waiting(self):
+        self._waiting += 1
+        try:
+            yield
+        finally:
+            self._waiting -= 1
+            self.progress += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        if self._bar is not None:
+            self._update_bar(final=True)
+            self._bar.close()
+
+    # -- background thread ------------------------------------------------------------------------
+    def _publish(self) -> None:
+        self._beat += 1
+        if self.store is None:
+            return
+        record = f"{self._beat} {self.progress} {int(self._waiting > 0)} {self.items} {self.bytes}"
+        self.store.set(f"hb/{self.ctx.rank}", record)
+
+    def _run(self) -> None:
+        start = time.monotonic()
+        while not self._stop.wait(self.interval):
+            try:
+                self._publish()
+                records = self._read_peers()
+            except Exception as e:  # noqa: BLE001 - the store lives on a peer: losing it means a peer died
+                if self._stop.is_set():
+                    return
+                self._fail(f"lost contact with the job's key-value store ({type(e).__name__}: {e}); a peer has died")
+                return
+            now = time.monotonic()
+            for peer, rec in records.items():
+                if peer == self.ctx.rank:
+                    continue
+                self._check_peer(peer, rec, now, start)
+            if self.ctx.is_rank0:
+                self._update_bar(records=records)
+
+    def _read_peers(self) -> dict[int, list[int] | None]:
+        if self.store is None:
+            return {0: [self._beat, self.progress, 0, self.items, self.bytes]}
+        out = {}
+        for r in range(self.ctx.world_size):
+            key = f"hb/{r}"
+            out[r] = [int(x) for x in self.store.get(key).decode().split()] if self.store.check([key]) else None
+        return out
+
+    def _check_peer(self, peer: int, rec, now: float, start: float) -> None:
+        if rec is None:
+            if now - start > self.dead_after:
+                self._fail(f"rank {peer} never reported (not started or died at start-up)")
+            return
+        beat, progress, waiting = rec[0], rec[1], rec[2]
+        prev = self._seen.get(peer)
+        if prev is None:
+            self._seen[peer] = ((beat, progress), now, now)
+            return
+        (pbeat, pprog), beat_t, prog_t = prev
+        beat_t = now if beat != pbeat else beat_t
+        prog_t = now if (progress != pprog or waiting) else prog_t
+        self._seen[peer] = ((beat, progress), beat_t, prog_t)
+        if now - beat_t > self.dead_after:
+            self._fail(f"rank {peer} stopped sending heartbeats for {now - beat_t:.0f} s (killed or its node was lost)")
+        elif now - prog_t > self.hang_after:
+            self._fail(f"rank {peer} made no progress for {now - prog_t:.0f} s (hung)")
+
+    def _fail(self, message: str) -> None:
+        line = f"[rank {self.ctx.rank}] error: export aborted: {message}; no index was written, rerun with --resume"
+        print(line, file=sys.stderr, flush=True)
+        if self.on_fail is not None:
+            with contextlib.suppress(Exception):
+                self.on_fail()
+        os._exit(1)  # the main thread may be blocked in a collective that will never return
+
+    def _update_bar(self, records=None, final: bool = False) -> None:
+        if not sys.stderr.isatty() and os.environ.get("DIST_EXPORT_PROGRESS") != "1":
+            return
+        from tqdm import tqdm
+
+        if self._bar is None:
+            self._bar = tqdm(total=self.total_bytes, unit="B", unit_scale=True, desc="export", file=sys.stderr,
+                             dynamic_ncols=True, smoothing=0.1)
+        if records:
+            done_bytes = sum(r[4] for r in records.values() if r)
+            done_items = sum(r[3] for r in records.values() if r)
+        else:
+            done_bytes, done_items = self.bytes, self.items
+        self._bar.n = done_bytes if not final else max(done_bytes, self._bar.n)
+        self._bar.set_postfix_str(f"items {done_items}/{self.total_items}", refresh=False)
+        self._bar.refresh()
+
+
+def start_monitor(ctx, **kwargs) -> Monitor:
+    """Start the monitor (a single process gets only the progress bar: it has no peers to watch)."""
+    store = None
+    if ctx.is_distributed:
+        import torch.distributed as dist
+
+        store = dist.PrefixStore("dist_export/", dist.distributed_c10d._get_default_store())
+    ctx.monitor = Monitor(ctx, store, **kwargs).start()
+    return ctx.monitor

@@ -1,0 +1,287 @@
+"""Stage 1, every rank: plan the export from metadata alone (pure functions: no tensor data, no collectives).
+
+The plan lists the work items (one per source tensor), the groups of items that must share one weight amax,
+the output shards (which tensors go in which file; this layout never depends on the world size) and each
+shard's owner rank (balanced by bytes and quantization cost). Every rank computes the same plan; the ranks
+compare `ExportPlan.digest` before anything is written.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+
+from .io.st_format import ST_ITEMSIZE, TensorMeta
+from .numerics import QuantSpec
+from .recipe import InputSpec, Recipe
+
+log = logging.getLogger(__name__)
+
+FLOAT_DTYPES = ("BF16", "F16", "F32")
+SINGLE_FILE = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class OutSpec:
+    """One tensor the output will hold (metadata only)."""
+
+    name: str
+    dtype: str  # safetensors dtype name
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * ST_ITEMSIZE[self.dtype]
+
+
+@dataclass(frozen=True)
+class Item:
+    """One source tensor's work: copy it, or quantize it with `weight` (module `module`)."""
+
+    name: str
+    meta: TensorMeta
+    module: str | None = None
+    weight: QuantSpec | None = None
+    input: InputSpec | None = None
+    group: str | None = None  # id of the shared-amax group, if any
+
+    @property
+    def quantized(self) -> bool:
+        return self.weight is not None
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    filename: str
+    items: tuple[str, ...]
+    tensors: tuple[OutSpec, ...]
+    nbytes: int
+    cost: float
+    owner: int
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    items: dict[str, Item]
+    shards: tuple[ShardPlan, ...]
+    groups: dict[str, tuple[str, ...]]
+    excluded: tuple[tuple[str, str], ...]  # (module, pattern) of 2-D weights kept unquantized
+    world_size: int
+    format: str
+    extras: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def single_file(self) -> bool:
+        return len(self.shards) == 1
+
+    @property
+    def total_size(self) -> int:
+        return sum(s.nbytes for s in self.shards)
+
+    def owned_shards(self, rank: int) -> list[ShardPlan]:
+        return [s for s in self.shards if s.owner == rank]
+
+    def digest(self) -> str:
+        """Hash of everything ranks must agree on (layout, owners, quantizer choices, groups)."""
+        data = {
+            "shards": [(s.filename, s.owner, [(t.name, t.dtype, t.shape) for t in s.tensors]) for s in self.shards],
+            "items": [(i.name, repr(i.weight), repr(i.input), i.group) for i in self.items.values()],
+            "groups": sorted(self.groups.items()),
+            "format": self.format,
+        }
+        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+    def layout_digest(self) -> str:
+        """Hash of the output layout only (no owners): equal for every world size."""
+        data = [(s.filename, [(t.name, t.dtype, t.shape) for t in s.tensors]) for s in self.shards]
+        return hashlib.sha256(json.dumps(data).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------- items
+
+
+def classify_tensors(tensors: dict[str, TensorMeta], recipe: Recipe) -> tuple[list[Item], list[tuple[str, str]]]:
+    """Decide for every source tensor: quantize (with which specs), or copy.
+
+    A 2-D `.weight` that no rule matches and no exclusion covers is an error: we never silently pass a weight
+    through that the user may have meant to quantize. Tensors of other ranks (1-D norms, biases) are copied.
+    """
+    items, excluded = [], []
+    for name in sorted(tensors, key=lambda n: (tensors[n].file, tensors[n].start)):
+        meta = tensors[name]
+        if len(meta.shape) < 2:
+            items.append(Item(name, meta))
+            continue
+        module = name[: -len(".weight")] if name.endswith(".weight") else name
+        pattern = recipe.excluded_by(module)
+        if pattern is not None:
+            items.append(Item(name, meta))
+            if name.endswith(".weight"):
+                excluded.append((module, pattern))
+            continue
+        if not name.endswith(".weight") or len(meta.shape) != 2:
+            raise ValueError(
+                f"tensor {name!r} with shape {list(meta.shape)} is not a 2-D Linear weight and is not excluded; "
+                f"stacked/3-D expert tensors cannot be quantized yet: add it to the recipe's 'exclude' list"
+            )
+        rule = recipe.rule_for(module)
+        if rule is None:
+            raise ValueError(
+                f"module {module!r} matches no rule of recipe {recipe.name!r} and no exclusion; add a rule "
+                f"or an 'exclude' pattern for it"
+            )
+        if meta.dtype not in FLOAT_DTYPES:
+            raise ValueError(
+                f"tensor {name!r} has dtype {meta.dtype}; quantization takes {list(FLOAT_DTYPES)}: exclude it or convert the source"
+            )
+        _check_shape_fits(name, meta.shape, rule.weight)
+        items.append(Item(name, meta, module=module, weight=rule.weight, input=rule.input))
+    return items, excluded
+
+
+def _check_shape_fits(name: str, shape: tuple[int, ...], spec: QuantSpec) -> None:
+    if spec.fmt == "nvfp4" and shape[-1] % 2:
+        raise ValueError(f"tensor {name!r} has an odd input dim {shape[-1]}; NVFP4 packs two values per byte")
+    if 0 in shape:
+        raise ValueError(f"tensor {name!r} is empty (shape {list(shape)}); refusing to quantize an empty weight")
+
+
+# ---------------------------------------------------------------------------------------------- groups
+
+_GROUP_RULES = {
+    "qkv": [(re.compile(r"^(.*)\.(q_proj|k_proj|v_proj)$"), "qkv")],
+    "gate_up": [(re.compile(r"^(.*)\.(gate_proj|up_proj|w1|w3)$"), "gate_up")],
+    "experts": [
+        (re.compile(r"^(.*\.experts)\.\d+\.(gate_proj|up_proj|w1|w3)$"), "experts_gate_up"),
+        (re.compile(r"^(.*\.experts)\.\d+\.(down_proj|w2)$"), "experts_down"),
+    ],
+}
+
+
+def has_tensor_amax(spec: QuantSpec | None) -> bool:
+    """Shared amax applies to per-tensor amax (FP8 per tensor, NVFP4 global scale); block amax is per block."""
+    return spec is not None and (spec.granularity == "tensor" or spec.fmt == "nvfp4")
+
+
+def plan_groups(items: list[Item], share: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """Union of the recipe's share kinds over quantized items with a per-tensor amax; returns {group: members}."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    keyed: dict[str, list[str]] = {}
+    for item in items:
+        if not has_tensor_amax(item.weight):
+            continue
+        for kind in share:
+            for regex, tag in _GROUP_RULES[kind]:
+                m = regex.match(item.module)
+                if m:
+                    keyed.setdefault(f"{m.group(1)}:{tag}", []).append(item.name)
+    for members in keyed.values():
+        for other in members[1:]:
+            parent[find(other)] = find(members[0])
+    groups: dict[str, list[str]] = {}
+    for members in keyed.values():
+        for name in members:
+            groups.setdefault(find(name), []).append(name)
+    out = {}
+    by_name = {i.name: i for i in items}
+    for members in groups.values():
+        members = sorted(set(members))
+        if len(members) < 2:
+            continue
+        specs = {by_name[m].weight for m in members}
+        if len(specs) > 1:
+            raise ValueError(f"weights {members[:3]}... share one amax but the recipe gives them different formats")
+        out[f"group:{members[0]}"] = tuple(members)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- shards
+
+
+def item_cost(item: Item, outputs: list[OutSpec]) -> float:
+    """Relative cost in byte-equivalents: reading + writing + quantize math (MSE search tries K scales)."""
+    cost = item.meta.nbytes + sum(o.nbytes for o in outputs)
+    if item.weight is not None:
+        per_elem = 8.0
+        if item.weight.scale_search == "mse":
+            per_elem *= 1 + item.weight.mse_candidates / 4
+        cost += per_elem * item.meta.numel
+    return cost
+
+
+def plan_shards(ordered: list[tuple[Item, list[OutSpec]]], max_shard_bytes: int) -> list[list[tuple[Item, list[OutSpec]]]]:
+    """Greedy split in source order; an item's outputs never straddle two files. No world size involved."""
+    shards, current, size = [], [], 0
+    for item, outs in ordered:
+        nbytes = sum(o.nbytes for o in outs)
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append((item, outs))
+        size += nbytes
+    if current:
+        shards.append(current)
+    return shards
+
+
+def assign_owners(costs: list[float], world_size: int) -> list[int]:
+    """Longest-processing-time-first: biggest shard to the least loaded rank; ties broken by index."""
+    load = [0.0] * world_size
+    owners = [0] * len(costs)
+    for idx in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        owners[idx] = rank
+        load[rank] += costs[idx]
+    return owners
+
+
+def shard_filename(index: int, count: int) -> str:
+    return SINGLE_FILE if count == 1 else f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+def build_plan(tensors: dict[str, TensorMeta], recipe: Recipe, output_format, world_size: int,
+               max_shard_bytes: int) -> ExportPlan:
+    """The whole plan: classify items, form groups, lay out shards, pick owners."""
+    items, excluded = classify_tensors(tensors, recipe)
+    output_format.check_items(items, recipe)
+    groups = plan_groups(items, recipe.share_weight_amax)
+    member_of = {m: g for g, ms in groups.items() for m in ms}
+    items = [Item(i.name, i.meta, i.module, i.weight, i.input, member_of.get(i.name)) for i in items]
+    ordered = [(item, output_format.outputs(item)) for item in items]
+    shard_lists = plan_shards(ordered, max_shard_bytes)
+    costs = [sum(item_cost(i, o) for i, o in s) for s in shard_lists]
+    owners = assign_owners(costs, world_size)
+    shards = tuple(
+        ShardPlan(
+            filename=shard_filename(k, len(shard_lists)),
+            items=tuple(i.name for i, _ in s),
+            tensors=tuple(o for _, outs in s for o in outs),
+            nbytes=sum(o.nbytes for _, outs in s for o in outs),
+            cost=costs[k],
+            owner=owners[k],
+        )
+        for k, s in enumerate(shard_lists)
+    )
+    return ExportPlan({i.name: i for i in items}, shards, groups, tuple(excluded), world_size, output_format.name)
+
+
+def rank_loads(plan: ExportPlan) -> list[dict]:
+    """Per-rank bytes and cost of a plan (for logs, dry runs and balance tests)."""
+    loads = [{"rank": r, "shards": 0, "bytes_out": 0, "bytes_in": 0, "cost": 0.0} for r in range(plan.world_size)]
+    for s in plan.shards:
+        d = loads[s.owner]
+        d["shards"] += 1
+        d["bytes_out"] += s.nbytes
+        d["bytes_in"] += sum(plan.items[n].meta.nbytes for n in s.items)
+        d["cost"] += s.cost
+    return loads

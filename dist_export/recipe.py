@@ -1,0 +1,211 @@
+"""Recipes: which modules get which weight and input quantizers, loaded from YAML into frozen dataclasses.
+
+A recipe names module-path patterns (fnmatch, in checkpoint key space, without the `.weight` suffix). The first
+rule whose pattern matches decides a module's quantizers, so different layers can use different formats
+(mixed precision). Default exclusions (lm_head, embeddings, norms, MoE routers) apply unless switched off.
+Unknown keys and impossible settings are ValueErrors that name the key and list the valid values.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+import yaml
+
+from .numerics import QuantSpec
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+PACKAGED_CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+DEFAULT_EXCLUDE = (
+    "lm_head",
+    "*embed_tokens",
+    "*embeddings*",
+    "*norm",
+    "*layernorm",
+    "*.mlp.gate",  # Qwen-MoE / DeepSeek router
+    "*.block_sparse_moe.gate",  # Mixtral router
+    "*.router",  # GPT-OSS router
+    "*shared_expert_gate",
+)
+SHARE_KINDS = ("qkv", "gate_up", "experts")
+INPUT_GRANULARITIES = ("tensor", "token", "group")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """An activation (input) quantizer; vLLM's fake-quant worker applies it, we record its settings and amax.
+
+    dynamic=True: scales are computed at run time (per token, or per group of `block_size`); no calibration.
+    dynamic=False: a static per-tensor amax from calibration (NVFP4 keeps dynamic block scales under it).
+    """
+
+    fmt: str
+    granularity: str = "tensor"
+    block_size: int | None = None
+    dynamic: bool = False
+
+    def __post_init__(self) -> None:
+        if self.fmt not in ("fp8", "nvfp4", "int8"):
+            raise ValueError(f"input quantizer format {self.fmt!r} is not supported; valid: ['fp8', 'int8', 'nvfp4']")
+        if self.granularity not in INPUT_GRANULARITIES:
+            raise ValueError(f"input granularity {self.granularity!r} unknown; valid: {list(INPUT_GRANULARITIES)}")
+        if self.fmt == "nvfp4" and (self.granularity, self.block_size) != ("group", 16):
+            raise ValueError("nvfp4 input quantizers use granularity 'group' with block_size 16")
+        if self.granularity == "group" and not self.block_size:
+            raise ValueError("input granularity 'group' needs block_size")
+        if self.granularity in ("token", "group") and self.fmt != "nvfp4" and not self.dynamic:
+            raise ValueError(f"input granularity {self.granularity!r} needs dynamic: true (static amax is per tensor)")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return not self.dynamic
+
+
+@dataclass(frozen=True)
+class Rule:
+    match: tuple[str, ...]
+    weight: QuantSpec
+    input: InputSpec | None = None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    rules: tuple[Rule, ...]
+    exclude: tuple[str, ...] = ()
+    default_exclude: bool = True
+    share_weight_amax: tuple[str, ...] = ()
+    description: str = ""
+    source: str = field(default="", compare=False)
+
+    @property
+    def exclude_patterns(self) -> tuple[str, ...]:
+        return (DEFAULT_EXCLUDE if self.default_exclude else ()) + self.exclude
+
+    def excluded_by(self, module: str) -> str | None:
+        for pattern in self.exclude_patterns:
+            if fnmatch.fnmatchcase(module, pattern):
+                return pattern
+        return None
+
+    def rule_for(self, module: str) -> Rule | None:
+        for rule in self.rules:
+            if any(fnmatch.fnmatchcase(module, p) for p in rule.match):
+                return rule
+        return None
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(r.input is not None and r.input.needs_calibration for r in self.rules)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("source")
+        return d
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_keys(where: str, data: dict, valid: tuple[str, ...]) -> None:
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(valid))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(valid)}")
+
+
+def _weight_spec(where: str, d: dict) -> QuantSpec:
+    _check_keys(where, d, ("format", "granularity", "block_size", "scale_search", "mse_candidates"))
+    if "format" not in d:
+        raise ValueError(f"{where}: missing 'format'")
+    fmt = d["format"]
+    default_gran = "group" if fmt == "nvfp4" else "tensor"
+    block = d.get("block_size", 16 if fmt == "nvfp4" else None)
+    try:
+        return QuantSpec(fmt, d.get("granularity", default_gran), block,
+                         d.get("scale_search", "max"), int(d.get("mse_candidates", 64)))
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def _input_spec(where: str, d: dict | None) -> InputSpec | None:
+    if d is None:
+        return None
+    _check_keys(where, d, ("format", "granularity", "block_size", "dynamic"))
+    if "format" not in d:
+        raise ValueError(f"{where}: missing 'format'")
+    fmt = d["format"]
+    try:
+        return InputSpec(
+            fmt,
+            d.get("granularity", "group" if fmt == "nvfp4" else "tensor"),
+            d.get("block_size", 16 if fmt == "nvfp4" else None),
+            bool(d.get("dynamic", False)),
+        )
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def recipe_from_dict(data: dict, source: str = "<dict>") -> Recipe:
+    where = f"recipe {source}"
+    _check_keys(where, data, ("name", "description", "rules", "exclude", "default_exclude", "share_weight_amax"))
+    rules_data = data.get("rules")
+    if not rules_data or not isinstance(rules_data, list):
+        raise ValueError(f"{where}: 'rules' must be a non-empty list of {{match, weight, input}} entries")
+    rules = []
+    for i, r in enumerate(rules_data):
+        rw = f"{where}: rules[{i}]"
+        _check_keys(rw, r, ("match", "weight", "input"))
+        match = r.get("match", ["*"])
+        match = (match,) if isinstance(match, str) else tuple(match)
+        if "weight" not in r:
+            raise ValueError(f"{rw}: missing 'weight'")
+        rules.append(Rule(match, _weight_spec(f"{rw}.weight", r["weight"]), _input_spec(f"{rw}.input", r.get("input"))))
+    share = tuple(data.get("share_weight_amax") or ())
+    bad = sorted(set(share) - set(SHARE_KINDS))
+    if bad:
+        raise ValueError(f"{where}: share_weight_amax has unknown group kind(s) {bad}; valid: {list(SHARE_KINDS)}")
+    exclude = data.get("exclude") or ()
+    exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    return Recipe(
+        name=str(data.get("name", os.path.splitext(os.path.basename(source))[0])),
+        rules=tuple(rules),
+        exclude=exclude,
+        default_exclude=bool(data.get("default_exclude", True)),
+        share_weight_amax=share,
+        description=str(data.get("description", "")),
+        source=source,
+    )
+
+
+def available_recipes() -> list[str]:
+    for folder in (CONFIG_DIR, PACKAGED_CONFIG_DIR):
+        if os.path.isdir(folder):
+            return sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml"))
+    return []
+
+
+def resolve_recipe_path(name_or_path: str) -> str:
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    for folder in (CONFIG_DIR, PACKAGED_CONFIG_DIR):
+        path = os.path.join(folder, f"{name_or_path}.yaml")
+        if os.path.isfile(path):
+            return path
+    raise ValueError(f"unknown recipe {name_or_path!r}; valid recipes: {available_recipes()} or a path to a .yaml file")
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    path = resolve_recipe_path(name_or_path)
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ValueError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    return recipe_from_dict(data or {}, source=path)

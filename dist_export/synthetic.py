@@ -1,0 +1,200 @@
+"""Synthetic Hugging Face checkpoints from real transformers configs, with deterministic random weights.
+
+Key names and shapes come from the real transformers model class, built on the meta device (no memory) and
+mapped to checkpoint key space (per-expert names) with transformers' own weight-conversion reversal. Each
+tensor is generated from a seed derived from (seed, name) and streamed to disk, so a 16 GB preset needs about
+one tensor of memory. `synthetic:<arch>-<preset>` model names are generated once into a local cache.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import math
+import os
+import shutil
+import zlib
+
+import torch
+
+from .io.st_format import DTYPE_TO_ST
+from .io.writer import ShardWriter
+
+log = logging.getLogger(__name__)
+
+_TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=256)
+_SMALL = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
+              num_key_value_heads=4, head_dim=64, vocab_size=4096, max_position_embeddings=1024)
+
+ARCHS = {
+    # arch: (config class name, {preset: kwargs})
+    "llama": ("LlamaConfig", {
+        "tiny": {**_TINY, "tie_word_embeddings": True},
+        "small": {**_SMALL, "tie_word_embeddings": False},
+        "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                             num_key_value_heads=8, head_dim=128, vocab_size=128256, rope_theta=500000.0,
+                             max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    }),
+    "qwen3": ("Qwen3Config", {
+        "tiny": {**_TINY, "tie_word_embeddings": False},
+        "small": {**_SMALL, "tie_word_embeddings": False},
+        "qwen3-8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=128, vocab_size=151936, rope_theta=1000000.0,
+                         max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=False),
+    }),
+    "qwen3-moe": ("Qwen3MoeConfig", {
+        "tiny": {**_TINY, "moe_intermediate_size": 32, "num_experts": 8, "num_experts_per_tok": 2,
+                 "tie_word_embeddings": False},
+        "small": {**_SMALL, "moe_intermediate_size": 256, "num_experts": 8, "num_experts_per_tok": 2,
+                  "tie_word_embeddings": False},
+        "qwen3-30b-a3b": dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+                              num_experts_per_tok=8, num_hidden_layers=48, num_attention_heads=32,
+                              num_key_value_heads=4, head_dim=128, vocab_size=151936, rope_theta=1000000.0,
+                              max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=False),
+    }),
+    "mixtral": ("MixtralConfig", {
+        "tiny": {**{k: v for k, v in _TINY.items() if k != "head_dim"}, "num_local_experts": 4,
+                 "num_experts_per_tok": 2, "tie_word_embeddings": False},
+        "small": {**{k: v for k, v in _SMALL.items() if k != "head_dim"}, "intermediate_size": 768,
+                  "num_local_experts": 4, "num_experts_per_tok": 2, "tie_word_embeddings": False},
+    }),
+}
+
+
+def parse_synthetic(name: str) -> tuple[str, str]:
+    """'synthetic:qwen3-moe-tiny' -> ('qwen3-moe', 'tiny')."""
+    spec = name.split(":", 1)[1]
+    for arch in sorted(ARCHS, key=len, reverse=True):
+        if spec.startswith(arch + "-") and spec[len(arch) + 1:] in ARCHS[arch][1]:
+            return arch, spec[len(arch) + 1:]
+    valid = [f"synthetic:{a}-{p}" for a, (_, presets) in ARCHS.items() for p in presets]
+    raise ValueError(f"unknown synthetic model {name!r}; valid: {valid}")
+
+
+def build_config(arch: str, preset: str):
+    import transformers
+
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; valid: {sorted(ARCHS)}")
+    cls_name, presets = ARCHS[arch]
+    if preset not in presets:
+        raise ValueError(f"unknown preset {preset!r} for {arch}; valid: {sorted(presets)}")
+    return getattr(transformers, cls_name)(**presets[preset])
+
+
+def checkpoint_tensor_shapes(config) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every tensor the real model class saves, in checkpoint key space, save order."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    state = model.state_dict()
+    tied = getattr(config, "tie_word_embeddings", False)
+    if tied:
+        state.pop("lm_head.weight", None)
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        state = revert_weight_conversion(model, state)
+    except ImportError:  # older transformers keep checkpoint names in memory
+        pass
+    return [(k, tuple(v.shape)) for k, v in state.items()]
+
+
+def _tensor_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
+
+
+def generate_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """Deterministic weights with realistic structure: norms near 1, rows of different magnitude, and
+    experts whose magnitudes differ by up to 16x (so shared vs per-expert amax matters)."""
+    gen = torch.Generator().manual_seed(_tensor_seed(seed, name))
+    if len(shape) == 1:
+        w = 1.0 + 0.05 * torch.randn(shape, generator=gen)
+        if name.endswith("bias"):
+            w = 0.02 * torch.randn(shape, generator=gen)
+        return w.to(dtype)
+    w = torch.randn(shape, generator=gen) * 0.02
+    rows = torch.exp(torch.rand(shape[0], generator=gen) * 2.0 - 1.0)
+    w *= rows.view(-1, *([1] * (len(shape) - 1)))
+    if ".experts." in name:
+        expert = int(name.split(".experts.")[1].split(".")[0])
+        w *= 2.0 ** ((expert % 5) - 2)
+    return w.to(dtype)
+
+
+def plan_source_shards(tensors, dtype: torch.dtype, max_shard_bytes: int):
+    item = torch.tensor([], dtype=dtype).element_size()
+    shards, current, size = [], [], 0
+    for name, shape in tensors:
+        nbytes = math.prod(shape) * item
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append((name, shape))
+        size += nbytes
+    if current:
+        shards.append(current)
+    return shards
+
+
+def make_model(arch: str, preset: str, out: str, seed: int = 0, dtype: str = "bfloat16",
+               max_shard_size: int = 4 * 1024**3) -> str:
+    """Write a complete HF checkpoint folder for (arch, preset) into `out` (must not exist or be empty)."""
+    torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(dtype)
+    if torch_dtype is None:
+        raise ValueError(f"unsupported --dtype {dtype!r}; valid: bfloat16, float16, float32")
+    config = build_config(arch, preset)
+    config.dtype = dtype
+    tensors = checkpoint_tensor_shapes(config)
+    if os.path.exists(out) and os.listdir(out):
+        raise ValueError(f"output folder {out} is not empty; choose a new folder")
+    os.makedirs(out, exist_ok=True)
+    shards = plan_source_shards(tensors, torch_dtype, max_shard_size)
+    st_dtype = DTYPE_TO_ST[torch_dtype]
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        writer = ShardWriter(os.path.join(out, fname), [(n, st_dtype, s) for n, s in shard], {"format": "pt"})
+        for name, shape in shard:
+            t = generate_tensor(name, shape, seed, torch_dtype)
+            writer.write(name, t)
+            weight_map[name] = fname
+            total += t.numel() * t.element_size()
+        writer.finish()
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
+            json.dump(index, f, indent=2, sort_keys=True)
+    config.save_pretrained(out)
+    gen = {"bos_token_id": getattr(config, "bos_token_id", None), "eos_token_id": getattr(config, "eos_token_id", None),
+           "do_sample": False}
+    with open(os.path.join(out, "generation_config.json"), "w") as f:
+        json.dump({k: v for k, v in gen.items() if v is not None}, f, indent=2)
+    log.info("wrote synthetic %s-%s (%d tensors, %.1f MB) to %s", arch, preset, len(tensors), total / 1e6, out)
+    return out
+
+
+def cache_root() -> str:
+    return os.environ.get("DIST_EXPORT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dist_export"))
+
+
+def ensure_synthetic(name: str, seed: int = 0, dtype: str = "bfloat16") -> str:
+    """Folder of the cached synthetic model `name`, generating it once (safe with concurrent processes)."""
+    arch, preset = parse_synthetic(name)
+    root = os.path.join(cache_root(), "synthetic")
+    os.makedirs(root, exist_ok=True)
+    import transformers
+
+    final = os.path.join(root, f"{arch}-{preset}-seed{seed}-{dtype}-tf{transformers.__version__}")
+    if os.path.isfile(os.path.join(final, "config.json")):
+        return final
+    with open(final + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one generator; the others wait and reuse its result
+        if not os.path.isfile(os.path.join(final, "config.json")):
+            tmp = f"{final}.tmp{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            make_model(arch, preset, tmp, seed=seed, dtype=dtype)
+            os.replace(tmp, final)
+    return final

@@ -1,0 +1,64 @@
+"""Output formats, registered by name. Each format says, from metadata alone, which tensors an item becomes,
+produces them from the item's weight, and adds what the folder needs (quantization_config, extra files).
+
+Adding a format adds a module here that calls `register_output_format`; nothing else changes.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..plan import Item, OutSpec
+
+_OUTPUT_FORMATS: dict[str, "OutputFormat"] = {}
+
+
+class OutputFormat:
+    """Base class: subclasses override the hooks. Instances are stateless and shared by all ranks."""
+
+    name = ""
+
+    def check_items(self, items: list[Item], recipe) -> None:
+        """Refuse (ValueError) any quantizer this format cannot describe, before any I/O."""
+
+    def outputs(self, item: Item) -> list[OutSpec]:
+        return [OutSpec(item.name, item.meta.dtype, item.meta.shape)]
+
+    def produce(self, item: Item, w: torch.Tensor, amax, block_amax, input_amax) -> list[tuple[str, torch.Tensor]]:
+        """Tensors for `item`, in the order of `outputs(item)` (on w's device)."""
+        raise NotImplementedError
+
+    def update_config(self, config: dict, plan, recipe) -> dict:
+        return config
+
+    def extra_files(self, plan, recipe, calib: dict) -> dict[str, bytes]:
+        """{filename: content} written by rank 0 at commit (before the index)."""
+        return {}
+
+
+def register_output_format(fmt: OutputFormat) -> OutputFormat:
+    if fmt.name in _OUTPUT_FORMATS:
+        raise ValueError(f"output format {fmt.name!r} registered twice")
+    _OUTPUT_FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def get_output_format(name: str) -> OutputFormat:
+    _load_builtin()
+    try:
+        return _OUTPUT_FORMATS[name]
+    except KeyError:
+        raise ValueError(f"unknown --format {name!r}; valid: {sorted(_OUTPUT_FORMATS)}") from None
+
+
+def output_format_names() -> list[str]:
+    _load_builtin()
+    return sorted(_OUTPUT_FORMATS)
+
+
+def _load_builtin() -> None:
+    from . import fp8_block, modelopt, vllm_fq  # noqa: F401  (register on import)
+
+
+def unquantized_linear_modules(plan) -> list[str]:
+    """Excluded 2-D weights that are Linear layers in the serving model (embeddings are not Linear)."""
+    return sorted(m for m, _ in plan.excluded if "embed" not in m.split(".")[-1])
