@@ -41,7 +41,9 @@ def input_quantizer_properties(spec, amax_dtype: torch.dtype) -> dict:
     if spec.fmt == "nvfp4":
         props["_block_sizes"] = {-1: 16, "type": "dynamic", "scale_bits": (4, 3)}
     elif spec.granularity == "token":
-        props["_axis"] = (0, 1)
+        # One amax per row of the 2-D activations vLLM feeds. ModelOpt itself saves _axis (0, 1), which on 2-D
+        # inputs reduces to a single per-tensor amax: measured with ModelOpt 0.47, so we do not copy it.
+        props["_block_sizes"] = {-1: None}
     elif spec.granularity == "group":
         props["_block_sizes"] = {-1: spec.block_size, "type": "dynamic"}
     if spec.needs_calibration:
@@ -57,7 +59,7 @@ def input_quantizer_config(spec) -> dict:
     if spec.fmt == "nvfp4":
         cfg["block_sizes"] = {-1: 16, "type": "dynamic", "scale_bits": (4, 3)}
     elif spec.granularity == "token":
-        cfg["axis"] = (0, 1)
+        cfg["block_sizes"] = {-1: None}
     elif spec.granularity == "group":
         cfg["block_sizes"] = {-1: spec.block_size, "type": "dynamic"}
     return cfg

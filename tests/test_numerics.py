@@ -125,18 +125,6 @@ def _bits(t):
     return t.contiguous().view(itype)
 
 
-def assert_bitwise(got, want, what=""):
-    assert got.dtype == want.dtype and tuple(got.shape) == tuple(want.shape), what
-    gb, wb = _bits(got), _bits(want)
-    if not torch.equal(gb, wb):
-        i = tuple((gb != wb).nonzero()[0].tolist())
-        pytest.fail(
-            f"{what}: {int((gb != wb).sum())} elements differ bitwise; first at {i}: got {got[i].item()!r} "
-            f"(signbit {bool(torch.signbit(got[i]))}), reference {want[i].item()!r} "
-            f"(signbit {bool(torch.signbit(want[i]))})"
-        )
-
-
 def sqnr_db(x, y):
     x, y = x.double(), y.double()
     return 10.0 * math.log10(float((x * x).sum()) / float(((x - y) ** 2).sum()))

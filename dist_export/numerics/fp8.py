@@ -20,8 +20,10 @@ def choose_fp8_inv_scale(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     """(scale, inv) per amax element; an amax of 0 behaves as 1 so nothing becomes NaN."""
     a = amax.float()
     a = torch.where(a <= AMAX_TINY, torch.ones_like(a), a)
-    scale = F8E4M3_MAX / a
-    return scale, 1.0 / scale
+    # Tensor-by-tensor true division: `const / tensor` and CUDA's `tensor / const` multiply by a rounded
+    # reciprocal instead, which differs from the formula in the last bit.
+    scale = torch.full_like(a, F8E4M3_MAX) / a
+    return scale, torch.ones_like(scale) / scale
 
 
 def _fp8_codes(x: torch.Tensor, spec: QuantSpec, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

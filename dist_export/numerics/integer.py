@@ -25,7 +25,7 @@ def fake_quant_int_elementwise(x: torch.Tensor, amax_el: torch.Tensor, fmt: str)
     maxb, minb = int_range(fmt)
     zero = amax_el <= AMAX_TINY
     safe = torch.where(zero, torch.ones_like(amax_el), amax_el)
-    scale = torch.tensor(maxb, dtype=torch.float32, device=x.device) / safe
+    scale = torch.full_like(safe, maxb) / safe  # true division (see fp8.choose_fp8_inv_scale)
     y = torch.clamp(torch.round(x * scale), minb, maxb) / scale
     return torch.where(zero, torch.zeros_like(y), y)
 

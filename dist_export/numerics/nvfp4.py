@@ -2,7 +2,7 @@
 
 Fake quant follows the reference GPU kernel exactly (formats.md section 5):
     gs = gamax / (6*448)  (1e-12 if <= 0);  s = min(bmax / (6*gs), 448);  sq = float(e4m3(s)) * gs
-    sq = 1.0 where sq < 1e-5;  q = E2M1 rounding of |x|/sq by the threshold table;  y = sign(x)*q*sq (+0 for 0)
+    sq = 1.0 where sq < 1e-5;  q = E2M1 rounding of |x|/sq by the threshold table;  y = where(x>=0, q, -q)*sq (+0.0 for an input of -0.0)
 
 Real quant rule (documented choice, bit-exact with the fold): the stored block scale is e4m3(s), the same E4M3
 value the fold multiplies by, and `weight_scale_2` is gs; then (code value) * (scale * gs) == y for every
@@ -24,7 +24,8 @@ E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 
 def global_scale(gamax: torch.Tensor) -> torch.Tensor:
-    gs = gamax.float() / (F4E2M1_MAX * F8E4M3_MAX)
+    g = gamax.float()
+    gs = g / torch.full_like(g, F4E2M1_MAX * F8E4M3_MAX)  # true division, also on CUDA
     return torch.where(gs <= 0, torch.full_like(gs, NVFP4_GS_FLOOR), gs)
 
 
@@ -32,7 +33,7 @@ def _block_scales(x: torch.Tensor, gamax: torch.Tensor, block_amax: torch.Tensor
     """(e4m3 block scale as float32, sq used by the fold, gs), per block of 16."""
     gs = global_scale(gamax)
     bmax = reduce_abs_max(x, "group", BLOCK) if block_amax is None else block_amax.float()
-    s = torch.clamp(bmax / (F4E2M1_MAX * gs), max=F8E4M3_MAX)
+    s = torch.clamp(bmax / (torch.full_like(gs, F4E2M1_MAX) * gs), max=F8E4M3_MAX)
     s_e4m3 = s.to(torch.float8_e4m3fn).float()
     sq = s_e4m3 * gs
     sq = torch.where(sq < NVFP4_SQ_FLOOR, torch.ones_like(sq), sq)
@@ -61,20 +62,22 @@ def _signed_q(x: torch.Tensor, gamax: torch.Tensor, block_amax):
     s_e4m3, sq, gs = _block_scales(x, gamax, block_amax)
     sq_el = expand_to(sq, x.shape, "group", BLOCK)
     q = round_e2m1_magnitude(x.abs() / sq_el)
-    signed = torch.where(q == 0, torch.zeros_like(q), torch.sign(x) * q)
+    # As the reference kernel: where(x >= 0, q, -q). An input of -0.0 gives +0.0; a negative x that rounds to
+    # q = 0 keeps its sign (-0.0), and so does its real-quant code (sign bit set).
+    signed = torch.where(x >= 0, q, -q)
     return signed, sq_el, s_e4m3, sq, gs
 
 
 def fake_quant_nvfp4(x: torch.Tensor, spec: QuantSpec, amax: torch.Tensor, block_amax=None) -> torch.Tensor:
     signed, sq_el, *_ = _signed_q(x, amax, block_amax)
-    return signed * sq_el  # +0.0 where q == 0, so -0.0 inputs become +0.0
+    return signed * sq_el
 
 
 def encode_e2m1(signed_q: torch.Tensor) -> torch.Tensor:
     """Signed E2M1 values -> 4-bit codes (uint8, one per element)."""
     table = torch.tensor(E2M1_VALUES, device=signed_q.device)
     mag_code = (signed_q.abs().unsqueeze(-1) == table).to(torch.uint8).argmax(dim=-1).to(torch.uint8)
-    sign = (signed_q < 0).to(torch.uint8) << 3
+    sign = torch.signbit(signed_q).to(torch.uint8) << 3
     return mag_code | sign
 
 
