@@ -71,6 +71,10 @@ def export(model=None, out_dir: str = "out", recipe: str | Recipe = "fp8-block",
                                 device=device, max_shard_size=max_shard_size, ctx=ctx, verify=verify)
     own_ctx = ctx is None
     ctx = ctx or init_distributed(device)
+    if fault is None:
+        from .faults import fault_from_env
+
+        fault = fault_from_env()
     try:
         monitor = start_monitor(ctx, hang_after=hang_timeout, dead_after=dead_timeout,
                                 on_fail=lambda: remove_temporaries(out_dir))

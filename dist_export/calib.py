@@ -58,8 +58,9 @@ def load_calibration(path: str, recipe, signature: str, required: list[str]) -> 
     if meta.get("model_signature") != signature:
         raise ValueError(f"calibration file {path} was made for another model; calibrate this model first")
     if meta.get("recipe_fingerprint") != recipe.fingerprint:
-        raise ValueError(f"calibration file {path} was made with recipe {meta.get('recipe')!r}, not "
-                         f"{recipe.name!r}; calibrate again with --recipe {recipe.name}")
+        raise ValueError(f"calibration file {path} was made with recipe {meta.get('recipe')!r} "
+                         f"(fingerprint {meta.get('recipe_fingerprint')}), not this {recipe.name!r} "
+                         f"(fingerprint {recipe.fingerprint}); calibrate again with --recipe {recipe.name}")
     missing = [k for k in required if k not in amax]
     if missing:
         raise ValueError(f"calibration file {path} has no amax for {len(missing)} quantizers, e.g. {missing[0]!r}")

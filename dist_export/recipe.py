@@ -11,7 +11,7 @@ import fnmatch
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import yaml
 
@@ -103,9 +103,20 @@ class Recipe:
         return any(r.input is not None and r.input.needs_calibration for r in self.rules)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("source")
-        return d
+        """The recipe in its YAML schema (round-trips through `recipe_from_dict`)."""
+
+        def weight(w: QuantSpec) -> dict:
+            return {"format": w.fmt, "granularity": w.granularity, "block_size": w.block_size,
+                    "scale_search": w.scale_search, "mse_candidates": w.mse_candidates}
+
+        def inp(i: InputSpec | None) -> dict | None:
+            return None if i is None else {"format": i.fmt, "granularity": i.granularity,
+                                           "block_size": i.block_size, "dynamic": i.dynamic}
+
+        return {"name": self.name, "description": self.description,
+                "rules": [{"match": list(r.match), "weight": weight(r.weight), "input": inp(r.input)} for r in self.rules],
+                "exclude": list(self.exclude), "default_exclude": self.default_exclude,
+                "share_weight_amax": list(self.share_weight_amax)}
 
     @property
     def fingerprint(self) -> str:

@@ -129,6 +129,7 @@ def _check_scales(out_dir: str, metas: dict, config: dict, rep: Report) -> None:
     if method == "fp8":
         b0, b1 = qc.get("weight_block_size", [128, 128])
         tp_ok = set(TP_CANDIDATES)
+        ragged = []
         for name, m in metas.items():
             if not name.endswith(".weight_scale_inv"):
                 continue
@@ -145,8 +146,11 @@ def _check_scales(out_dir: str, metas: dict, config: dict, rep: Report) -> None:
             dim, block = (inp, b1) if ROW_PARALLEL.search(module) else (out, b0)
             tp_ok &= {tp for tp in TP_CANDIDATES if dim % tp == 0 and (dim // tp) % block == 0}
             if out % b0 or inp % b1:
-                rep.warnings.append(f"{module}: shape {[out, inp]} is not a multiple of {b0}x{b1}; transformers "
-                                    f"dequantizes it incorrectly (vLLM reads the ceil grid)")
+                ragged.append(f"{module} {[out, inp]}")
+        if ragged:
+            rep.warnings.append(f"{len(ragged)} quantized weights are not multiples of {b0}x{b1} (e.g. "
+                                f"{', '.join(ragged[:3])}): transformers dequantizes them incorrectly; vLLM reads "
+                                f"the ceil grid")
         rep.extra["vllm_tp_sizes"] = sorted(tp_ok)
     elif method == "modelopt":
         for name, m in metas.items():

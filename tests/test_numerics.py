@@ -19,7 +19,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numerics_reference as ref  # noqa: E402
 from dist_export.numerics import QuantSpec, compute_amax, fake_quant  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
 
 # (fmt, granularity, block_size): every valid combination, with block sizes that do and do not divide the shapes.
 SPECS = [

@@ -42,7 +42,7 @@ class ShardWriter:
         if tensor.device.type != "cpu":
             raise RuntimeError(f"{name}: tensors must be on the host before writing")
         if tensor.numel():
-            self._write(tensor.contiguous().view(torch.uint8).reshape(-1).numpy())
+            self._write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
         self._next += 1
 
     def finish(self, rename_to: str | None = None) -> str:

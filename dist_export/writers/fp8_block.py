@@ -20,6 +20,7 @@ class NativeFp8Block(OutputFormat):
     name = "fp8-block"
 
     def check_items(self, items, recipe):
+        ragged = []
         for item in items:
             if not item.quantized:
                 continue
@@ -36,10 +37,11 @@ class NativeFp8Block(OutputFormat):
                 )
             out, inp = item.meta.shape
             if out % BLOCK or inp % BLOCK:
-                log.warning(
-                    "%s: shape %s is not a multiple of %d; written with a ceil scale grid (vLLM reads it), but "
-                    "transformers dequantizes such tensors incorrectly", item.module, list(item.meta.shape), BLOCK
-                )
+                ragged.append(f"{item.module} {list(item.meta.shape)}")
+        if ragged:
+            log.warning("%d quantized weights have a dimension that is not a multiple of %d (e.g. %s); they are "
+                        "written with a ceil scale grid, which vLLM reads, but transformers dequantizes such "
+                        "tensors incorrectly", len(ragged), BLOCK, ", ".join(ragged[:3]))
 
     def outputs(self, item):
         if not item.quantized:

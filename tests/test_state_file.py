@@ -1,0 +1,257 @@
+"""`vllm_fq_modelopt_state.pth` (formats.md section 2): loadable by plain PyTorch, and restorable by ModelOpt.
+
+1. The file loads with `torch.load(weights_only=True)` in a fresh interpreter that imports nothing but torch, and
+   holds what the consumer needs: no weight quantizers, an input quantizer per quantized Linear, a 0-d `_amax` in
+   the model dtype for static inputs (the calibration value cast to bf16), none for dynamic ones.
+2. Where ModelOpt is installed (test-only; never a runtime dependency, not installed in CI), the file is restored
+   onto a fresh transformers Llama with the same sequence as ModelOpt's vLLM fake-quant worker, and the restored
+   quantizers and a CPU forward are checked.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+MODEL = "synthetic:llama-tiny"
+STATE_FILE = "vllm_fq_modelopt_state.pth"
+MODEL_DTYPE = torch.bfloat16
+STATIC_RECIPES = ("fp8", "nvfp4")
+DYNAMIC_RECIPES = ("fp8-pc-pt",)
+_QUANTIZED_WEIGHT = re.compile(r"^(model\.layers\.\d+\.(?:self_attn|mlp)\.\w+_proj)\.weight$")
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory, synthetic_cache):
+    """recipe -> (export folder, calibration file or None); each export is made once per module, on first use."""
+    from dist_export.api import export
+    from dist_export.calibrate import calibrate
+    from dist_export.recipe import load_recipe
+    from dist_export.synthetic import ensure_synthetic
+
+    root = tmp_path_factory.mktemp("state_file")
+    made: dict[str, tuple[str, str | None]] = {}
+
+    def get(recipe: str) -> tuple[str, str | None]:
+        if recipe not in made:
+            src = ensure_synthetic(MODEL)
+            rec = load_recipe(recipe)
+            calib = None
+            if rec.needs_calibration:
+                calib = str(root / f"calib-{recipe}.safetensors")
+                calibrate(src, rec, calib, num_samples=4, seq_len=32)
+            out = str(root / f"out-{recipe}")
+            export(src, out, recipe=recipe, format="vllm-fq", calib=calib)
+            made[recipe] = (out, calib)
+        return made[recipe]
+
+    return get
+
+
+def quantized_modules(out_dir: str) -> list[str]:
+    """The Linear modules the recipes quantize in llama-tiny (every projection of every decoder layer)."""
+    mods = []
+    for name in sorted(os.listdir(out_dir)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(out_dir, name), "pt") as f:
+                mods += [m.group(1) for k in f.keys() if (m := _QUANTIZED_WEIGHT.match(k))]
+    return sorted(mods)
+
+
+# Runs in a fresh interpreter: torch only. Prints a JSON summary of the file.
+_TORCH_ONLY_SUMMARY = r"""
+import json, sys
+import torch
+
+state = torch.load(sys.argv[1], weights_only=True, map_location="cpu")
+
+def props(p):
+    meta = p.get("_pytorch_state_metadata", {})
+    return {
+        "_disabled": p.get("_disabled"), "_dynamic": p.get("_dynamic"), "_num_bits": repr(p.get("_num_bits")),
+        "_axis": repr(p.get("_axis")), "_block_sizes": repr(p.get("_block_sizes")),
+        "buffers": {b: {"shape": list(d["shape"]), "dtype": str(d["dtype"])}
+                    for b, d in meta.get("buffers", {}).items()},
+    }
+
+summary = {
+    "top_keys": sorted(state),
+    "version": state.get("modelopt_version"),
+    "modes": [[mode, {"config_keys": sorted(entry["config"]),
+                      "quantizer_state": {k: props(v)
+                                          for k, v in entry["metadata"].get("quantizer_state", {}).items()}}]
+              for mode, entry in state["modelopt_state_dict"]],
+    "weights": {k: {b: {"shape": list(t.shape), "dtype": str(t.dtype), "value": t.float().tolist()}
+                    for b, t in v.items()}
+                for k, v in state["modelopt_state_weights"].items()},
+}
+leaked = sorted(m for m in ("transformers", "dist_export", "modelopt", "safetensors") if m in sys.modules)
+assert "transformers" not in sys.modules and "dist_export" not in sys.modules, leaked
+summary["imported_besides_torch"] = leaked
+print(json.dumps(summary))
+"""
+
+
+def load_with_torch_only(path: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", _TORCH_ONLY_SUMMARY, path], capture_output=True, text=True,
+                          env=env, cwd=os.path.dirname(path), timeout=120)
+    assert proc.returncode == 0, f"torch-only weights_only load failed:\n{proc.stderr[-4000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("recipe", STATIC_RECIPES + DYNAMIC_RECIPES)
+def test_state_file_loads_with_torch_only(exports, recipe):
+    out, calib_path = exports(recipe)
+    summary = load_with_torch_only(os.path.join(out, STATE_FILE))
+    assert summary["imported_besides_torch"] == []
+    assert summary["top_keys"] == ["modelopt_state_dict", "modelopt_state_weights", "modelopt_version"]
+    assert isinstance(summary["version"], str) and summary["version"]
+    assert [m for m, _ in summary["modes"]][:1] == ["quantize"]
+
+    weights = summary["weights"]
+    mode_states = [(m, e["quantizer_state"]) for m, e in summary["modes"] if e["quantizer_state"]]
+    assert mode_states and mode_states[0][0] == "quantize"
+
+    # Weight quantizers are absent everywhere: their effect is folded into the weights.
+    for mode, qs in mode_states:
+        assert not [k for k in qs if "weight_quantizer" in k], mode
+    assert not [k for k in weights if "weight_quantizer" in k]
+
+    modules = quantized_modules(out)
+    assert len(modules) == 14, modules  # 2 layers x (q, k, v, o, gate, up, down)
+    calib = load_file(calib_path) if calib_path else {}
+    dynamic = recipe in DYNAMIC_RECIPES
+    want_dtype = str(MODEL_DTYPE)
+    for module in modules:
+        name = f"{module}.input_quantizer"
+        for mode, qs in mode_states:
+            assert name in qs, f"{mode}: no input quantizer for quantized Linear {module}"
+            p = qs[name]
+            assert p["_disabled"] is False, (mode, name)
+            assert p["_dynamic"] is dynamic, (mode, name, p)
+            if dynamic:
+                assert p["buffers"] == {}, (mode, name, p)
+            else:
+                # A declared buffer is what makes ModelOpt register `_amax` before it loads the tensor.
+                assert p["buffers"] == {"_amax": {"shape": [], "dtype": want_dtype}}, (mode, name, p)
+        assert name in weights, name
+        if dynamic:
+            assert "_amax" not in weights[name], (name, weights[name])
+        else:
+            amax = weights[name].get("_amax")
+            assert amax is not None, f"static input quantizer {name} has no _amax"
+            assert amax["shape"] == [] and amax["dtype"] == want_dtype, (name, amax)
+            want = calib[name].to(MODEL_DTYPE).float().item()
+            assert amax["value"] == want, (name, amax["value"], calib[name].item())
+
+
+# ------------------------------------------------------------------------------------------------------------
+# ModelOpt restore (test-only dependency)
+# ------------------------------------------------------------------------------------------------------------
+def _restore_as_vllm_worker_does(model, modelopt_state: dict):
+    """Apply a vllm-fq state file's modes to a plain HF model the way ModelOpt's fake-quant worker does.
+
+    The worker cannot use `mto.restore_from_modelopt_state`: that demands an exact quantizer key match and the
+    file has no weight quantizers. Instead, per mode that carries a quantizer state:
+      * convert the model once with the file's quantize config (inserts TensorQuantizers, applies quant_cfg);
+      * take the file's state for each quantizer the model has, except for quantizers the config left disabled
+        whose saved state declares no buffers (those keep the converted state); quantizers the file does not
+        name keep the converted state, weight quantizers forced disabled (the file's weights are folded);
+      * restore those states with ModelOpt's `restore_quantizer_state`.
+    No HF -> vLLM renaming: the target is the HF model, whose module names are the file's.
+    """
+    from modelopt.torch.export.plugins.vllm_fakequant_hf import is_weight_quantizer_state_key
+    from modelopt.torch.opt.conversion import ModeloptStateManager
+    from modelopt.torch.quantization.conversion import (convert_to_quantized_model, quantizer_state,
+                                                        restore_quantizer_state)
+    from modelopt.torch.quantization.nn import SequentialQuantizer, TensorQuantizer
+    from modelopt.torch.quantization.utils import is_quantized
+    from modelopt.torch.utils import get_unwrapped_name
+
+    manager = ModeloptStateManager(model=model, init_state=True)
+    manager.load_state_dict(modelopt_state["modelopt_state_dict"], modelopt_state["modelopt_version"])
+    for mode, config, metadata in manager.modes_with_states():
+        if "quantizer_state" not in metadata:
+            model = mode.restore(model, config, metadata)
+            continue
+        if not is_quantized(model):
+            convert_to_quantized_model(model, config)
+        converted = quantizer_state(model)
+        off_after_convert = {get_unwrapped_name(n, model) for n, m in model.named_modules()
+                             if isinstance(m, (TensorQuantizer, SequentialQuantizer)) and not m.is_enabled}
+        saved = metadata["quantizer_state"]
+        merged = {}
+        for key, own in converted.items():
+            file_state = saved.get(key)
+            if file_state is not None and (
+                    key not in off_after_convert
+                    or file_state.get("_pytorch_state_metadata", {}).get("buffers")):
+                merged[key] = file_state
+            elif is_weight_quantizer_state_key(key):
+                merged[key] = {**own, "_disabled": True}
+            else:
+                merged[key] = own
+        metadata["quantizer_state"] = merged
+        model = restore_quantizer_state(model, config, metadata)
+    return model
+
+
+@pytest.mark.parametrize("recipe", ("fp8", "fp8-pc-pt"))
+def test_modelopt_restores_state(exports, recipe):
+    pytest.importorskip("modelopt")
+    import warnings
+
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.export.plugins.vllm_fakequant_hf import is_weight_quantizer_state_key
+    from modelopt.torch.quantization.nn import TensorQuantizer
+    from transformers import LlamaForCausalLM
+
+    out, _ = exports(recipe)
+    # The consumer loads with weights_only (its safe_load); `modelopt_state_weights` goes in after the restore.
+    state = torch.load(os.path.join(out, STATE_FILE), weights_only=True, map_location="cpu")
+    file_qs = state["modelopt_state_dict"][0][1]["metadata"]["quantizer_state"]
+    file_weights = state.pop("modelopt_state_weights")
+
+    model = LlamaForCausalLM.from_pretrained(out, dtype=MODEL_DTYPE).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = _restore_as_vllm_worker_does(model, state)
+        mtq.utils.set_quantizer_state_dict(model, file_weights)
+        mtq.fold_weight(model)
+
+    quantizers = {n: m for n, m in model.named_modules() if isinstance(m, TensorQuantizer)}
+    enabled_weight_q = [n for n, m in quantizers.items() if is_weight_quantizer_state_key(n) and m.is_enabled]
+    assert enabled_weight_q == [], f"weight quantizers still enabled after fold_weight: {enabled_weight_q[:4]}"
+
+    dynamic = recipe in DYNAMIC_RECIPES
+    modules = quantized_modules(out)
+    assert len(modules) == 14, modules
+    for module in modules:
+        name = f"{module}.input_quantizer"
+        q = quantizers.get(name)
+        assert q is not None, f"ModelOpt made no input quantizer for {module}"
+        assert q.is_enabled, f"{name} restored disabled"
+        assert q.num_bits == file_qs[name]["_num_bits"], (name, q.num_bits)
+        assert bool(q._dynamic) is dynamic, (name, q._dynamic)
+        if dynamic:
+            assert getattr(q, "_amax", None) is None, f"dynamic {name} restored with an amax"
+        else:
+            want = file_weights[name]["_amax"]
+            got = q.amax
+            assert got is not None, f"static {name} restored without amax"
+            assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want), \
+                (name, got, want)
+
+    ids = torch.tensor([[1, 5, 17, 42, 99, 3, 250, 7]])
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert logits.shape == (1, ids.shape[1], model.config.vocab_size)
+    assert torch.isfinite(logits).all()
