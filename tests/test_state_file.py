@@ -37,19 +37,25 @@ def exports(tmp_path_factory, synthetic_cache):
     from dist_export.synthetic import ensure_synthetic
 
     root = tmp_path_factory.mktemp("state_file")
-    made: dict[str, tuple[str, str | None]] = {}
+    made: dict[str, tuple[str, str | None] | BaseException] = {}
 
     def get(recipe: str) -> tuple[str, str | None]:
         if recipe not in made:
-            src = ensure_synthetic(MODEL)
-            rec = load_recipe(recipe)
-            calib = None
-            if rec.needs_calibration:
-                calib = str(root / f"calib-{recipe}.safetensors")
-                calibrate(src, rec, calib, num_samples=4, seq_len=32)
-            out = str(root / f"out-{recipe}")
-            export(src, out, recipe=recipe, format="vllm-fq", calib=calib)
-            made[recipe] = (out, calib)
+            try:
+                src = ensure_synthetic(MODEL)
+                rec = load_recipe(recipe)
+                calib = None
+                if rec.needs_calibration:
+                    calib = str(root / f"calib-{recipe}.safetensors")
+                    calibrate(src, rec, calib, num_samples=4, seq_len=32)
+                out = str(root / f"out-{recipe}")
+                export(src, out, recipe=recipe, format="vllm-fq", calib=calib)
+                made[recipe] = (out, calib)
+            except Exception as e:
+                made[recipe] = e  # a later test of this recipe reports this failure, not a non-empty folder
+                raise
+        if isinstance(made[recipe], BaseException):
+            pytest.fail(f"the {recipe} export failed earlier in this module: {made[recipe]!r}")
         return made[recipe]
 
     return get
