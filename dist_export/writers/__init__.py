@@ -60,5 +60,10 @@ def _load_builtin() -> None:
 
 
 def unquantized_linear_modules(plan) -> list[str]:
-    """Excluded 2-D weights that are Linear layers in the serving model (embeddings are not Linear)."""
-    return sorted(m for m, _ in plan.excluded if "embed" not in m.split(".")[-1])
+    """Excluded 2-D weights that are Linear layers in the serving model (embeddings are not Linear).
+
+    `lm_head` is always listed: a tied checkpoint stores no lm_head tensor, but the serving model still builds
+    an lm_head Linear that must stay unquantized.
+    """
+    names = {m for m, _ in plan.excluded if "embed" not in m.split(".")[-1]}
+    return sorted(names | {"lm_head"})
