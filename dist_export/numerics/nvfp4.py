@@ -41,21 +41,17 @@ def _block_scales(x: torch.Tensor, gamax: torch.Tensor, block_amax: torch.Tensor
 
 
 def round_e2m1_magnitude(a: torch.Tensor) -> torch.Tensor:
-    """|x|/sq -> nearest E2M1 magnitude using the kernel's threshold table (ties as written there)."""
-    q = torch.full_like(a, 6.0)
-    # Apply from the top threshold down so each element ends with the smallest bucket it belongs to.
-    for bound, value, inclusive in (
-        (5.0, 4.0, True),
-        (3.5, 3.0, False),
-        (2.5, 2.0, True),
-        (1.75, 1.5, False),
-        (1.25, 1.0, True),
-        (0.75, 0.5, False),
-        (0.25, 0.0, True),
-    ):
-        inside = a <= bound if inclusive else a < bound
-        q = torch.where(inside, torch.full_like(a, value), q)
-    return q
+    """|x|/sq -> E2M1 magnitude by the kernel's threshold table:
+    0 if a<=0.25 | 0.5 if a<0.75 | 1 if a<=1.25 | 1.5 if a<1.75 | 2 if a<=2.5 | 3 if a<3.5 | 4 if a<=5 | 6.
+    Counting the thresholds a has passed gives the code index ("<=" bounds are passed by a > t, "<" by a >= t)."""
+    idx = (a > 0.25).to(torch.uint8)
+    idx += a >= 0.75
+    idx += a > 1.25
+    idx += a >= 1.75
+    idx += a > 2.5
+    idx += a >= 3.5
+    idx += a > 5.0
+    return torch.tensor(E2M1_VALUES, dtype=a.dtype, device=a.device)[idx.long()]
 
 
 def _signed_q(x: torch.Tensor, gamax: torch.Tensor, block_amax):

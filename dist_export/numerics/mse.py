@@ -1,0 +1,82 @@
+"""Weight scale search by mean squared error (the compute-heavy recipes `nvfp4-mse`, `int4-w4a16-mse`).
+
+Per block (an INT group or channel, or an NVFP4 block of 16), try K candidate amax values
+    amax_k = amax_max * (1 - 0.5 * k / K),  k = 0 .. K-1         (k = 0 is the max-based choice)
+fold the block with each candidate and keep the one with the least squared error (the first on ties). The
+result is a per-block amax; the ordinary formulas then use it, so real-quant scales follow it too.
+
+Vectorised over candidates and rows in chunks that bound memory (about `CHUNK_BYTES` of candidate folds).
+CPU and GPU agree bit for bit when the argmin is unique: every fold is elementwise fp32 (identical on both),
+and the per-candidate error is summed in float64 from exactly representable terms, so the sums can differ only
+in the last ulp of float64, which changes the choice only if two candidates' errors agree to ~1e-16 relative
+(never observed; `tests/test_mse.py` and the GPU test compare both devices).
+"""
+from __future__ import annotations
+
+import torch
+
+from .blocks import _pad_to, reduce_abs_max
+from .constants import F8E4M3_MAX, F4E2M1_MAX, NVFP4_SQ_FLOOR
+from .integer import fake_quant_int_elementwise
+from .nvfp4 import global_scale, round_e2m1_magnitude
+from .spec import QuantSpec
+
+CHUNK_BYTES = 256 * 1024 * 1024
+
+
+def candidate_ratios(k: int, device) -> torch.Tensor:
+    steps = torch.arange(k, dtype=torch.float32, device=device)
+    return torch.ones_like(steps) - (steps * 0.5) / torch.full_like(steps, float(k))
+
+
+def _blocks(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, int]:
+    """x [out, in] -> [out, nblocks, bs] (zero-padded) and bs."""
+    if spec.fmt == "nvfp4":
+        bs = 16
+    elif spec.granularity == "group":
+        bs = spec.block_size
+    else:  # channel / tensor: one block per row (tensor search is done per row, then max-combined below)
+        bs = x.shape[-1]
+    xp = _pad_to(x, -1, bs)
+    return xp.reshape(x.shape[0], xp.shape[-1] // bs, bs), bs
+
+
+def _fold_candidates(xb: torch.Tensor, cand: torch.Tensor, spec: QuantSpec, gs) -> torch.Tensor:
+    """Fold blocks xb [r, nb, bs] with candidate amax cand [K, r, nb] -> [K, r, nb, bs] (fp32)."""
+    amax_el = cand.unsqueeze(-1).expand(-1, -1, -1, xb.shape[-1])
+    x = xb.unsqueeze(0).expand_as(amax_el)
+    if spec.fmt in ("int4", "int8"):
+        return fake_quant_int_elementwise(x, amax_el, spec.fmt)
+    s = torch.clamp(cand / (torch.full_like(gs, F4E2M1_MAX) * gs), max=F8E4M3_MAX)
+    sq = s.to(torch.float8_e4m3fn).float() * gs
+    sq = torch.where(sq < NVFP4_SQ_FLOOR, torch.ones_like(sq), sq).unsqueeze(-1)
+    q = round_e2m1_magnitude(x.abs() / sq)
+    return torch.where(x >= 0, q, -q) * sq
+
+
+def search_block_amax(w: torch.Tensor, spec: QuantSpec, amax: torch.Tensor, tick=None):
+    """(amax, block_amax): INT returns the searched per-group amax (and None); NVFP4 keeps the global amax
+    and returns the searched per-block amax."""
+    x = w.float()
+    if x.dim() != 2:
+        raise ValueError(f"MSE scale search needs a 2-D weight, got {tuple(x.shape)}")
+    xb, bs = _blocks(x, spec)
+    base = reduce_abs_max(x, "group", bs) if spec.fmt == "nvfp4" or spec.granularity != "group" else amax.float()
+    gs = global_scale(amax.to(x.device)) if spec.fmt == "nvfp4" else None
+    ratios = candidate_ratios(spec.mse_candidates, x.device).view(-1, 1, 1)
+    per_row = spec.mse_candidates * xb.shape[1] * bs * 4 * 6  # candidate folds and temporaries, fp32
+    rows = max(1, CHUNK_BYTES // max(per_row, 1))
+    chosen = torch.empty_like(base)
+    for r0 in range(0, x.shape[0], rows):
+        blk, b = xb[r0:r0 + rows], base[r0:r0 + rows]
+        cand = b.unsqueeze(0) * ratios  # [K, r, nb]
+        err = (_fold_candidates(blk, cand, spec, gs) - blk.unsqueeze(0)).double().square().sum(-1)
+        best = torch.argmin(err, dim=0, keepdim=True)  # first minimum on ties
+        chosen[r0:r0 + rows] = torch.gather(cand, 0, best).squeeze(0)
+        if tick is not None:
+            tick()
+    if spec.fmt == "nvfp4":
+        return amax, chosen
+    if spec.granularity == "tensor":
+        return chosen.amax(), None
+    return chosen.reshape(base.shape), None
