@@ -20,6 +20,7 @@ from .io.writer import ShardWriter
 from .manifest import Manifest
 from .numerics import compute_amax
 from .plan import ExportPlan, Item
+from .ring import HostRing, ring_size_for
 
 log = logging.getLogger(__name__)
 _DONE = object()
@@ -97,9 +98,25 @@ def execute_rank(ctx, plan: ExportPlan, source, output_format, out_dir: str, cal
     return result
 
 
+class _Job:
+    """One tensor on its way to the writer; `ready` (CUDA event) must complete before its bytes are read,
+    `release` runs after the write (returns a ring buffer)."""
+
+    __slots__ = ("name", "tensor", "ready", "release")
+
+    def __init__(self, name, tensor, ready=None, release=None):
+        self.name, self.tensor, self.ready, self.release = name, tensor, ready, release
+
+
 def _run_pipeline(ctx, plan, source, output_format, out_dir, calib, group_amax, manifest, shards, result, fault):
+    """Reader thread -> device compute (main thread) -> copy stream -> writer thread, all bounded."""
+    cuda = ctx.device.type == "cuda"
+    max_in = max(plan.items[n].meta.nbytes for s in shards for n in s.items)
+    in_ring = HostRing(3, ring_size_for(max_in), pinned=cuda) if cuda else None
+    out_ring = HostRing(3, ring_size_for(max_in), pinned=True) if cuda else None
+    copy_stream = torch.cuda.Stream(ctx.device) if cuda else None
     read_q: queue.Queue = queue.Queue(maxsize=2)
-    write_q: queue.Queue = queue.Queue(maxsize=2)
+    write_q: queue.Queue = queue.Queue(maxsize=4)
     stop = threading.Event()
 
     def put(q, obj):
@@ -116,7 +133,13 @@ def _run_pipeline(ctx, plan, source, output_format, out_dir, calib, group_amax, 
                 if stop.is_set():
                     return
                 meta = plan.items[name].meta
-                put(read_q, (shard, name, source.read(meta)))
+                idx = None
+                if in_ring is not None and in_ring.fits(meta.nbytes):
+                    idx = in_ring.acquire()
+                    tensor = source.read(meta, out=in_ring.buffers[idx])
+                else:
+                    tensor = source.read(meta)
+                put(read_q, (shard, name, tensor, idx))
                 result.bytes_read += meta.nbytes
         put(read_q, _DONE)
 
@@ -132,16 +155,19 @@ def _run_pipeline(ctx, plan, source, output_format, out_dir, calib, group_amax, 
                 continue
             if job is _DONE:
                 return
-            kind = job[0]
-            if kind == "open":
+            if isinstance(job, _Job):
+                if job.ready is not None:
+                    job.ready.synchronize()
+                open_writer["w"].write(job.name, job.tensor)
+                result.bytes_written += job.tensor.numel() * job.tensor.element_size()
+                if job.release is not None:
+                    job.release()
+            elif job[0] == "open":
                 shard = job[1]
                 path = os.path.join(out_dir, shard.filename)
-                open_writer["w"] = ShardWriter(path, [(t.name, t.dtype, t.shape) for t in shard.tensors], {"format": "pt"})
-            elif kind == "tensor":
-                _, name, tensor = job
-                open_writer["w"].write(name, tensor)
-                result.bytes_written += tensor.numel() * tensor.element_size()
-            elif kind == "close":
+                open_writer["w"] = ShardWriter(path, [(t.name, t.dtype, t.shape) for t in shard.tensors],
+                                               {"format": "pt"})
+            elif job[0] == "close":
                 shard = job[1]
                 w = open_writer.pop("w")
                 dest = staged_path(out_dir, plan, shard.filename)
@@ -159,7 +185,7 @@ def _run_pipeline(ctx, plan, source, output_format, out_dir, calib, group_amax, 
             job = _get(read_q, threads)
             if job is _DONE:
                 break
-            shard, name, cpu_tensor = job
+            shard, name, cpu_tensor, in_idx = job
             if shard is not current:
                 if current is not None:
                     _put_checked(write_q, ("close", current), threads)
@@ -168,8 +194,9 @@ def _run_pipeline(ctx, plan, source, output_format, out_dir, calib, group_amax, 
             item = plan.items[name]
             if fault is not None:
                 fault.maybe_fire(ctx.rank, name)
-            for out_name, tensor in _quantize_item(ctx, item, cpu_tensor, output_format, calib, group_amax):
-                _put_checked(write_q, ("tensor", out_name, tensor), threads)
+            for out in _process_item(ctx, item, cpu_tensor, in_idx, in_ring, out_ring, copy_stream,
+                                     output_format, calib, group_amax):
+                _put_checked(write_q, out, threads)
             result.items += 1
             if ctx.monitor:
                 ctx.monitor.advance(1, sum(t.nbytes for t in output_format.outputs(item)))
@@ -212,18 +239,54 @@ def _put_checked(q, obj, threads):
             continue
 
 
-def _quantize_item(ctx, item: Item, cpu_tensor: torch.Tensor, output_format, calib, group_amax):
-    """The outputs of one item, on the host, in `outputs(item)` order."""
+def _process_item(ctx, item, cpu_tensor, in_idx, in_ring, out_ring, copy_stream, output_format, calib, group_amax):
+    """Jobs for the writer: copies go straight through; quantized items run on the device and come back
+    through pinned buffers on the copy stream (the main thread goes on with the next item meanwhile)."""
     if not item.quantized:
-        return [(item.name, cpu_tensor)]  # copied byte for byte, never touched by a device
-    w = cpu_tensor.to(ctx.device, non_blocking=False)
-    amax = group_amax[item.group] if item.group else compute_amax(w, item.weight, item.name)
+        release = (lambda: in_ring.release(in_idx)) if in_idx is not None else None
+        return [_Job(item.name, cpu_tensor, release=release)]
+    w = cpu_tensor.to(ctx.device, non_blocking=in_idx is not None)
+    if in_idx is not None:  # the reader may refill this buffer once the upload has completed
+        uploaded = torch.cuda.Event()
+        uploaded.record()
+        in_ring.release(in_idx, uploaded)
+    outs = _device_outputs(ctx, item, w, output_format, calib, group_amax)
+    if copy_stream is None:
+        return [_Job(n, t.to("cpu")) for n, t in outs]
+    jobs = []
+    copy_stream.wait_stream(torch.cuda.current_stream(ctx.device))
+    for n, t in outs:
+        nbytes = t.numel() * t.element_size()
+        if not out_ring.fits(nbytes):
+            jobs.append(_Job(n, t.to("cpu")))
+            continue
+        idx = out_ring.acquire()
+        host = out_ring.view(idx, t.dtype, t.shape)
+        with torch.cuda.stream(copy_stream):
+            host.copy_(t, non_blocking=True)
+            t.record_stream(copy_stream)
+            done = torch.cuda.Event()
+            done.record(copy_stream)
+        jobs.append(_Job(n, host, ready=done, release=lambda i=idx: out_ring.release(i)))
+    return jobs
+
+
+def _device_outputs(ctx, item: Item, w: torch.Tensor, output_format, calib, group_amax):
+    """Quantize one weight on its device; returns the format's output tensors (still on the device)."""
+    amax = group_amax[item.group].to(w.device) if item.group else compute_amax(w, item.weight, item.name)
     block_amax = None
     if item.weight.scale_search == "mse":
         from .numerics.mse import search_block_amax
 
         amax, block_amax = search_block_amax(w, item.weight, amax, tick=ctx.monitor.tick if ctx.monitor else None)
-    outs = output_format.produce(item, w, amax.to(ctx.device), block_amax, input_amax_for(item, calib, output_format))
+    return output_format.produce(item, w, amax, block_amax, input_amax_for(item, calib, output_format))
+
+
+def _quantize_item(ctx, item: Item, cpu_tensor: torch.Tensor, output_format, calib, group_amax):
+    """The outputs of one item on the host, in `outputs(item)` order (synchronous; used by verify)."""
+    if not item.quantized:
+        return [(item.name, cpu_tensor)]
+    outs = _device_outputs(ctx, item, cpu_tensor.to(ctx.device), output_format, calib, group_amax)
     return [(n, t.to("cpu")) for n, t in outs]
 
 

@@ -8,6 +8,11 @@ and checks the contract of `cli.main`:
   - stderr holds no Python traceback;
   - the output folder holds no index, no `model.safetensors`, and no `*.tmp` / `*.staged` leftovers
     (files the user had put there before stay byte-identical).
+"Says what to do" means an instruction ("pass ...", "calibrate ...", "remove ...") or the list of valid values; a
+diagnosis alone ("the file is corrupt") does not count. Cases whose message is clean but lacks a remedy are
+strict xfails raising `NoRemedy` (checked last, so they still enforce everything else).
+Setup steps (the sharded source, calibration files) call the same functions as `make-model` / `calibrate`
+in-process, to keep the file fast; every export under test runs the real CLI.
 docs/bad-inputs.md lists the cases with the message each one produces.
 """
 from __future__ import annotations
@@ -255,14 +260,12 @@ def test_duplicate_tensor_in_two_shards(sharded_copy, tmp_path):
     check(proc, out, names=(f"'{dup}'", first, second), remedy=("remove the duplicate",))
 
 
-@pytest.mark.parametrize("dtype", [torch.int8, torch.int32], ids=["int8", "int32"])
-def test_weight_dtype_format_cannot_take(tmp_path, dtype):
+def test_weight_dtype_format_cannot_take(tmp_path):
     src = copy_model(tmp_path)
-    rewrite_tensor(src, "model.safetensors", QWEIGHT, torch.ones(64, 96, dtype=dtype))
+    rewrite_tensor(src, "model.safetensors", QWEIGHT, torch.ones(64, 96, dtype=torch.int8))
     out = tmp_path / "out"
     proc = export(out, model=src)
-    st = {torch.int8: "I8", torch.int32: "I32"}[dtype]
-    check(proc, out, names=(f"'{QWEIGHT}'", f"dtype {st}"), remedy=("exclude it", "convert the source"))
+    check(proc, out, names=(f"'{QWEIGHT}'", "dtype I8"), remedy=("exclude it", "convert the source"))
 
 
 @no_remedy("\"tensor 'model.layers.0.mlp.down_proj.weight' has an odd input dim 95; NVFP4 packs two values per "
@@ -388,6 +391,8 @@ def test_full_disk(tmp_path):
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
                     reason="root ignores permissions; test_output_below_a_regular_file covers the case")
+@no_remedy("'output folder <tmp>/locked/out is not writable (no write permission on <tmp>/locked)' (observed as root "
+           "with capabilities dropped by setpriv)")
 def test_unwritable_output_folder(tmp_path):
     parent = tmp_path / "locked"
     parent.mkdir()
@@ -395,8 +400,8 @@ def test_unwritable_output_folder(tmp_path):
     parent.chmod(0o500)
     try:
         proc = export(out)
-        check(proc, out, names=(str(out), "not writable", str(parent)), remedy=("choose another --out",
-                                                                                "permission"))
+        check(proc, out, names=(str(out), "not writable", str(parent)),
+              remedy=("choose another --out", "chmod", "grant"))
     finally:
         parent.chmod(0o700)
 
