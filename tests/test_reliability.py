@@ -67,11 +67,35 @@ def tail(text: str, n: int = 3000) -> str:
     return text[-n:]
 
 
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    """`dist-export ARGV` in this process (no second torch import: the file must stay fast on 2 cores); returns
+    (exit code as `python -m dist_export` would exit, stdout, stderr)."""
+    import logging
+
+    from dist_export.cli import main
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    capsys.readouterr()
+    try:
+        rc = main([str(a) for a in argv])
+    finally:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        for h in handlers:
+            root.addHandler(h)
+        root.setLevel(level)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """An uninterrupted single-process export: the bytes every resumed run must reproduce."""
+    from dist_export.api import export
+
     out = str(tmp_path_factory.mktemp("reference") / "ws1")
-    run_cli(*export_args(out))
+    export(_src(), out, recipe=RECIPE, max_shard_size=SHARD)
     hashes = folder_hashes(out)
     assert INDEX in hashes and len([f for f in hashes if f.startswith("model-")]) >= 6, hashes
     return out, hashes
@@ -186,7 +210,7 @@ def test_raising_rank_one_clear_error(tmp_path):
 
 # --- 4. one export per folder --------------------------------------------------------------------------------
 
-def test_second_export_into_same_folder_refused(reference, tmp_path):
+def test_second_export_into_same_folder_refused(reference, tmp_path, capsys):
     ref_dir, ref = reference
     out = str(tmp_path / "out")
     lock = os.path.join(out, LOCK)
@@ -201,13 +225,12 @@ def test_second_export_into_same_folder_refused(reference, tmp_path):
             assert first.poll() is None, f"the first export ended early ({first.returncode})"
             assert time.monotonic() < deadline, "the first export never took the lock"
             time.sleep(0.1)
-        second, elapsed = timed(run_cli, *export_args(out, "--resume"), timeout=60, check=False)
-        print(f"second export refused after {elapsed:.1f} s")
-        assert second.returncode != 0
-        lines = error_lines(second.stderr)
-        assert len(lines) == 1 and "another export is writing into" in lines[0] and out in lines[0], second.stderr
+        (rc, _, err), elapsed = timed(cli, capsys, *export_args(out, "--resume"))
+        assert rc != 0
+        lines = error_lines(err)
+        assert len(lines) == 1 and "another export is writing into" in lines[0] and out in lines[0], err
         assert f"pid {first.pid}" in lines[0], lines[0]
-        assert elapsed < 30, f"refusal took {elapsed:.1f} s"
+        assert elapsed < 10, f"refusal took {elapsed:.1f} s"
         assert first.poll() is None, "the refused export disturbed the running one"
         assert_unpublished(out)
     finally:
@@ -215,13 +238,15 @@ def test_second_export_into_same_folder_refused(reference, tmp_path):
         first.wait(30)
         err1.close()
     # the killed holder's lock dies with it: a resume takes over and finishes
-    run_cli(*export_args(out, "--resume"), timeout=120)
+    rc, _, err = cli(capsys, *export_args(out, "--resume"))
+    assert rc == 0, tail(err)
     assert folder_hashes(out) == ref
+    print(f"second export refused after {elapsed:.1f} s")
 
 
 # --- 5. --resume with a manifest from other inputs -------------------------------------------------------------
 
-def test_resume_with_other_recipe_refused(reference, tmp_path):
+def test_resume_with_other_recipe_refused(reference, tmp_path, capsys):
     ref_dir, ref = reference
     out = str(tmp_path / "out")
     killed = run_cli(*export_args(out), env={"DIST_EXPORT_FAULT": "kill:0:20"}, timeout=120, check=False)
@@ -232,10 +257,10 @@ def test_resume_with_other_recipe_refused(reference, tmp_path):
     manifest = os.path.join(out, ".dist_export", "manifest.json")
     before = {p: hashlib.sha256(open(p, "rb").read()).hexdigest() for p in [*kept, manifest]}
 
-    other = run_cli(*export_args(out, "--resume", recipe="int8-w8a16"), timeout=120, check=False)
-    assert other.returncode != 0
-    lines = error_lines(other.stderr)
-    assert len(lines) == 1, other.stderr
+    rc, _, err = cli(capsys, *export_args(out, "--resume", recipe="int8-w8a16"))
+    assert rc != 0
+    lines = error_lines(err)
+    assert len(lines) == 1, err
     assert "made from other inputs" in lines[0], lines[0]
     differs = re.search(r"differs in: ([^)]*)\)", lines[0])
     assert differs and "recipe" in differs.group(1).split(", "), lines[0]
@@ -243,7 +268,8 @@ def test_resume_with_other_recipe_refused(reference, tmp_path):
     assert {p: hashlib.sha256(open(p, "rb").read()).hexdigest() for p in before} == before, \
         "the refused resume changed the unfinished export"
     # the refusal left the unfinished export intact: the right inputs still resume it
-    run_cli(*export_args(out, "--resume"), timeout=120)
+    rc, _, err = cli(capsys, *export_args(out, "--resume"))
+    assert rc == 0, tail(err)
     assert folder_hashes(out) == ref
 
 
@@ -260,8 +286,9 @@ def _shard2(out) -> str:
     return path
 
 
-def _verify(*args):
-    return run_cli("verify", *args, timeout=120, check=False)
+def _verify(capsys, *args) -> tuple[int, str]:
+    rc, out, err = cli(capsys, "verify", *args)
+    return rc, out + err
 
 
 def _defects(stdout: str) -> list[str]:
@@ -282,13 +309,13 @@ def test_verify_catches_flipped_byte(reference, tmp_path):
         b = f.read(1)
         f.seek(pos)
         f.write(bytes([b[0] ^ 0xFF]))
-    proc = _verify(out)
+    proc = run_cli("verify", out, timeout=120, check=False)  # the real command and its exit status
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert any(os.path.basename(path) in d for d in _defects(proc.stdout)), \
         f"flipped byte in {name} ({os.path.basename(path)}) not reported:\n{proc.stdout}"
 
 
-def test_verify_catches_removed_tensor(reference, tmp_path):
+def test_verify_catches_removed_tensor(reference, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
     out = _copy(reference, tmp_path)
@@ -297,9 +324,9 @@ def test_verify_catches_removed_tensor(reference, tmp_path):
     victim = sorted(tensors)[len(tensors) // 2]
     del tensors[victim]
     save_file(tensors, path, metadata={"format": "pt"})  # the index still lists the victim
-    proc = _verify(out, "--source", _src())
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert any(victim in d for d in _defects(proc.stdout)), f"{victim} not named:\n{proc.stdout}"
+    rc, text = _verify(capsys, out, "--source", _src())
+    assert rc == 1, text
+    assert any(victim in d for d in _defects(text)), f"{victim} not named:\n{text}"
 
 
 def _add_extra_tensor(out, consistent: bool) -> str:
@@ -333,26 +360,26 @@ def _add_extra_tensor(out, consistent: bool) -> str:
                                        "an extra tensor (in its shard and in the index) is reported only as "
                                        "'index total_size ... != sum of tensor bytes' and a sha256 mismatch of "
                                        "the shard; the tensor itself is never named")
-def test_verify_catches_extra_tensor(reference, tmp_path):
+def test_verify_catches_extra_tensor(reference, tmp_path, capsys):
     out = _copy(reference, tmp_path)
     extra = _add_extra_tensor(out, consistent=False)
-    proc = _verify(out, "--source", _src())
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert any(extra in d for d in _defects(proc.stdout)), f"{extra} not named:\n{proc.stdout}"
+    rc, text = _verify(capsys, out, "--source", _src())
+    assert rc == 1, text
+    assert any(extra in d for d in _defects(text)), f"{extra} not named:\n{text}"
 
 
-def test_verify_catches_consistently_forged_extra_tensor(reference, tmp_path):
+def test_verify_catches_consistently_forged_extra_tensor(reference, tmp_path, capsys):
     """Index total_size and the record's checksum forged to match: only the recompute against the source
     can tell, and it names the tensor."""
     out = _copy(reference, tmp_path)
     extra = _add_extra_tensor(out, consistent=True)
-    proc = _verify(out, "--source", _src())
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert any(extra in d for d in _defects(proc.stdout)), f"{extra} not named:\n{proc.stdout}"
+    rc, text = _verify(capsys, out, "--source", _src())
+    assert rc == 1, text
+    assert any(extra in d for d in _defects(text)), f"{extra} not named:\n{text}"
 
 
 def test_verify_json_report_ok(reference):
-    proc = _verify(reference[0], "--json", "-")
+    proc = run_cli("verify", reference[0], "--json", "-", timeout=120, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     start = proc.stdout.find("\n{")
     report = json.loads(proc.stdout if proc.stdout.startswith("{") else proc.stdout[start + 1:])
@@ -362,7 +389,7 @@ def test_verify_json_report_ok(reference):
 
 @pytest.mark.xfail(strict=True, reason="`verify --json -` prints the human report ('verify: OK: N tensors') "
                                        "before the JSON on stdout, so `... --json - | jq` cannot parse it")
-def test_verify_json_stdout_is_pure_json(reference):
-    proc = _verify(reference[0], "--json", "-")
-    assert proc.returncode == 0
-    assert json.loads(proc.stdout)["ok"] is True
+def test_verify_json_stdout_is_pure_json(reference, capsys):
+    rc, out, _ = cli(capsys, "verify", reference[0], "--json", "-")
+    assert rc == 0
+    assert json.loads(out)["ok"] is True
