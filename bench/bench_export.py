@@ -109,8 +109,9 @@ def main() -> int:
             out = os.path.join(args.workdir, f"out-{recipe}-{n}")
             shutil.rmtree(out, ignore_errors=True)
             summary = os.path.join(args.workdir, f"summary-{recipe}-{n}.json")
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-                   "-m", "dist_export", "export", "--model", src, "--recipe", recipe, "--format", args.format,
+            launcher = [sys.executable] if n == 1 else \
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"]
+            cmd = [*launcher, "-m", "dist_export", "export", "--model", src, "--recipe", recipe, "--format", args.format,
                    "--out", out, "--no-verify", "--max-shard-size", args.max_shard_size, "--summary-json", summary]
             if args.device:
                 cmd += ["--device", args.device]

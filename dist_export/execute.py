@@ -12,6 +12,7 @@ import os
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -144,6 +145,15 @@ def _run_pipeline(ctx, plan, source, output_format, out_dir, calib, group_amax, 
         put(read_q, _DONE)
 
     open_writer: dict = {}
+    finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"fsync-rank{ctx.rank}")
+    finishing: list = []
+
+    def _finish_shard(w, shard):
+        dest = staged_path(out_dir, plan, shard.filename)
+        sha = w.finish(rename_to=dest)
+        info = {"sha256": sha, "size": os.path.getsize(dest)}
+        manifest.record_shard(shard.filename, info)
+        result.shards[shard.filename] = {**info, "reused": False}
 
     def writer():
         while True:
@@ -168,13 +178,8 @@ def _run_pipeline(ctx, plan, source, output_format, out_dir, calib, group_amax, 
                 open_writer["w"] = ShardWriter(path, [(t.name, t.dtype, t.shape) for t in shard.tensors],
                                                {"format": "pt"})
             elif job[0] == "close":
-                shard = job[1]
-                w = open_writer.pop("w")
-                dest = staged_path(out_dir, plan, shard.filename)
-                sha = w.finish(rename_to=dest)
-                info = {"sha256": sha, "size": os.path.getsize(dest)}
-                manifest.record_shard(shard.filename, info)
-                result.shards[shard.filename] = {**info, "reused": False}
+                # fsync + rename on the finisher thread: the next shard's writes start at once
+                finishing.append(finisher.submit(_finish_shard, open_writer.pop("w"), job[1]))
 
     threads = [_Worker(f"reader-rank{ctx.rank}", reader), _Worker(f"writer-rank{ctx.rank}", writer)]
     for t in threads:
@@ -206,6 +211,8 @@ def _run_pipeline(ctx, plan, source, output_format, out_dir, calib, group_amax, 
         threads[1].join()
         if threads[1].error:
             raise threads[1].error
+        for f in finishing:
+            f.result()
     except BaseException:
         stop.set()
         for t in threads:
@@ -213,6 +220,8 @@ def _run_pipeline(ctx, plan, source, output_format, out_dir, calib, group_amax, 
         if "w" in open_writer:
             open_writer["w"].abort()
         raise
+    finally:
+        finisher.shutdown(wait=True)
 
 
 def _get(q, threads):

@@ -2,11 +2,15 @@
 
 A shard never sits whole in memory: each tensor is written as soon as it is produced. The file is created
 under a temporary name with mode 0644 and checksummed while written; `finish` fsyncs and renames it.
+
+The sha256 runs on a hasher thread alongside the file write of the same bytes (both release the GIL), so
+checksumming costs no extra time as long as hashing is faster than the disk.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -21,6 +25,7 @@ class ShardWriter:
         self._next = 0
         header, _ = encode_header(self.expected, metadata)
         self._sha = hashlib.sha256()
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")  # FIFO keeps byte order
         fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.fchmod(fd, 0o644)  # whatever the umask: loaders run as other users
         self._f = os.fdopen(fd, "wb", buffering=0)
@@ -28,10 +33,11 @@ class ShardWriter:
 
     def _write(self, data) -> None:
         view = memoryview(data).cast("B")
-        self._sha.update(view)
+        hashed = self._hasher.submit(self._sha.update, view)
         while len(view):
             n = self._f.write(view)
             view = view[n:]
+        hashed.result()  # the caller may reuse the buffer once we return
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append the next tensor; its name, dtype and shape must be the next ones the header declares."""
@@ -49,6 +55,7 @@ class ShardWriter:
         """fsync and rename; returns the sha256 of the file bytes."""
         if self._next != len(self.expected):
             raise RuntimeError(f"shard {self.final_path}: {len(self.expected) - self._next} tensors not written")
+        self._hasher.shutdown()
         os.fsync(self._f.fileno())
         self._f.close()
         os.replace(self.tmp_path, rename_to or self.final_path)
@@ -56,6 +63,7 @@ class ShardWriter:
 
     def abort(self) -> None:
         try:
+            self._hasher.shutdown(wait=False)
             self._f.close()
         finally:
             if os.path.exists(self.tmp_path):
