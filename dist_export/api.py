@@ -68,7 +68,23 @@ def export(model=None, out_dir: str = "out", recipe: str | Recipe = "fp8-block",
         from .memory_source import export_in_memory
 
         return export_in_memory(model, out_dir, recipe=recipe, format=format, calib=calib, overwrite=overwrite,
-                                device=device, max_shard_size=max_shard_size, ctx=ctx, verify=verify)
+                                device=device, max_shard_size=max_shard_size, ctx=ctx, verify=verify, fault=fault)
+
+    def open_source():
+        src_dir = resolve_model(model)
+        return src_dir, SourceCheckpoint(src_dir)
+
+    return run_export(open_source, None, out_dir, recipe, format, calib, overwrite, resume, device, max_shard_size,
+                      ctx, fault, hang_timeout, dead_timeout, verify)
+
+
+def run_export(source, side_dir, out_dir, recipe="fp8-block", format="vllm-fq", calib=None, overwrite=False,
+               resume=False, device=None, max_shard_size="1GB", ctx=None, fault=None, hang_timeout=45.0,
+               dead_timeout=20.0, verify=True) -> dict:
+    """Run the stages for `source`: a callable returning (side-file folder, source), or an object with
+    `.tensors`, `.read(meta)` and `.load_config()` whose side files (generation config, tokenizer) are in
+    `side_dir`."""
+    model = source if callable(source) else (lambda: (side_dir, source))
     own_ctx = ctx is None
     ctx = ctx or init_distributed(device)
     if fault is None:
@@ -93,16 +109,15 @@ def _export(ctx, model, out_dir, recipe, format, calib_path, overwrite, resume, 
     t0 = time.monotonic()
     # 1. Validate inputs and plan, on every rank, before any write.
     def plan_step():
-        src_dir = resolve_model(model)
+        src_dir, source = model()
         rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
         fmt = get_output_format(format)
         check_output_dir(out_dir, overwrite, resume)
-        source = SourceCheckpoint(src_dir)
         plan = build_plan(source.tensors, rec, fmt, ctx.world_size, parse_size(max_shard_size))
         required = required_input_quantizers(plan)
         if required and calib_path is None:
             raise ValueError(f"recipe {rec.name!r} has static activation quantizers: calibrate first with "
-                             f"`dist-export calibrate --model {model or DEFAULT_MODEL} --recipe {rec.name} "
+                             f"`dist-export calibrate --model <model> --recipe {rec.name} "
                              f"--out calib.safetensors`, then pass --calib calib.safetensors")
         calib = load_calibration(calib_path, rec, model_signature(source.tensors), required) if calib_path else {}
         local.update(src_dir=src_dir, rec=rec, fmt=fmt, source=source, plan=plan, calib=calib)
@@ -143,9 +158,11 @@ def _export(ctx, model, out_dir, recipe, format, calib_path, overwrite, resume, 
         results = ctx.step("export", execute_rank, ctx, plan, source, fmt, out_dir, calib, group_amax, manifest,
                            fault)
         # 4. Rank 0 checks and publishes; the index comes last.
-        record = {"dist_export": __version__, "source": os.path.abspath(src_dir), "recipe": rec.to_dict(),
-                  "format": fmt.name, "calibration": {k: float(v) for k, v in sorted(calib.items())},
-                  "fingerprint": manifest.fingerprint,
+        # The record lets `verify --source` recompute everything; it names no path, so the same inputs give
+        # the same bytes wherever (and from whatever source object) they come.
+        record = {"dist_export": __version__, "recipe": rec.to_dict(), "format": fmt.name,
+                  "calibration": {k: float(v) for k, v in sorted(calib.items())},
+                  "source_signature": model_signature(source.tensors),
                   "shards": {f: {"sha256": i["sha256"], "size": i["size"]} for r in results for f, i in r.shards.items()}}
         ctx.step("commit", lambda: commit_export(plan, out_dir, src_dir, source.load_config(), rec, fmt, calib,
                                                 record, staged_path) if ctx.is_rank0 else None)

@@ -16,6 +16,7 @@ import torch
 
 from .calib import input_quantizer_name, model_signature, save_calibration
 from .io.reader import SourceCheckpoint
+from .keymap import checkpoint_keys, expert_slots
 from .plan import classify_tensors
 
 log = logging.getLogger(__name__)
@@ -53,12 +54,12 @@ class _AmaxRecorder:
         self.amax[name] = torch.maximum(self.amax[name], a) if name in self.amax else a
 
 
-def _hook_linears(model, targets: set[str], rec: _AmaxRecorder) -> list:
+def _hook_linears(model, targets: dict[str, str], rec: _AmaxRecorder) -> list:
     handles = []
     for name, module in model.named_modules():
         if name in targets and isinstance(module, torch.nn.Linear):
             handles.append(module.register_forward_pre_hook(
-                lambda m, args, _n=name: rec.observe(input_quantizer_name(_n), args[0])))
+                lambda m, args, _q=targets[name]: rec.observe(_q, args[0])))
     return handles
 
 
@@ -77,10 +78,10 @@ def _hook_fused_experts(model, expert_modules: dict[str, dict[int, dict[str, str
                 if not rows.any():
                     continue
                 x = hidden[rows]
-                for proj in ("gate_proj", "up_proj", "w1", "w3"):
-                    if proj in names:
-                        rec.observe(names[proj], x)
-                down = names.get("down_proj") or names.get("w2")
+                for role in ("gate", "up"):
+                    if role in names:
+                        rec.observe(names[role], x)
+                down = names.get("down")
                 if down:
                     gate, up = torch.nn.functional.linear(x, mod.gate_up_proj[e]).chunk(2, dim=-1)
                     rec.observe(down, mod.act_fn(gate) * up)
@@ -102,15 +103,7 @@ def calibrate(model_dir: str, recipe, out: str, data: str | None = None, num_sam
                                                  trust_remote_code=trust_remote_code)
     model.eval()
     rec = _AmaxRecorder()
-    expert_modules: dict[str, dict[int, dict[str, str]]] = {}
-    plain = set()
-    for m in targets:
-        hit = _EXPERT.match(m)
-        if hit and not isinstance(_try_submodule(model, m), torch.nn.Linear):
-            expert_modules.setdefault(hit.group(1), {}).setdefault(int(hit.group(2)), {})[hit.group(3)] = \
-                input_quantizer_name(m)
-        else:
-            plain.add(m)
+    plain, expert_modules = _memory_targets(model, set(targets))
     handles = _hook_linears(model, plain, rec) + _hook_fused_experts(model, expert_modules, rec)
     device = next(model.parameters()).device
     try:
@@ -130,11 +123,26 @@ def calibrate(model_dir: str, recipe, out: str, data: str | None = None, num_sam
     return rec.amax
 
 
-def _try_submodule(model, name):
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
+def _memory_targets(model, targets: set[str]):
+    """Checkpoint-space target modules -> ({memory Linear path: quantizer name},
+    {memory fused-experts path: {expert: {role: quantizer name}}})."""
+    meta_state = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in model.state_dict().items()}
+    plain: dict[str, str] = {}
+    experts: dict[str, dict[int, dict[str, str]]] = {}
+    for key, names in checkpoint_keys(model, meta_state).items():
+        modules = [n[: -len(".weight")] for n in names if n.endswith(".weight")]
+        hit = [m for m in modules if m in targets]
+        if not hit:
+            continue
+        if len(names) == 1 and key.endswith(".weight"):
+            plain[key[: -len(".weight")]] = input_quantizer_name(hit[0])
+            continue
+        prefix = key.rsplit(".", 1)[0]
+        for (e, role), name in expert_slots(names).items():
+            module = name[: -len(".weight")]
+            if module in targets:
+                experts.setdefault(prefix, {}).setdefault(e, {})[role] = input_quantizer_name(module)
+    return plain, experts
 
 
 def _fill_unrouted_experts(targets: list[str], rec: _AmaxRecorder) -> None:

@@ -126,12 +126,13 @@ def cmd_verify(args) -> int:
 
     source = resolve_model(args.source) if args.source else None
     report = verify_export(args.dir, source_dir=source)
-    print(format_report(report))
-    if args.json:
-        text = json.dumps(report, indent=1)
-        if args.json == "-":
-            print(text)
-        else:
+    text = json.dumps(report, indent=1)
+    if args.json == "-":
+        print(text)  # stdout holds the JSON alone; the readable report goes to stderr
+        print(format_report(report), file=sys.stderr)
+    else:
+        print(format_report(report))
+        if args.json:
             with open(args.json, "w") as f:
                 f.write(text)
     return 0 if report["ok"] else 1
@@ -157,6 +158,23 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def _one_line(e: BaseException, args) -> str:
+    """One line for the user; disk errors get the remedy that fits them."""
+    import errno
+
+    root = e
+    while root.__cause__ is not None and not isinstance(root, OSError):
+        root = root.__cause__
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if isinstance(root, OSError) and root.errno in (errno.ENOSPC, errno.EDQUOT):
+        out = getattr(args, "out", "the output folder")
+        return (f"{msg}: the disk holding {out} is full; free space (finished shards are kept) and rerun with "
+                f"--resume, or choose another --out")
+    if isinstance(root, OSError) and not isinstance(e, (ValueError, RuntimeError)) and root.errno is not None:
+        return f"{msg}: check the path and its permissions"
+    return msg
+
+
 COMMANDS = {"export": cmd_export, "calibrate": cmd_calibrate, "make-model": cmd_make_model, "verify": cmd_verify,
             "plan": cmd_plan}
 
@@ -170,7 +188,7 @@ def main(argv=None) -> int:
     try:
         return COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = _one_line(e, args)
         print(f"[rank {rank}] error: {msg}", file=sys.stderr, flush=True)
         if os.environ.get("DIST_EXPORT_DEBUG"):
             raise

@@ -47,7 +47,12 @@ class DistContext:
             return [obj]
         out = [None] * self.world_size
         with self._waiting():
-            dist.all_gather_object(out, obj)
+            try:
+                dist.all_gather_object(out, obj)
+            except Exception as e:  # noqa: BLE001 - a peer vanished mid-collective: say which one
+                dead = self.monitor.dead_peers() if self.monitor is not None else []
+                cause = "; ".join(dead) if dead else f"a peer left the job ({str(e).splitlines()[0][:160]})"
+                raise ExportError(f"export aborted: {cause}; no index was written, rerun with --resume") from e
         return out
 
     def _waiting(self):

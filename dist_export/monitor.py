@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -77,7 +78,8 @@ class Monitor:
         self._beat += 1
         if self.store is None:
             return
-        record = f"{self._beat} {self.progress} {int(self._waiting > 0)} {self.items} {self.bytes}"
+        record = (f"{self._beat} {self.progress} {int(self._waiting > 0)} {self.items} {self.bytes} "
+                  f"{socket.gethostname()} {os.getpid()}")
         self.store.set(f"hb/{self.ctx.rank}", record)
 
     def _run(self) -> None:
@@ -105,8 +107,24 @@ class Monitor:
         out = {}
         for r in range(self.ctx.world_size):
             key = f"hb/{r}"
-            out[r] = [int(x) for x in self.store.get(key).decode().split()] if self.store.check([key]) else None
+            out[r] = _parse(self.store.get(key).decode()) if self.store.check([key]) else None
         return out
+
+    def dead_peers(self) -> list[str]:
+        """Peers on this host whose process is gone (or a zombie): named right after a collective breaks,
+        before any heartbeat has had time to go stale."""
+        if self.store is None:
+            return []
+        dead = []
+        try:
+            records = {r: self.store.get(f"hb/{r}").decode().split() for r in range(self.ctx.world_size)
+                       if r != self.ctx.rank and self.store.check([f"hb/{r}"])}
+        except Exception:  # noqa: BLE001 - the store itself may have died with rank 0
+            return []
+        for r, rec in sorted(records.items()):
+            if len(rec) >= 7 and rec[5] == socket.gethostname() and not _alive(int(rec[6])):
+                dead.append(f"rank {r} died (process {rec[6]} on {rec[5]} is gone)")
+        return dead
 
     def _check_peer(self, peer: int, rec, now: float, start: float) -> None:
         if rec is None:
@@ -151,6 +169,25 @@ class Monitor:
         self._bar.n = done_bytes if not final else max(done_bytes, self._bar.n)
         self._bar.set_postfix_str(f"items {done_items}/{self.total_items}", refresh=False)
         self._bar.refresh()
+
+
+def _parse(record: str) -> list:
+    parts = record.split()
+    return [int(x) for x in parts[:5]] + parts[5:]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
+    except OSError:
+        return False
 
 
 def start_monitor(ctx, **kwargs) -> Monitor:

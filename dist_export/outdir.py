@@ -59,9 +59,12 @@ def check_output_dir(out_dir: str, overwrite: bool, resume: bool) -> None:
                              f"or --resume to finish an interrupted one")
     parent = out_dir if os.path.isdir(out_dir) else os.path.dirname(os.path.abspath(out_dir))
     while not os.path.isdir(parent):
+        if os.path.exists(parent):
+            raise ValueError(f"--out {out_dir} lies under {parent}, which is a file, not a folder; choose another --out")
         parent = os.path.dirname(parent)
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"output folder {out_dir} is not writable (no write permission on {parent})")
+        raise ValueError(f"output folder {out_dir} is not writable (no write permission on {parent}); choose "
+                         f"another --out or grant write permission (chmod)")
 
 
 def prepare_output_dir(out_dir: str, overwrite: bool, resume: bool) -> OutputLock:

@@ -103,6 +103,10 @@ class ExportPlan:
 # ----------------------------------------------------------------------------------------------- items
 
 
+def natural_key(name: str) -> tuple:
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name))
+
+
 def classify_tensors(tensors: dict[str, TensorMeta], recipe: Recipe) -> tuple[list[Item], list[tuple[str, str]]]:
     """Decide for every source tensor: quantize (with which specs), or copy.
 
@@ -110,7 +114,9 @@ def classify_tensors(tensors: dict[str, TensorMeta], recipe: Recipe) -> tuple[li
     through that the user may have meant to quantize. Tensors of other ranks (1-D norms, biases) are copied.
     """
     items, excluded = [], []
-    for name in sorted(tensors, key=lambda n: (tensors[n].file, tensors[n].start)):
+    # Natural name order (layer 2 before layer 10): the output layout depends on the names alone, not on how
+    # the source happens to be laid out, so a folder, its re-save and the in-memory model give the same bytes.
+    for name in sorted(tensors, key=natural_key):
         meta = tensors[name]
         if len(meta.shape) < 2:
             items.append(Item(name, meta))
@@ -144,7 +150,8 @@ def classify_tensors(tensors: dict[str, TensorMeta], recipe: Recipe) -> tuple[li
 
 def _check_shape_fits(name: str, shape: tuple[int, ...], spec: QuantSpec) -> None:
     if spec.fmt == "nvfp4" and shape[-1] % 2:
-        raise ValueError(f"tensor {name!r} has an odd input dim {shape[-1]}; NVFP4 packs two values per byte")
+        raise ValueError(f"tensor {name!r} has an odd input dim {shape[-1]}; NVFP4 packs two values per byte: "
+                         f"exclude this module in the recipe or use another recipe for it")
     if 0 in shape:
         raise ValueError(f"tensor {name!r} is empty (shape {list(shape)}); refusing to quantize an empty weight")
 

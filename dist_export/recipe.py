@@ -218,5 +218,8 @@ def load_recipe(name_or_path: str) -> Recipe:
         with open(path) as f:
             data = yaml.safe_load(f)
     except yaml.YAMLError as e:
-        raise ValueError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ValueError(f"recipe {path} is not valid YAML{where} ({getattr(e, 'problem', None) or e}): fix the "
+                         f"YAML syntax there") from None
     return recipe_from_dict(data or {}, source=path)

@@ -53,6 +53,14 @@ ARCHS = {
                               num_key_value_heads=4, head_dim=128, vocab_size=151936, rope_theta=1000000.0,
                               max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=False),
     }),
+    "deepseek-v3": ("DeepseekV3Config", {
+        # MLA attention (low-rank q and kv projections), one dense first layer, shared + routed experts
+        "tiny": dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
+                     n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=4, q_lora_rank=48, kv_lora_rank=32,
+                     qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16, n_group=1, topk_group=1,
+                     vocab_size=256, max_position_embeddings=256, tie_word_embeddings=False),
+    }),
     "mixtral": ("MixtralConfig", {
         "tiny": {**{k: v for k, v in _TINY.items() if k != "head_dim"}, "num_local_experts": 4,
                  "num_experts_per_tok": 2, "tie_word_embeddings": False},
@@ -89,6 +97,7 @@ def checkpoint_tensor_shapes(config) -> list[tuple[str, tuple[int, ...]]]:
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
+    config.architectures = [type(model).__name__]  # as a real checkpoint's config.json names it
     state = model.state_dict()
     tied = getattr(config, "tie_word_embeddings", False)
     if tied:
@@ -168,10 +177,10 @@ def make_model(arch: str, preset: str, out: str, seed: int = 0, dtype: str = "bf
         with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
             json.dump(index, f, indent=2, sort_keys=True)
     config.save_pretrained(out)
-    gen = {"bos_token_id": getattr(config, "bos_token_id", None), "eos_token_id": getattr(config, "eos_token_id", None),
-           "do_sample": False}
-    with open(os.path.join(out, "generation_config.json"), "w") as f:
-        json.dump({k: v for k, v in gen.items() if v is not None}, f, indent=2)
+    from transformers import GenerationConfig
+
+    # written by transformers itself, as save_pretrained of a real model would
+    GenerationConfig.from_model_config(config).save_pretrained(out)
     log.info("wrote synthetic %s-%s (%d tensors, %.1f MB) to %s", arch, preset, len(tensors), total / 1e6, out)
     return out
 

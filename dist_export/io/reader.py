@@ -19,10 +19,12 @@ SINGLE_NAME = "model.safetensors"
 def safe_join(folder: str, name: str, what: str = "file") -> str:
     """Join and refuse names that escape `folder` (absolute paths, `..`)."""
     if os.path.isabs(name) or name != os.path.normpath(name) or name.startswith(".."):
-        raise ValueError(f"{what} name {name!r} escapes the folder {folder}; refusing to read it")
+        raise ValueError(f"{what} name {name!r} escapes the folder {folder}; refusing to read it: fix the "
+                         f"index so every file lies inside the folder")
     path = os.path.join(folder, name)
     if os.path.commonpath([os.path.realpath(folder), os.path.realpath(path)]) != os.path.realpath(folder):
-        raise ValueError(f"{what} name {name!r} escapes the folder {folder}; refusing to read it")
+        raise ValueError(f"{what} name {name!r} escapes the folder {folder}; refusing to read it: fix the "
+                         f"index so every file lies inside the folder")
     return path
 
 
@@ -38,7 +40,8 @@ class SourceCheckpoint:
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"model folder {folder} does not exist; pass a Hugging Face checkpoint folder")
         if not os.path.isfile(os.path.join(folder, "config.json")):
-            raise FileNotFoundError(f"{folder} has no config.json; it is not a Hugging Face checkpoint folder")
+            raise FileNotFoundError(f"{folder} has no config.json; it is not a Hugging Face checkpoint folder: pass a "
+                                    f"folder that holds config.json and the safetensors files")
         self.files = self._list_files()
         self.tensors: dict[str, TensorMeta] = {}
         for file in self.files:
@@ -62,9 +65,10 @@ class SourceCheckpoint:
                     raise CorruptFileError(f"{INDEX_NAME} in {self.folder} is not a valid index") from None
             files = sorted(set(weight_map.values()))
             for file in files:
-                path = safe_join(self.folder, file, "shard file")
+                path = safe_join(self.folder, file, f"shard file in {INDEX_NAME}")
                 if not os.path.isfile(path):
-                    raise FileNotFoundError(f"{INDEX_NAME} names {file}, which is missing from {self.folder}")
+                    raise FileNotFoundError(f"{INDEX_NAME} names {file}, which is missing from {self.folder}: restore "
+                                        f"or re-download that file")
             return files
         self.index = None
         if os.path.isfile(os.path.join(self.folder, SINGLE_NAME)):
@@ -78,10 +82,12 @@ class SourceCheckpoint:
         for name, file in weight_map.items():
             meta = self.tensors.get(name)
             if meta is None or meta.file != file:
-                raise CorruptFileError(f"{INDEX_NAME} says {name!r} is in {file}, but that file's header has no such tensor")
+                raise CorruptFileError(f"{INDEX_NAME} says {name!r} is in {file}, but that file's header has no "
+                                       f"such tensor: fix the index or re-download the checkpoint")
         extra = sorted(set(self.tensors) - set(weight_map))
         if extra:
-            raise CorruptFileError(f"{len(extra)} tensors are in shard files but not in {INDEX_NAME}, e.g. {extra[0]!r}")
+            raise CorruptFileError(f"{len(extra)} tensors are in shard files but not in {INDEX_NAME}, e.g. "
+                                   f"{extra[0]!r}: fix the index or re-download the checkpoint")
 
     @property
     def config_path(self) -> str:

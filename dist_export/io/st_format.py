@@ -70,14 +70,16 @@ def read_header(path: str) -> tuple[dict, dict[str, dict]]:
     with open(path, "rb") as f:
         raw_len = f.read(8)
         if len(raw_len) < 8:
-            raise CorruptFileError(f"{name}: file too short to be safetensors ({size} bytes); re-download it")
+            raise CorruptFileError(f"{name}: file too short to be safetensors ({size} bytes); re-download or restore it")
         (n,) = struct.unpack("<Q", raw_len)
         if n > MAX_HEADER_BYTES or 8 + n > size:
-            raise CorruptFileError(f"{name}: header length {n} exceeds the file size {size}; file is truncated or corrupt")
+            raise CorruptFileError(f"{name}: header length {n} exceeds the file size {size}; the file is truncated or "
+                                  f"corrupt: re-download or restore it")
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CorruptFileError(f"{name}: header is not valid JSON ({e}); file is corrupt") from None
+            raise CorruptFileError(f"{name}: header is not valid JSON ({e}); the file is corrupt: re-download or "
+                                  f"restore it") from None
     if not isinstance(header, dict):
         raise CorruptFileError(f"{name}: header is not a JSON object; file is corrupt")
     metadata = header.pop("__metadata__", None) or {}
@@ -101,17 +103,19 @@ def _check_layout(name: str, header: dict, data_size: int) -> None:
         if end - begin != numel * ST_ITEMSIZE[dtype] or begin < 0:
             raise CorruptFileError(
                 f"{name}: tensor {key!r} declares {end - begin} bytes but {dtype}{list(shape)} needs "
-                f"{numel * ST_ITEMSIZE[dtype]}; the header lies about sizes"
+                f"{numel * ST_ITEMSIZE[dtype]}; the header lies about sizes: re-download or restore the file"
             )
         spans.append((begin, end, key))
     pos = 0
     for begin, end, key in sorted(spans):
         if begin != pos:
-            raise CorruptFileError(f"{name}: tensor {key!r} starts at {begin}, expected {pos}; the header is corrupt")
+            raise CorruptFileError(f"{name}: tensor {key!r} starts at {begin}, expected {pos}; the header is corrupt: "
+                                  f"re-download or restore the file")
         pos = end
     if pos != data_size:
         raise CorruptFileError(
-            f"{name}: header covers {pos} data bytes but the file holds {data_size}; the file is truncated or corrupt"
+            f"{name}: header covers {pos} data bytes but the file holds {data_size}; the file is truncated or "
+            f"corrupt: re-download or restore it"
         )
 
 

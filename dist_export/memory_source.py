@@ -1,0 +1,139 @@
+"""Export a transformers model object that is already in memory: on CPU, on GPUs, or dispatched by accelerate
+with CPU/disk offload (parameters on the meta device, real values in the hooks' `weights_map`).
+
+`MemorySource` presents the model like a checkpoint folder: every tensor in checkpoint key space (fused 3-D
+experts split into per-expert names, with the names transformers itself would save), read one at a time. The
+caller's model is never changed: every read returns a fresh host copy, nothing is written back, no hook is
+touched, and the export runs under `torch.no_grad()`.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import tempfile
+
+import torch
+
+from .io.st_format import DTYPE_TO_ST, TensorMeta
+from .keymap import checkpoint_keys, expert_slots
+
+log = logging.getLogger(__name__)
+_FUSED = re.compile(r"^(.*\.experts)\.(gate_up_proj|down_proj)$")
+MEMORY_FILE = "<memory>"
+
+
+class MemorySource:
+    def __init__(self, model):
+        self.model = model
+        self.folder = None
+        self.files: list[str] = []
+        self._readers: dict[str, tuple] = {}
+        self.tensors: dict[str, TensorMeta] = {}
+        meta_state = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in model.state_dict().items()}
+        tied = _tied_output_key(model)
+        if tied:
+            meta_state.pop(tied, None)
+        names = checkpoint_keys(model, meta_state)
+        offset = 0
+        for key, t in meta_state.items():
+            if t.dtype not in DTYPE_TO_ST:
+                raise ValueError(f"{key}: dtype {t.dtype} cannot be written to safetensors")
+            for ck_name, shape, reader in _expand(key, t, names[key]):
+                nbytes = t.element_size() * _numel(shape)
+                self.tensors[ck_name] = TensorMeta(ck_name, MEMORY_FILE, DTYPE_TO_ST[t.dtype], tuple(shape), offset,
+                                                   offset + nbytes)
+                self._readers[ck_name] = reader
+                offset += nbytes
+
+    def read(self, meta: TensorMeta, out=None) -> torch.Tensor:
+        key, part = self._readers[meta.name]
+        t = _resolve(self.model, key)
+        if part is not None:
+            e, lo, hi = part
+            t = t[e] if lo is None else t[e, lo:hi]
+        host = torch.empty(meta.shape, dtype=t.dtype)
+        host.copy_(t.detach())  # a fresh host copy: the caller's tensors are never handed out
+        return host
+
+    def load_config(self) -> dict:
+        config = self.model.config.to_diff_dict()
+        config.setdefault("architectures", [type(self.model).__name__])  # as save_pretrained records it
+        return config
+
+
+def _expand(key: str, t: torch.Tensor, names: list[str]):
+    """(checkpoint name, shape, (memory key, slice)) for one in-memory tensor."""
+    m = _FUSED.match(key)
+    if m is None or t.dim() != 3:
+        if len(names) != 1:
+            raise ValueError(f"{key}: in-memory tensor maps to {len(names)} checkpoint tensors; save the model with "
+                             f"save_pretrained and export the folder instead")
+        return [(names[0], tuple(t.shape), (key, None))]
+    slots = expert_slots(names)
+    out = []
+    for e in range(t.shape[0]):
+        if m.group(2) == "gate_up_proj":  # gate = rows [:I], up = rows [I:]
+            half = t.shape[1] // 2
+            out.append((slots[(e, "gate")], (half, t.shape[2]), (key, (e, 0, half))))
+            out.append((slots[(e, "up")], (half, t.shape[2]), (key, (e, half, 2 * half))))
+        else:
+            out.append((slots[(e, "down")], (t.shape[1], t.shape[2]), (key, (e, None, None))))
+    return out
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _tied_output_key(model) -> str | None:
+    try:
+        out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if out is not None and inp is not None and getattr(model.config, "tie_word_embeddings", False):
+        for name, module in model.named_modules():
+            if module is out:
+                return f"{name}.weight"
+    return None
+
+
+def _resolve(model, key: str) -> torch.Tensor:
+    """The value of parameter/buffer `key`, from the module or, if offloaded, from accelerate's weights_map."""
+    module_name, _, attr = key.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    t = getattr(module, attr, None)
+    if t is not None and t.device.type != "meta":
+        return t
+    hook = getattr(module, "_hf_hook", None)
+    hooks = getattr(hook, "hooks", [hook]) if hook is not None else []
+    for h in hooks:
+        weights_map = getattr(h, "weights_map", None)
+        if weights_map is not None:
+            try:
+                return weights_map[attr]
+            except KeyError:
+                continue
+    raise ValueError(f"{key}: the parameter is on the meta device and no accelerate hook holds its value "
+                     f"(offloaded weights must come with their weights_map); cannot export it")
+
+
+def export_in_memory(model, out_dir: str, recipe="fp8-block", format="vllm-fq", calib=None, overwrite=False,
+                     device=None, max_shard_size="1GB", ctx=None, verify=True, fault=None) -> dict:
+    """Export an in-memory transformers model (see module docstring); returns the run summary."""
+    from .api import run_export
+
+    with torch.no_grad():
+        source = MemorySource(model)
+        side = tempfile.mkdtemp(prefix="dist_export_side_")
+        try:
+            gen = getattr(model, "generation_config", None)
+            if gen is not None:
+                gen.save_pretrained(side)
+            return run_export(source, side, out_dir, recipe=recipe, format=format, calib=calib, overwrite=overwrite,
+                              device=device, max_shard_size=max_shard_size, ctx=ctx, verify=verify, fault=fault)
+        finally:
+            shutil.rmtree(side, ignore_errors=True)

@@ -1,0 +1,150 @@
+"""Every model layout: more architectures, in-memory models (fused experts, accelerate CPU/disk offload),
+the caller's model left untouched (also when the export fails), and tied weights written once."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from conftest import folder_hashes, model_dir
+from expected import expected_folds, read_all
+
+ARCHS = ["synthetic:qwen3-tiny", "synthetic:mixtral-tiny", "synthetic:deepseek-v3-tiny", "synthetic:llama-small"]
+RECIPES = ["int4-w4a16", "fp8-block", "nvfp4"]
+
+
+@pytest.mark.parametrize("model", ARCHS)
+def test_architecture_exports_every_recipe(model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from dist_export.api import export
+    from dist_export.calibrate import calibrate
+    from dist_export.recipe import load_recipe
+    from dist_export.verify import verify_export
+
+    src = model_dir(model)
+    source = read_all(src)
+    for recipe in RECIPES:
+        calib = None
+        if recipe == "nvfp4":
+            calib = str(tmp_path / "calib.safetensors")
+            calibrate(src, load_recipe(recipe), calib, num_samples=2, seq_len=16)
+        out = str(tmp_path / recipe)
+        export(src, out, recipe=recipe, calib=calib)
+        got = read_all(out)
+        want, quantized = expected_folds(source, recipe)
+        changed = {n for n in source if not torch.equal(got[n], source[n])}
+        assert changed <= set(quantized) and len(changed) >= 0.9 * len(quantized), (recipe, sorted(changed)[:5])
+        assert not any(k in n for n in quantized for k in ("embed", "lm_head", "norm", "mlp.gate.", "block_sparse_moe.gate"))
+        for n in source:
+            assert torch.equal(got[n], want[n]), (recipe, n)
+        _, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+        report = verify_export(out, source_dir=src)
+        assert report["ok"], report["defects"]
+
+
+def _export_memory(model, out, **kw):
+    import dist_export
+
+    return dist_export.export(model, out, **kw)
+
+
+def _snapshot(model) -> dict:
+    """Every parameter and buffer value (offloaded ones through accelerate's weights_map) and quantizer-free
+    flags, to prove the export leaves the model exactly as it was."""
+    from dist_export.memory_source import _resolve
+
+    state = {k: _resolve(model, k).detach().clone() for k in model.state_dict()}
+    flags = {n: (m.training, type(m).__name__) for n, m in model.named_modules()}
+    devices = {n: p.device.type for n, p in model.named_parameters()}
+    return {"state": state, "flags": flags, "devices": devices}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return (a["flags"] == b["flags"] and a["devices"] == b["devices"]
+            and all(torch.equal(a["state"][k].view(torch.uint8), b["state"][k].view(torch.uint8)) for k in a["state"]))
+
+
+def test_in_memory_fused_experts_equal_saved_checkpoint(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from dist_export.api import export
+
+    src = model_dir("synthetic:qwen3-moe-tiny")
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    assert model.model.layers[0].mlp.experts.gate_up_proj.dim() == 3  # fused in memory
+    before = _snapshot(model)
+    _export_memory(model, str(tmp_path / "mem"), recipe="nvfp4-w4a16")
+    model.save_pretrained(str(tmp_path / "saved"))
+    export(str(tmp_path / "saved"), str(tmp_path / "disk"), recipe="nvfp4-w4a16")
+    assert folder_hashes(str(tmp_path / "mem")) == folder_hashes(str(tmp_path / "disk"))
+    assert _same(before, _snapshot(model))
+
+
+def test_offloaded_model_exports_like_its_checkpoint_and_stays_untouched(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from dist_export.api import export
+    from dist_export.faults import Fault
+
+    src = model_dir("synthetic:qwen3-moe-small")
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16, device_map="auto",
+                                                 max_memory={"cpu": "20MB"}, offload_folder=str(tmp_path / "off"))
+    placed = set(model.hf_device_map.values())
+    assert {"cpu", "disk"} <= placed, placed
+    assert any(p.device.type == "meta" for p in model.parameters())
+    before = _snapshot(model)
+    # an injected failure halfway leaves the model as it was, and no index
+    with pytest.raises(RuntimeError, match="injected fault"):
+        _export_memory(model, str(tmp_path / "failed"), recipe="int4-w4a16", max_shard_size="4MB",
+                       fault=Fault("raise", 0, 20))
+    assert not os.path.exists(tmp_path / "failed" / "model.safetensors.index.json")
+    assert _same(before, _snapshot(model))
+    _export_memory(model, str(tmp_path / "mem"), recipe="int4-w4a16", max_shard_size="4MB")
+    export(src, str(tmp_path / "disk"), recipe="int4-w4a16", max_shard_size="4MB")
+    assert folder_hashes(str(tmp_path / "mem")) == folder_hashes(str(tmp_path / "disk"))
+    assert _same(before, _snapshot(model))
+
+
+def test_unresolvable_meta_weight_is_an_error_naming_it(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir("synthetic:llama-tiny"))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ValueError, match=r"model\.embed_tokens\.weight: the parameter is on the meta device"):
+        _export_memory(model, str(tmp_path / "o"), recipe="int4-w4a16")
+    assert not os.path.exists(tmp_path / "o" / "model.safetensors")
+
+
+def test_tied_weights_written_once_and_side_files_copied(tmp_path):
+    import json
+    import shutil
+
+    from dist_export.api import export
+
+    src = str(tmp_path / "src")
+    shutil.copytree(model_dir("synthetic:llama-tiny"), src)  # tie_word_embeddings=True: no lm_head tensor
+    with open(os.path.join(src, "config.json")) as f:
+        config = json.load(f)
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
+    with open(os.path.join(src, "config.json"), "w") as f:
+        json.dump(config, f)
+    with open(os.path.join(src, "modeling_custom.py"), "w") as f:
+        f.write("# remote code\n")
+    with open(os.path.join(src, "tokenizer_config.json"), "w") as f:
+        f.write("{}\n")
+    export(src, str(tmp_path / "out"), recipe="int4-w4a16")
+    got = read_all(str(tmp_path / "out"))
+    assert "lm_head.weight" not in got and "model.embed_tokens.weight" in got
+    with open(tmp_path / "out" / "config.json") as f:
+        assert json.load(f)["auto_map"] == config["auto_map"]
+    assert (tmp_path / "out" / "modeling_custom.py").read_text() == "# remote code\n"
+    assert (tmp_path / "out" / "tokenizer_config.json").exists()
+    # a dangling auto_map (its .py missing) is removed rather than left for vLLM to trip on
+    os.unlink(os.path.join(src, "modeling_custom.py"))
+    export(src, str(tmp_path / "out2"), recipe="int4-w4a16")
+    with open(tmp_path / "out2" / "config.json") as f:
+        assert "auto_map" not in json.load(f)
