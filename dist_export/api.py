@@ -74,6 +74,7 @@ def export(model=None, out_dir: str = "out", recipe: str | Recipe = "fp8-block",
         src_dir = resolve_model(model)
         return src_dir, SourceCheckpoint(src_dir)
 
+    open_source.display_name = model or DEFAULT_MODEL
     return run_export(open_source, None, out_dir, recipe, format, calib, overwrite, resume, device, max_shard_size,
                       ctx, fault, hang_timeout, dead_timeout, verify)
 
@@ -117,7 +118,8 @@ def _export(ctx, model, out_dir, recipe, format, calib_path, overwrite, resume, 
         required = required_input_quantizers(plan)
         if required and calib_path is None:
             raise ValueError(f"recipe {rec.name!r} has static activation quantizers: calibrate first with "
-                             f"`dist-export calibrate --model <model> --recipe {rec.name} "
+                             f"`dist-export calibrate --model {getattr(model, 'display_name', '<model>')} "
+                             f"--recipe {rec.name} "
                              f"--out calib.safetensors`, then pass --calib calib.safetensors")
         calib = load_calibration(calib_path, rec, model_signature(source.tensors), required) if calib_path else {}
         local.update(src_dir=src_dir, rec=rec, fmt=fmt, source=source, plan=plan, calib=calib)

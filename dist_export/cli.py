@@ -73,8 +73,10 @@ def _add_plan(sub):
     p.add_argument("--model", default=None)
     p.add_argument("--recipe", default="fp8-block")
     p.add_argument("--format", default="vllm-fq")
-    p.add_argument("--world-size", type=int, default=8)
+    p.add_argument("--world-size", type=int, default=8, help="simulated world size (ignored under torchrun)")
     p.add_argument("--max-shard-size", default="1GB")
+    p.add_argument("--metadata-only", action="store_true",
+                   help="for synthetic:... models: plan from the shapes alone, without generating the weights")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,22 +141,47 @@ def cmd_verify(args) -> int:
 
 
 def cmd_plan(args) -> int:
+    """Plan only (no tensor data is read or written). Under torchrun every rank plans and the ranks check
+    that they agree, as a real export does; otherwise --world-size is simulated."""
     from .api import parse_size, resolve_model
-    from .io.reader import SourceCheckpoint
+    from .dist import ExportError, init_distributed
     from .plan import build_plan, rank_loads
     from .recipe import load_recipe
     from .writers import get_output_format
 
-    source = SourceCheckpoint(resolve_model(args.model))
-    plan = build_plan(source.tensors, load_recipe(args.recipe), get_output_format(args.format), args.world_size,
-                      parse_size(args.max_shard_size))
-    print(f"{len(plan.items)} items, {len(plan.shards)} shards, {plan.total_size / 1e9:.3f} GB out, "
-          f"{len(plan.groups)} shared-amax groups, world size {args.world_size}")
-    loads = rank_loads(plan)
-    mean_cost = sum(d["cost"] for d in loads) / len(loads)
-    for d in loads:
-        print(f"  rank {d['rank']}: {d['shards']} shards, in {d['bytes_in'] / 1e9:.3f} GB, out "
-              f"{d['bytes_out'] / 1e9:.3f} GB, cost {d['cost'] / mean_cost:.3f} x mean")
+    ctx = init_distributed("cpu")
+    world = ctx.world_size if ctx.is_distributed else args.world_size
+    try:
+        def plan_step():
+            if args.model and args.model.startswith("synthetic:") and args.metadata_only:
+                from .synthetic import synthetic_metadata
+
+                tensors = synthetic_metadata(args.model)
+            else:
+                from .io.reader import SourceCheckpoint
+
+                tensors = SourceCheckpoint(resolve_model(args.model)).tensors
+            plan = build_plan(tensors, load_recipe(args.recipe), get_output_format(args.format), world,
+                              parse_size(args.max_shard_size))
+            local["plan"] = plan
+            return plan.digest()
+
+        local: dict = {}
+        digests = ctx.step("plan", plan_step)
+        if len(set(digests)) != 1:
+            raise ExportError(f"ranks computed different plans: {sorted(set(digests))}")
+        if ctx.is_rank0:
+            plan = local["plan"]
+            print(f"{len(plan.items)} items, {len(plan.shards)} shards, {plan.total_size / 1e9:.3f} GB out, "
+                  f"{len(plan.groups)} shared-amax groups, world size {world}"
+                  + (f", {world} ranks agree on digest {digests[0][:12]}" if ctx.is_distributed else ""))
+            loads = rank_loads(plan)
+            mean_cost = sum(d["cost"] for d in loads) / len(loads)
+            for d in loads:
+                print(f"  rank {d['rank']}: {d['shards']} shards, in {d['bytes_in'] / 1e9:.3f} GB, out "
+                      f"{d['bytes_out'] / 1e9:.3f} GB, cost {d['cost'] / mean_cost:.3f} x mean")
+    finally:
+        ctx.close()
     return 0
 
 

@@ -185,6 +185,26 @@ def make_model(arch: str, preset: str, out: str, seed: int = 0, dtype: str = "bf
     return out
 
 
+def synthetic_metadata(name: str, dtype: str = "bfloat16", max_shard_size: int = 4 * 1024**3) -> dict:
+    """TensorMeta of every tensor `make_model` would write for `synthetic:<arch>-<preset>`, without writing
+    anything (planning dry runs of large presets)."""
+    from .io.st_format import TensorMeta
+
+    arch, preset = parse_synthetic(name)
+    torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+    shards = plan_source_shards(checkpoint_tensor_shapes(build_config(arch, preset)), torch_dtype, max_shard_size)
+    item = torch.tensor([], dtype=torch_dtype).element_size()
+    metas = {}
+    for i, shard in enumerate(shards):
+        fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        pos = 0
+        for tname, shape in shard:
+            nbytes = math.prod(shape) * item
+            metas[tname] = TensorMeta(tname, fname, DTYPE_TO_ST[torch_dtype], tuple(shape), pos, pos + nbytes)
+            pos += nbytes
+    return metas
+
+
 def cache_root() -> str:
     return os.environ.get("DIST_EXPORT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dist_export"))
 

@@ -114,8 +114,6 @@ def _check_state_file(out_dir: str, rep: Report) -> None:
 
 
 def _load_small(out_dir: str, meta) -> torch.Tensor:
-    from .io.reader import SourceCheckpoint  # noqa: F401  (same read path as the exporter)
-
     with open(os.path.join(out_dir, meta.file), "rb") as f:
         f.seek(meta.start)
         data = bytearray(f.read(meta.nbytes))

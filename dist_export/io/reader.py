@@ -19,11 +19,11 @@ SINGLE_NAME = "model.safetensors"
 def safe_join(folder: str, name: str, what: str = "file") -> str:
     """Join and refuse names that escape `folder` (absolute paths, `..`)."""
     if os.path.isabs(name) or name != os.path.normpath(name) or name.startswith(".."):
-        raise ValueError(f"{what} name {name!r} escapes the folder {folder}; refusing to read it: fix the "
+        raise ValueError(f"{what} {name!r} escapes the folder {folder}; refusing to read it: fix the "
                          f"index so every file lies inside the folder")
     path = os.path.join(folder, name)
     if os.path.commonpath([os.path.realpath(folder), os.path.realpath(path)]) != os.path.realpath(folder):
-        raise ValueError(f"{what} name {name!r} escapes the folder {folder}; refusing to read it: fix the "
+        raise ValueError(f"{what} {name!r} escapes the folder {folder}; refusing to read it: fix the "
                          f"index so every file lies inside the folder")
     return path
 
@@ -65,7 +65,7 @@ class SourceCheckpoint:
                     raise CorruptFileError(f"{INDEX_NAME} in {self.folder} is not a valid index") from None
             files = sorted(set(weight_map.values()))
             for file in files:
-                path = safe_join(self.folder, file, f"shard file in {INDEX_NAME}")
+                path = safe_join(self.folder, file, f"file named by {INDEX_NAME}")
                 if not os.path.isfile(path):
                     raise FileNotFoundError(f"{INDEX_NAME} names {file}, which is missing from {self.folder}: restore "
                                         f"or re-download that file")
