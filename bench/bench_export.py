@@ -78,6 +78,8 @@ def main() -> int:
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--results", default=os.path.join(HERE, "results.json"))
     ap.add_argument("--max-shard-size", default="1GB")
+    ap.add_argument("--threads-per-rank", default="auto",
+                    help="OMP/torch threads per rank: a number, or auto = 4 with GPUs, cpus // ranks on CPU")
     args = ap.parse_args()
 
     gpus = gpu_count() if args.device != "cpu" else 0
@@ -103,9 +105,15 @@ def main() -> int:
     shutil.rmtree(dst, ignore_errors=True)
     print(f"I/O floor (cp -r + sync): {dt:.2f} s for {results['source_bytes'] / 1e9:.2f} GB", flush=True)
 
-    env = {"OMP_NUM_THREADS": "4"}
+    def threads(n: int) -> str:
+        if args.threads_per_rank != "auto":
+            return args.threads_per_rank
+        return "4" if gpus else str(max(1, (os.cpu_count() or 1) // n))
+
+    results["threads_per_rank"] = args.threads_per_rank
     for recipe in args.recipes.split(","):
         for n in ranks:
+            env = {"OMP_NUM_THREADS": threads(n)}
             out = os.path.join(args.workdir, f"out-{recipe}-{n}")
             shutil.rmtree(out, ignore_errors=True)
             summary = os.path.join(args.workdir, f"summary-{recipe}-{n}.json")

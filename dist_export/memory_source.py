@@ -19,6 +19,7 @@ from .io.st_format import DTYPE_TO_ST, TensorMeta
 from .keymap import checkpoint_keys, expert_slots
 
 log = logging.getLogger(__name__)
+_QUANTIZER_STATE = re.compile(r"(_quantizer\.|_amax$|_pre_quant_scale$)")
 _FUSED = re.compile(r"^(.*\.experts)\.(gate_up_proj|down_proj)$")
 MEMORY_FILE = "<memory>"
 
@@ -31,6 +32,11 @@ class MemorySource:
         self._readers: dict[str, tuple] = {}
         self.tensors: dict[str, TensorMeta] = {}
         meta_state = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in model.state_dict().items()}
+        quantizer_keys = [k for k in meta_state if _QUANTIZER_STATE.search(k)]
+        if quantizer_keys:
+            raise ValueError(f"the model holds quantizer state (e.g. {quantizer_keys[0]!r}): exporting a model that "
+                             f"ModelOpt already quantized is not supported yet; pass the unquantized model and a "
+                             f"recipe (dist_export computes weight amax itself), or export with ModelOpt")
         tied = _tied_output_key(model)
         if tied:
             meta_state.pop(tied, None)

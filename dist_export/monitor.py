@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 class Monitor:
     def __init__(self, ctx, store, interval: float = 1.0, dead_after: float = 20.0, hang_after: float = 45.0,
-                 on_fail=None):
+                 on_fail=None, log_every: float | None = None):
         self.ctx, self.store = ctx, store
         self.interval, self.dead_after, self.hang_after = interval, dead_after, hang_after
         self.on_fail = on_fail
@@ -35,6 +35,8 @@ class Monitor:
         self._seen: dict[int, tuple[tuple[int, int], float, float]] = {}
         self._bar = None
         self._lock = threading.Lock()
+        self.log_every = float(os.environ.get("DIST_EXPORT_LOG_EVERY", "30")) if log_every is None else log_every
+        self._t0 = self._last_log = time.monotonic()
         self._thread = threading.Thread(target=self._run, name=f"monitor-rank{ctx.rank}", daemon=True)
 
     # -- called by the main thread ---------------------------------------------------------------
@@ -153,19 +155,36 @@ class Monitor:
                 self.on_fail()
         os._exit(1)  # the main thread may be blocked in a collective that will never return
 
+    def _totals(self, records) -> tuple[int, int]:
+        if records:
+            return (sum(r[4] for r in records.values() if r), sum(r[3] for r in records.values() if r))
+        return self.bytes, self.items
+
+    def _log_progress(self, records) -> None:
+        """Without a terminal (Slurm logs, CI) a progress line every `log_every` seconds instead of a bar."""
+        now = time.monotonic()
+        if now - self._last_log < self.log_every or not self.total_bytes:
+            return
+        self._last_log = now
+        done_bytes, done_items = self._totals(records)
+        elapsed = now - self._t0
+        rate = done_bytes / elapsed if elapsed > 0 else 0.0
+        eta = (self.total_bytes - done_bytes) / rate if rate > 0 else float("inf")
+        log.info("progress: %.2f/%.2f GB (%.0f%%), %d/%d items, %.2f GB/s, ETA %.0f s", done_bytes / 1e9,
+                 self.total_bytes / 1e9, 100.0 * done_bytes / self.total_bytes, done_items, self.total_items,
+                 rate / 1e9, eta)
+
     def _update_bar(self, records=None, final: bool = False) -> None:
         if not sys.stderr.isatty() and os.environ.get("DIST_EXPORT_PROGRESS") != "1":
+            if not final:
+                self._log_progress(records)
             return
         from tqdm import tqdm
 
         if self._bar is None:
             self._bar = tqdm(total=self.total_bytes, unit="B", unit_scale=True, desc="export", file=sys.stderr,
                              dynamic_ncols=True, smoothing=0.1)
-        if records:
-            done_bytes = sum(r[4] for r in records.values() if r)
-            done_items = sum(r[3] for r in records.values() if r)
-        else:
-            done_bytes, done_items = self.bytes, self.items
+        done_bytes, done_items = self._totals(records)
         self._bar.n = done_bytes if not final else max(done_bytes, self._bar.n)
         self._bar.set_postfix_str(f"items {done_items}/{self.total_items}", refresh=False)
         self._bar.refresh()

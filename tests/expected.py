@@ -77,9 +77,10 @@ def read_all(folder: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def expected_folds(source: dict[str, torch.Tensor], recipe_name: str) -> dict[str, torch.Tensor]:
-    """{name: expected tensor} for every source tensor under the vllm-fq format."""
-    recipe = load_recipe_yaml(recipe_name)
+def expected_folds(source: dict[str, torch.Tensor], recipe_name) -> dict[str, torch.Tensor]:
+    """{name: expected tensor} for every source tensor under the vllm-fq format (recipe: a name in configs/
+    or the recipe's YAML data as a dict)."""
+    recipe = recipe_name if isinstance(recipe_name, dict) else load_recipe_yaml(recipe_name)
     kinds = tuple(recipe.get("share_weight_amax") or ())
     settings, groups = {}, {}
     for name, t in source.items():

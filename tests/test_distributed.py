@@ -125,3 +125,24 @@ def test_two_nodes_two_procs_c10d(tmp_path):
     outs = [a.communicate(timeout=240) for a in agents]
     assert all(a.returncode == 0 for a in agents), [o[1][-2000:] for o in outs]
     assert folder_hashes(out) == ref
+
+
+def test_slurm_one_task_per_gpu_without_torchrun(tmp_path):
+    """srun --ntasks=2 python -m dist_export ...: ranks from SLURM_PROCID/NTASKS/LOCALID, head node from the
+    node list (scontrol is absent here, so the list itself is used)."""
+    src = model_dir("synthetic:llama-tiny")
+    ref = _single(src, str(tmp_path / "ws1"), "int4-w4a16", None)
+    out = str(tmp_path / "slurm")
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+        env.update(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank), SLURM_JOB_ID="4242",
+                   SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, "-m", "dist_export", "export", "--model", src, "--recipe",
+                                       "int4-w4a16", "--max-shard-size", SHARD, "--out", out], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    assert folder_hashes(out) == ref
+    assert "[rank 1]" in outs[1][1] or "rank 1:" in outs[0][1]

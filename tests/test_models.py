@@ -148,3 +148,70 @@ def test_tied_weights_written_once_and_side_files_copied(tmp_path):
     export(src, str(tmp_path / "out2"), recipe="int4-w4a16")
     with open(tmp_path / "out2" / "config.json") as f:
         assert "auto_map" not in json.load(f)
+
+
+def test_quantized_in_memory_model_is_refused(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir("synthetic:llama-tiny"))
+    # a ModelOpt-quantized model carries quantizer modules whose buffers appear in the state dict
+    quantizer = torch.nn.Module()
+    quantizer.register_buffer("_amax", torch.tensor(1.0))
+    model.model.layers[0].self_attn.q_proj.add_module("input_quantizer", quantizer)
+    with pytest.raises(ValueError, match="holds quantizer state"):
+        _export_memory(model, str(tmp_path / "o"), recipe="int4-w4a16")
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_unrouted_experts_still_quantized_and_calibrated(tmp_path, caplog):
+    """One calibration token reaches 2 of 8 experts per layer: every expert's weights are still folded from its
+    own weights, and unrouted experts get the layer's input amax (logged), never a missing one."""
+    import logging
+
+    from safetensors import safe_open
+
+    from dist_export.api import export
+    from dist_export.calibrate import calibrate
+    from dist_export.recipe import load_recipe
+
+    src = model_dir("synthetic:qwen3-moe-tiny")
+    calib = str(tmp_path / "calib.safetensors")
+    with caplog.at_level(logging.WARNING):
+        calibrate(src, load_recipe("nvfp4"), calib, num_samples=1, seq_len=1)
+    assert any("got no calibration tokens" in r.message for r in caplog.records)
+    with safe_open(calib, "pt") as f:
+        amax = {k: f.get_tensor(k) for k in f.keys()}
+    for layer in (0, 1):
+        down = [amax[f"model.layers.{layer}.mlp.experts.{e}.down_proj.input_quantizer"] for e in range(8)]
+        assert all(torch.isfinite(a) and a > 0 for a in down)
+        assert len({float(a) for a in down}) < 8  # the unrouted ones share the layer max
+    export(src, str(tmp_path / "out"), recipe="nvfp4", calib=calib)
+    source, got = read_all(src), read_all(str(tmp_path / "out"))
+    want, quantized = expected_folds(source, "nvfp4")
+    experts = [n for n in quantized if ".experts." in n]
+    assert len(experts) == 48
+    for n in experts:
+        assert torch.equal(got[n], want[n]) and not torch.equal(got[n], source[n]), n
+
+
+def test_shared_and_per_expert_quantizers_match_reference(tmp_path):
+    """Experts of very different magnitudes (up to 16x apart): a recipe sharing one weight amax over all
+    experts of a layer and one giving each expert its own both equal the independent reference."""
+    import yaml
+
+    from dist_export.api import export
+
+    src = model_dir("synthetic:qwen3-moe-tiny")
+    source = read_all(src)
+    for name, share in (("per-expert", []), ("shared-experts", ["experts"])):
+        recipe = {"name": name, "rules": [{"match": ["*"], "weight": {"format": "nvfp4"}}],
+                  "share_weight_amax": share}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(recipe))
+        out = str(tmp_path / name)
+        export(src, out, recipe=str(tmp_path / f"{name}.yaml"))
+        got = read_all(out)
+        want, quantized = expected_folds(source, recipe)
+        for n in quantized:
+            assert torch.equal(got[n], want[n]), (name, n)
+    assert not torch.equal(read_all(str(tmp_path / "per-expert"))["model.layers.0.mlp.experts.0.down_proj.weight"],
+                           read_all(str(tmp_path / "shared-experts"))["model.layers.0.mlp.experts.0.down_proj.weight"])
