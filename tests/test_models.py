@@ -215,3 +215,39 @@ def test_shared_and_per_expert_quantizers_match_reference(tmp_path):
             assert torch.equal(got[n], want[n]), (name, n)
     assert not torch.equal(read_all(str(tmp_path / "per-expert"))["model.layers.0.mlp.experts.0.down_proj.weight"],
                            read_all(str(tmp_path / "shared-experts"))["model.layers.0.mlp.experts.0.down_proj.weight"])
+
+
+def test_calibrate_from_text_and_jsonl_with_the_models_tokenizer(tmp_path):
+    """`calibrate --data` tokenizes a text or JSONL file with the tokenizer saved in the model folder."""
+    import json
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import run_cli
+
+    src = str(tmp_path / "model")
+    shutil.copytree(model_dir("synthetic:llama-tiny"), src)
+    words = [f"w{i}" for i in range(200)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", *words])}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(src)
+    text = tmp_path / "data.txt"
+    text.write_text("\n".join(" ".join(words[i:i + 20]) for i in range(0, 180, 20)))
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": " ".join(words[i:i + 20])}) for i in range(0, 180, 20)))
+    for data in (text, jsonl):
+        out = tmp_path / f"calib-{data.suffix[1:]}.safetensors"
+        run_cli("calibrate", "--model", src, "--recipe", "fp8", "--data", str(data), "--num-samples", "4",
+                "--out", str(out))
+        run_cli("export", "--model", src, "--recipe", "fp8", "--calib", str(out), "--out",
+                str(tmp_path / f"out-{data.suffix[1:]}"))
+    # the exported folder carries the tokenizer
+    assert (tmp_path / "out-txt" / "tokenizer.json").exists()
+    # an empty data file is refused with a clear message
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    proc = run_cli("calibrate", "--model", src, "--recipe", "fp8", "--data", str(empty), "--out",
+                   str(tmp_path / "c.safetensors"), check=False)
+    assert proc.returncode == 1 and "holds no text" in proc.stderr.strip().splitlines()[-1]
