@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 
+from .io.atomic import write_atomic
 from .io.reader import INDEX_NAME, SINGLE_NAME, safe_join
 from .io.st_format import read_header
 from .manifest import MANIFEST_DIR
@@ -24,17 +25,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json", "chat_template.jinja",
                    "chat_template.json", "preprocessor_config.json", "processor_config.json")
 RECORD_NAME = "dist_export.json"
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.fchmod(fd, 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def check_written_shards(plan: ExportPlan, out_dir: str, staged) -> None:

@@ -12,6 +12,7 @@ import json
 import os
 
 from . import __version__
+from .io.atomic import write_atomic
 
 MANIFEST_DIR = ".dist_export"
 
@@ -50,12 +51,7 @@ def run_fingerprint(source, recipe, calib_sha: str | None, fmt: str, layout_dige
 
 
 def _atomic_json(path: str, data: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=1, sort_keys=True).encode())
 
 
 class Manifest:
