@@ -72,10 +72,15 @@ def _hook_fused_experts(model, expert_modules: dict[str, dict[int, dict[str, str
             continue
 
         def hook(mod, args, kwargs, _experts=experts):
-            hidden, top_k_index = args[0], args[1] if len(args) > 1 else kwargs["top_k_index"]
-            for e, names in _experts.items():
-                rows = (top_k_index == e).any(dim=-1)
-                if not rows.any():
+            hidden = args[0]
+            index = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
+            hidden = hidden.reshape(-1, hidden.shape[-1])
+            index = index.reshape(hidden.shape[0], -1)
+            stack = _experts.get(-1)  # one quantizer for a whole stack: observe every expert into it
+            for e in range(mod.gate_up_proj.shape[0]):
+                names = stack or _experts.get(e)
+                rows = (index == e).any(dim=-1)
+                if names is None or not rows.any():
                     continue
                 x = hidden[rows]
                 for role in ("gate", "up"):
@@ -83,8 +88,7 @@ def _hook_fused_experts(model, expert_modules: dict[str, dict[int, dict[str, str
                         rec.observe(names[role], x)
                 down = names.get("down")
                 if down:
-                    gate, up = torch.nn.functional.linear(x, mod.gate_up_proj[e]).chunk(2, dim=-1)
-                    rec.observe(down, mod.act_fn(gate) * up)
+                    rec.observe(down, _expert_hidden(mod, e, x))
 
         handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
     return handles
@@ -123,6 +127,14 @@ def calibrate(model_dir: str, recipe, out: str, data: str | None = None, num_sam
     return rec.amax
 
 
+def _expert_hidden(mod, e: int, x: torch.Tensor) -> torch.Tensor:
+    """Input of expert e's down projection, recomputed as the experts module computes it."""
+    if hasattr(mod, "gate_up_proj_bias"):  # GPT-OSS: x @ W[e] + b[e], interleaved gating
+        return mod._apply_gate(x @ mod.gate_up_proj[e] + mod.gate_up_proj_bias[e])
+    gate, up = torch.nn.functional.linear(x, mod.gate_up_proj[e]).chunk(2, dim=-1)
+    return mod.act_fn(gate) * up
+
+
 def _memory_targets(model, targets: set[str]):
     """Checkpoint-space target modules -> ({memory Linear path: quantizer name},
     {memory fused-experts path: {expert: {role: quantizer name}}})."""
@@ -130,6 +142,11 @@ def _memory_targets(model, targets: set[str]):
     plain: dict[str, str] = {}
     experts: dict[str, dict[int, dict[str, str]]] = {}
     for key, names in checkpoint_keys(model, meta_state).items():
+        if names == [key] and key in targets and meta_state[key].dim() == 3:  # a stack kept whole (GPT-OSS)
+            prefix, proj = key.rsplit(".", 1)
+            role = "down" if proj == "down_proj" else "gate"
+            experts.setdefault(prefix, {}).setdefault(-1, {})[role] = input_quantizer_name(key)
+            continue
         modules = [n[: -len(".weight")] for n in names if n.endswith(".weight")]
         hit = [m for m in modules if m in targets]
         if not hit:

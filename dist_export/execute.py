@@ -282,6 +282,8 @@ def _process_item(ctx, item, cpu_tensor, in_idx, in_ring, out_ring, copy_stream,
 
 def _device_outputs(ctx, item: Item, w: torch.Tensor, output_format, calib, group_amax):
     """Quantize one weight on its device; returns the format's output tensors (still on the device)."""
+    if item.stacked:
+        return [(item.name, _fold_stack(ctx, item, w))]
     amax = group_amax[item.group].to(w.device) if item.group else compute_amax(w, item.weight, item.name)
     block_amax = None
     if item.weight.scale_search == "mse":
@@ -289,6 +291,30 @@ def _device_outputs(ctx, item: Item, w: torch.Tensor, output_format, calib, grou
 
         amax, block_amax = search_block_amax(w, item.weight, amax, tick=ctx.monitor.tick if ctx.monitor else None)
     return output_format.produce(item, w, amax, block_amax, input_amax_for(item, calib, output_format))
+
+
+def _fold_stack(ctx, item: Item, w: torch.Tensor) -> torch.Tensor:
+    """Fake-quant every expert of a 3-D stack as its own [out, in] matrix (shared amax if the recipe says)."""
+    from .numerics import fake_quant
+
+    def matrix(e):
+        return w[e].t() if item.stacked == "in_out" else w[e]
+
+    shared = compute_amax(w.reshape(-1, w.shape[-1]), item.weight, item.name).amax() if item.share_stack else None
+    out = torch.empty_like(w)
+    for e in range(w.shape[0]):
+        m = matrix(e)
+        amax = shared if shared is not None else compute_amax(m, item.weight, f"{item.name}[{e}]")
+        block_amax = None
+        if item.weight.scale_search == "mse":
+            from .numerics.mse import search_block_amax
+
+            amax, block_amax = search_block_amax(m, item.weight, amax)
+        y = fake_quant(m, item.weight, amax, block_amax)
+        out[e] = y.t() if item.stacked == "in_out" else y
+        if ctx.monitor:
+            ctx.monitor.tick()
+    return out
 
 
 def _quantize_item(ctx, item: Item, cpu_tensor: torch.Tensor, output_format, calib, group_amax):

@@ -71,7 +71,7 @@ class MemorySource:
 def _expand(key: str, t: torch.Tensor, names: list[str]):
     """(checkpoint name, shape, (memory key, slice)) for one in-memory tensor."""
     m = _FUSED.match(key)
-    if m is None or t.dim() != 3:
+    if m is None or t.dim() != 3 or names == [key]:  # stacks that checkpoints keep stacked (GPT-OSS) stay whole
         if len(names) != 1:
             raise ValueError(f"{key}: in-memory tensor maps to {len(names)} checkpoint tensors; save the model with "
                              f"save_pretrained and export the folder instead")

@@ -47,6 +47,10 @@ class Item:
     weight: QuantSpec | None = None
     input: InputSpec | None = None
     group: str | None = None  # id of the shared-amax group, if any
+    # Stacked experts (GPT-OSS: one 3-D tensor holds every expert): "in_out" ([E, in, out], used as x @ W[e])
+    # or "out_in" ([E, out, in]); each expert slice is quantized as its own [out, in] matrix.
+    stacked: str | None = None
+    share_stack: bool = False  # all experts of the stack share one per-tensor amax
 
     @property
     def quantized(self) -> bool:
@@ -88,7 +92,8 @@ class ExportPlan:
         """Hash of everything ranks must agree on (layout, owners, quantizer choices, groups)."""
         data = {
             "shards": [(s.filename, s.owner, [(t.name, t.dtype, t.shape) for t in s.tensors]) for s in self.shards],
-            "items": [(i.name, repr(i.weight), repr(i.input), i.group) for i in self.items.values()],
+            "items": [(i.name, repr(i.weight), repr(i.input), i.group, i.stacked, i.share_stack)
+                      for i in self.items.values()],
             "groups": sorted(self.groups.items()),
             "format": self.format,
         }
@@ -118,8 +123,8 @@ def classify_tensors(tensors: dict[str, TensorMeta], recipe: Recipe) -> tuple[li
     # the source happens to be laid out, so a folder, its re-save and the in-memory model give the same bytes.
     for name in sorted(tensors, key=natural_key):
         meta = tensors[name]
-        if len(meta.shape) < 2:
-            items.append(Item(name, meta))
+        if len(meta.shape) < 2 or name.endswith(("bias", ".sinks")):
+            items.append(Item(name, meta))  # norms, biases, attention sinks: copied
             continue
         module = name[: -len(".weight")] if name.endswith(".weight") else name
         pattern = recipe.excluded_by(module)
@@ -128,10 +133,11 @@ def classify_tensors(tensors: dict[str, TensorMeta], recipe: Recipe) -> tuple[li
             if name.endswith(".weight"):
                 excluded.append((module, pattern))
             continue
-        if not name.endswith(".weight") or len(meta.shape) != 2:
+        stacked = stacked_layout(name, meta, tensors)
+        if stacked is None and (not name.endswith(".weight") or len(meta.shape) != 2):
             raise ValueError(
-                f"tensor {name!r} with shape {list(meta.shape)} is not a 2-D Linear weight and is not excluded; "
-                f"stacked/3-D expert tensors cannot be quantized yet: add it to the recipe's 'exclude' list"
+                f"tensor {name!r} with shape {list(meta.shape)} is not a 2-D Linear weight nor a stack of experts "
+                f"with a bias that tells its layout; add it to the recipe's 'exclude' list"
             )
         rule = recipe.rule_for(module)
         if rule is None:
@@ -143,9 +149,41 @@ def classify_tensors(tensors: dict[str, TensorMeta], recipe: Recipe) -> tuple[li
             raise ValueError(
                 f"tensor {name!r} has dtype {meta.dtype}; quantization takes {list(FLOAT_DTYPES)}: exclude it or convert the source"
             )
-        _check_shape_fits(name, meta.shape, rule.weight)
-        items.append(Item(name, meta, module=module, weight=rule.weight, input=rule.input))
+        matrix = _matrix_shape(meta.shape, stacked)
+        _check_shape_fits(name, matrix, rule.weight)
+        items.append(Item(name, meta, module=module, weight=rule.weight, input=rule.input, stacked=stacked,
+                          share_stack=stacked is not None and "experts" in recipe.share_weight_amax
+                          and has_tensor_amax(rule.weight)))
     return items, excluded
+
+
+_STACK = re.compile(r"\.experts\.(gate_up_proj|down_proj)$")
+
+
+def stacked_layout(name: str, meta: TensorMeta, tensors: dict[str, TensorMeta]) -> str | None:
+    """Layout of a 3-D stack of experts, told by its bias [E, out] (metadata only), or None if not a stack."""
+    if len(meta.shape) != 3 or not _STACK.search(name):
+        return None
+    bias = tensors.get(name + "_bias")
+    if bias is None or len(bias.shape) != 2 or bias.shape[0] != meta.shape[0]:
+        return None
+    if bias.shape[1] == meta.shape[2] and bias.shape[1] != meta.shape[1]:
+        return "in_out"
+    if bias.shape[1] == meta.shape[1] and bias.shape[1] != meta.shape[2]:
+        return "out_in"
+    sibling = name.replace(".down_proj", ".gate_up_proj")  # square down_proj (GPT-OSS: I == H): same convention
+    if sibling != name and sibling in tensors:
+        return stacked_layout(sibling, tensors[sibling], tensors)
+    return None
+
+
+def _matrix_shape(shape: tuple[int, ...], stacked: str | None) -> tuple[int, ...]:
+    """The [out, in] shape one expert's matrix has (the tensor's own shape for ordinary weights)."""
+    if stacked == "in_out":
+        return (shape[2], shape[1])
+    if stacked == "out_in":
+        return (shape[1], shape[2])
+    return shape
 
 
 def _check_shape_fits(name: str, shape: tuple[int, ...], spec: QuantSpec) -> None:
@@ -263,7 +301,8 @@ def build_plan(tensors: dict[str, TensorMeta], recipe: Recipe, output_format, wo
     output_format.check_items(items, recipe)
     groups = plan_groups(items, recipe.share_weight_amax)
     member_of = {m: g for g, ms in groups.items() for m in ms}
-    items = [Item(i.name, i.meta, i.module, i.weight, i.input, member_of.get(i.name)) for i in items]
+    items = [Item(i.name, i.meta, i.module, i.weight, i.input, member_of.get(i.name), i.stacked, i.share_stack)
+             for i in items]
     ordered = [(item, output_format.outputs(item)) for item in items]
     shard_lists = plan_shards(ordered, max_shard_bytes)
     costs = [sum(item_cost(i, o) for i, o in s) for s in shard_lists]

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import zlib
 
@@ -60,6 +61,13 @@ ARCHS = {
                      num_attention_heads=4, num_key_value_heads=4, q_lora_rank=48, kv_lora_rank=32,
                      qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16, n_group=1, topk_group=1,
                      vocab_size=256, max_position_embeddings=256, tie_word_embeddings=False),
+    }),
+    "gpt-oss": ("GptOssConfig", {
+        # experts stacked in 3-D tensors [E, in, out] with biases, as GPT-OSS checkpoints store them
+        "tiny": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                     vocab_size=256, max_position_embeddings=131072, sliding_window=32,
+                     layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=False),
     }),
     "mixtral": ("MixtralConfig", {
         "tiny": {**{k: v for k, v in _TINY.items() if k != "head_dim"}, "num_local_experts": 4,
@@ -127,7 +135,10 @@ def generate_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.d
     w = torch.randn(shape, generator=gen) * 0.02
     rows = torch.exp(torch.rand(shape[0], generator=gen) * 2.0 - 1.0)
     w *= rows.view(-1, *([1] * (len(shape) - 1)))
-    if ".experts." in name:
+    stack = re.search(r"\.experts\.(gate_up_proj|down_proj)(_bias)?$", name)
+    if stack:  # a stack (GPT-OSS): expert e is w[e]
+        w *= (2.0 ** (torch.arange(shape[0]) % 5 - 2.0)).view(-1, *([1] * (len(shape) - 1)))
+    elif ".experts." in name:
         expert = int(name.split(".experts.")[1].split(".")[0])
         w *= 2.0 ** ((expert % 5) - 2)
     return w.to(dtype)

@@ -14,7 +14,29 @@ from safetensors import safe_open
 
 from numerics_reference import ref_compute_amax, ref_fake_quant
 
-DEFAULT_EXCLUDE = ("lm_head", "*embed_tokens", "*norm", "*layernorm", "*.mlp.gate", "*.block_sparse_moe.gate")
+DEFAULT_EXCLUDE = ("lm_head", "*embed_tokens", "*norm", "*layernorm", "*.mlp.gate", "*.block_sparse_moe.gate",
+                   "*.router")
+STACK = re.compile(r"\.experts\.(gate_up_proj|down_proj)$")
+
+
+def stack_layout(name: str, source: dict) -> str:
+    """GPT-OSS stacks: bias [E, out] says whether a slice is [in, out] (x @ W[e]) or [out, in]."""
+    t, b = source[name], source[name + "_bias"]
+    if b.shape[1] == t.shape[2] != t.shape[1]:
+        return "in_out"
+    if b.shape[1] == t.shape[1] != t.shape[2]:
+        return "out_in"
+    return stack_layout(name.replace("down_proj", "gate_up_proj"), source)
+
+
+def fold_stack(t: torch.Tensor, layout: str, settings, shared: bool) -> torch.Tensor:
+    """Each expert's [out, in] matrix folded on its own (or with the stack's max amax)."""
+    mats = [t[e].t() if layout == "in_out" else t[e] for e in range(t.shape[0])]
+    amaxes = [ref_compute_amax(m, *settings) for m in mats]
+    if shared:
+        amaxes = [torch.stack(amaxes).amax()] * len(mats)
+    folded = [ref_fake_quant(m, *settings, a) for m, a in zip(mats, amaxes)]
+    return torch.stack([f.t() if layout == "in_out" else f for f in folded])
 
 
 def load_recipe_yaml(name: str) -> dict:
@@ -82,8 +104,13 @@ def expected_folds(source: dict[str, torch.Tensor], recipe_name) -> dict[str, to
     or the recipe's YAML data as a dict)."""
     recipe = recipe_name if isinstance(recipe_name, dict) else load_recipe_yaml(recipe_name)
     kinds = tuple(recipe.get("share_weight_amax") or ())
-    settings, groups = {}, {}
+    settings, groups, stacks = {}, {}, {}
     for name, t in source.items():
+        if t.dim() == 3 and STACK.search(name) and weight_settings(recipe, name) is not None:
+            settings[name] = weight_settings(recipe, name)
+            s = settings[name]
+            stacks[name] = (stack_layout(name, source), "experts" in kinds and (s[0] == "nvfp4" or s[1] == "tensor"))
+            continue
         if t.dim() != 2 or not name.endswith(".weight"):
             continue
         module = name[: -len(".weight")]
@@ -95,12 +122,15 @@ def expected_folds(source: dict[str, torch.Tensor], recipe_name) -> dict[str, to
         key = share_key(module, kinds) if per_tensor else None
         if key:
             groups.setdefault(key, []).append(name)
-    amax = {n: ref_compute_amax(source[n], *settings[n]) for n in settings}
+    amax = {n: ref_compute_amax(source[n], *settings[n]) for n in settings if n not in stacks}
     for members in groups.values():
         shared = torch.stack([amax[m] for m in members]).amax()
         for m in members:
             amax[m] = shared
     out = {}
     for name, t in source.items():
-        out[name] = ref_fake_quant(t, *settings[name], amax[name]) if name in settings else t
+        if name in stacks:
+            out[name] = fold_stack(t, *stacks[name][:1], settings[name], stacks[name][1])
+        else:
+            out[name] = ref_fake_quant(t, *settings[name], amax[name]) if name in settings else t
     return out, settings

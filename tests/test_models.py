@@ -10,7 +10,8 @@ import torch
 from conftest import folder_hashes, model_dir
 from expected import expected_folds, read_all
 
-ARCHS = ["synthetic:qwen3-tiny", "synthetic:mixtral-tiny", "synthetic:deepseek-v3-tiny", "synthetic:llama-small"]
+ARCHS = ["synthetic:qwen3-tiny", "synthetic:mixtral-tiny", "synthetic:deepseek-v3-tiny", "synthetic:gpt-oss-tiny",
+         "synthetic:llama-small"]
 RECIPES = ["int4-w4a16", "fp8-block", "nvfp4"]
 
 
@@ -251,3 +252,20 @@ def test_calibrate_from_text_and_jsonl_with_the_models_tokenizer(tmp_path):
     proc = run_cli("calibrate", "--model", src, "--recipe", "fp8", "--data", str(empty), "--out",
                    str(tmp_path / "c.safetensors"), check=False)
     assert proc.returncode == 1 and "holds no text" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_in_memory_gpt_oss_stacks_equal_saved_checkpoint(tmp_path):
+    """GPT-OSS keeps experts stacked [E, in, out] in memory and on disk: exported per expert slice either way."""
+    from transformers import AutoModelForCausalLM
+
+    from dist_export.api import export
+
+    src = model_dir("synthetic:gpt-oss-tiny")
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    before = _snapshot(model)
+    _export_memory(model, str(tmp_path / "mem"), recipe="int4-w4a16")
+    export(src, str(tmp_path / "disk"), recipe="int4-w4a16")
+    assert folder_hashes(str(tmp_path / "mem")) == folder_hashes(str(tmp_path / "disk"))
+    assert _same(before, _snapshot(model))
+    with pytest.raises(ValueError, match="cannot store stacked 3-D experts"):
+        export(src, str(tmp_path / "real"), recipe="fp8-block", format="fp8-block")

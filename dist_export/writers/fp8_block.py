@@ -20,6 +20,10 @@ class NativeFp8Block(OutputFormat):
     name = "fp8-block"
 
     def check_items(self, items, recipe):
+        stacks = [i.name for i in items if i.quantized and i.stacked]
+        if stacks:
+            raise ValueError(f"--format fp8-block cannot store stacked 3-D experts yet (e.g. {stacks[0]}); export "
+                             f"them with --format vllm-fq, or exclude them in the recipe")
         ragged = []
         for item in items:
             if not item.quantized:

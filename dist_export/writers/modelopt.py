@@ -62,6 +62,10 @@ class ModelOptHF(OutputFormat):
     name = "modelopt"
 
     def check_items(self, items, recipe):
+        stacks = [i.name for i in items if i.quantized and i.stacked]
+        if stacks:
+            raise ValueError(f"--format modelopt cannot store stacked 3-D experts yet (e.g. {stacks[0]}); export "
+                             f"them with --format vllm-fq, or exclude them in the recipe")
         for item in items:
             if item.quantized:
                 quant_algo(item)
