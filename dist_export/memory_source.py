@@ -9,6 +9,7 @@ touched, and the export runs under `torch.no_grad()`.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import tempfile
@@ -33,10 +34,9 @@ class MemorySource:
         self.tensors: dict[str, TensorMeta] = {}
         meta_state = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in model.state_dict().items()}
         quantizer_keys = [k for k in meta_state if _QUANTIZER_STATE.search(k)]
-        if quantizer_keys:
-            raise ValueError(f"the model holds quantizer state (e.g. {quantizer_keys[0]!r}): exporting a model that "
-                             f"ModelOpt already quantized is not supported yet; pass the unquantized model and a "
-                             f"recipe (dist_export computes weight amax itself), or export with ModelOpt")
+        for k in quantizer_keys:
+            meta_state.pop(k)  # quantizer state is never written as a tensor; input amax is used below
+        self.calibration = self._input_amax(model, quantizer_keys)
         tied = _tied_output_key(model)
         if tied:
             meta_state.pop(tied, None)
@@ -51,6 +51,28 @@ class MemorySource:
                                                    offset + nbytes)
                 self._readers[ck_name] = reader
                 offset += nbytes
+
+    def _input_amax(self, model, quantizer_keys: list[str]) -> dict[str, torch.Tensor]:
+        """Input amax already calibrated in the model (ModelOpt-style `<linear>.input_quantizer._amax`), under
+        checkpoint-space quantizer names; weight quantizers are ignored (their amax is recomputed from the
+        weights under max calibration); a pre-quant scale would change the weights, so it is refused."""
+        pre = [k for k in quantizer_keys if k.endswith("_pre_quant_scale")]
+        if pre:
+            raise ValueError(f"the model holds a pre-quant scale ({pre[0]!r}, AWQ/SmoothQuant): folding it is not "
+                             f"supported; export the model before applying it")
+        amax = {}
+        for k in quantizer_keys:
+            m = re.match(r"^(.*)\.input_quantizer\._amax$", k)
+            if m is None:
+                continue
+            value = _resolve(model, k).detach().float().cpu()
+            if value.numel() != 1:
+                raise ValueError(f"{k}: only per-tensor input amax can be used (shape {list(value.shape)})")
+            weight_key = f"{m.group(1)}.weight"
+            names = checkpoint_keys(model, {weight_key: torch.empty(0, device="meta")}).get(weight_key, [weight_key])
+            if len(names) == 1 and names[0].endswith(".weight"):
+                amax[f"{names[0][: -len('.weight')]}.input_quantizer"] = value.reshape(())
+        return amax
 
     def read(self, meta: TensorMeta, out=None) -> torch.Tensor:
         key, part = self._readers[meta.name]
@@ -139,6 +161,14 @@ def export_in_memory(model, out_dir: str, recipe="fp8-block", format="vllm-fq", 
             gen = getattr(model, "generation_config", None)
             if gen is not None:
                 gen.save_pretrained(side)
+            if calib is None and source.calibration:  # the model was calibrated in memory: use its input amax
+                from .calib import model_signature, save_calibration
+                from .recipe import Recipe, load_recipe
+
+                rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+                calib = os.path.join(side, "calibration.safetensors")
+                save_calibration(calib, source.calibration, rec, model_signature(source.tensors))
+                log.info("using %d input amax values calibrated in the model", len(source.calibration))
             return run_export(source, side, out_dir, recipe=recipe, format=format, calib=calib, overwrite=overwrite,
                               device=device, max_shard_size=max_shard_size, ctx=ctx, verify=verify, fault=fault)
         finally:

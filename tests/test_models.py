@@ -151,17 +151,28 @@ def test_tied_weights_written_once_and_side_files_copied(tmp_path):
         assert "auto_map" not in json.load(f)
 
 
-def test_quantized_in_memory_model_is_refused(tmp_path):
+def test_in_memory_model_calibrated_in_place_uses_its_input_amax(tmp_path):
+    """A model that already carries calibrated input quantizers (ModelOpt-style `<linear>.input_quantizer._amax`
+    buffers) exports without --calib, with those amax in the state file and no quantizer tensor written."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir("synthetic:llama-tiny"))
-    # a ModelOpt-quantized model carries quantizer modules whose buffers appear in the state dict
-    quantizer = torch.nn.Module()
-    quantizer.register_buffer("_amax", torch.tensor(1.0))
-    model.model.layers[0].self_attn.q_proj.add_module("input_quantizer", quantizer)
-    with pytest.raises(ValueError, match="holds quantizer state"):
-        _export_memory(model, str(tmp_path / "o"), recipe="int4-w4a16")
-    assert not os.path.exists(tmp_path / "o")
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    for i, name in enumerate(linears):
+        quantizer = torch.nn.Module()
+        quantizer.register_buffer("_amax", torch.tensor(1.0 + i / 8))
+        model.get_submodule(name).add_module("input_quantizer", quantizer)
+    _export_memory(model, str(tmp_path / "o"), recipe="fp8")
+    got = read_all(str(tmp_path / "o"))
+    assert not any("quantizer" in k or "amax" in k for k in got)
+    state = torch.load(tmp_path / "o" / "vllm_fq_modelopt_state.pth", weights_only=True)
+    for i, name in enumerate(linears):
+        amax = state["modelopt_state_weights"][f"{name}.input_quantizer"]["_amax"]
+        assert float(amax) == 1.0 + i / 8, name  # exact in every float dtype for these values
+    # a pre-quant scale (AWQ/SmoothQuant) would change the weights: refused with a message
+    model.get_submodule(linears[0]).input_quantizer.register_buffer("_pre_quant_scale", torch.ones(64))
+    with pytest.raises(ValueError, match="pre-quant scale"):
+        _export_memory(model, str(tmp_path / "p"), recipe="fp8")
 
 
 def test_unrouted_experts_still_quantized_and_calibrated(tmp_path, caplog):
