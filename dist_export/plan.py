@@ -127,6 +127,9 @@ def classify_tensors(tensors: dict[str, TensorMeta], recipe: Recipe) -> tuple[li
             items.append(Item(name, meta))  # norms, biases, attention sinks: copied
             continue
         module = name[: -len(".weight")] if name.endswith(".weight") else name
+        numbered = _NUMBERED_WEIGHT.search(name)  # experts stored as weight0..weightN under one module
+        if numbered and len(meta.shape) == 2:
+            module = f"{name[: numbered.start()]}.{numbered.group(1)}"
         pattern = recipe.excluded_by(module)
         if pattern is not None:
             items.append(Item(name, meta))
@@ -134,7 +137,7 @@ def classify_tensors(tensors: dict[str, TensorMeta], recipe: Recipe) -> tuple[li
                 excluded.append((module, pattern))
             continue
         stacked = stacked_layout(name, meta, tensors)
-        if stacked is None and (not name.endswith(".weight") or len(meta.shape) != 2):
+        if stacked is None and not numbered and (not name.endswith(".weight") or len(meta.shape) != 2):
             raise ValueError(
                 f"tensor {name!r} with shape {list(meta.shape)} is not a 2-D Linear weight nor a stack of experts "
                 f"with a bias that tells its layout; add it to the recipe's 'exclude' list"
@@ -157,6 +160,7 @@ def classify_tensors(tensors: dict[str, TensorMeta], recipe: Recipe) -> tuple[li
     return items, excluded
 
 
+_NUMBERED_WEIGHT = re.compile(r"\.weight(\d+)$")
 _STACK = re.compile(r"\.experts\.(gate_up_proj|down_proj)$")
 
 

@@ -280,3 +280,32 @@ def test_in_memory_gpt_oss_stacks_equal_saved_checkpoint(tmp_path):
     assert _same(before, _snapshot(model))
     with pytest.raises(ValueError, match="cannot store stacked 3-D experts"):
         export(src, str(tmp_path / "real"), recipe="fp8-block", format="fp8-block")
+
+
+def test_experts_stored_as_numbered_weights_are_each_quantized(tmp_path):
+    """Experts kept as `experts.weight0..weightN` under one module: each is a work item of its own."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from dist_export.api import export
+    from numerics_reference import ref_compute_amax, ref_fake_quant
+
+    src = str(tmp_path / "src")
+    import shutil
+
+    shutil.copytree(model_dir("synthetic:llama-tiny"), src)
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    for e in range(3):
+        tensors[f"model.layers.0.mlp.experts.weight{e}"] = (torch.randn(32, 64, generator=g) * 2.0 ** e).bfloat16()
+    save_file(tensors, os.path.join(src, "model.safetensors"), metadata={"format": "pt"})
+    export(src, str(tmp_path / "out"), recipe="int4-w4a16")
+    got = read_all(str(tmp_path / "out"))
+    for e in range(3):
+        w = tensors[f"model.layers.0.mlp.experts.weight{e}"]
+        want = ref_fake_quant(w, "int4", "group", 128, ref_compute_amax(w, "int4", "group", 128))
+        assert torch.equal(got[f"model.layers.0.mlp.experts.weight{e}"], want)
+    state = torch.load(tmp_path / "out" / "vllm_fq_modelopt_state.pth", weights_only=True)
+    assert "model.layers.0.mlp.experts.0.input_quantizer" in state["modelopt_state_weights"]
+    assert json.load(open(tmp_path / "out" / "config.json"))

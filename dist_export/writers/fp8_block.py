@@ -20,7 +20,7 @@ class NativeFp8Block(OutputFormat):
     name = "fp8-block"
 
     def check_items(self, items, recipe):
-        stacks = [i.name for i in items if i.quantized and i.stacked]
+        stacks = [i.name for i in items if i.quantized and (i.stacked or not i.name.endswith(".weight"))]
         if stacks:
             raise ValueError(f"--format fp8-block cannot store stacked 3-D experts yet (e.g. {stacks[0]}); export "
                              f"them with --format vllm-fq, or exclude them in the recipe")

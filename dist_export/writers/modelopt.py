@@ -62,7 +62,7 @@ class ModelOptHF(OutputFormat):
     name = "modelopt"
 
     def check_items(self, items, recipe):
-        stacks = [i.name for i in items if i.quantized and i.stacked]
+        stacks = [i.name for i in items if i.quantized and (i.stacked or not i.name.endswith(".weight"))]
         if stacks:
             raise ValueError(f"--format modelopt cannot store stacked 3-D experts yet (e.g. {stacks[0]}); export "
                              f"them with --format vllm-fq, or exclude them in the recipe")
