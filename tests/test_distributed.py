@@ -146,3 +146,33 @@ def test_slurm_one_task_per_gpu_without_torchrun(tmp_path):
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     assert folder_hashes(out) == ref
     assert "[rank 1]" in outs[1][1] or "rank 1:" in outs[0][1]
+
+
+def test_launch_scripts(tmp_path):
+    """launch/torchrun.sh (2 processes, and SINGLE=1) and launch/slurm.sbatch, the latter with stand-ins for
+    srun and scontrol on PATH (one node), give the single-process bytes."""
+    src = model_dir("synthetic:llama-tiny")
+    ref = _single(src, str(tmp_path / "ws1"), "int4-w4a16", None)
+    args = ["export", "--model", src, "--recipe", "int4-w4a16", "--max-shard-size", SHARD]
+    base = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
+    for name, env in (("two", {"NPROC": "2"}), ("single", {"SINGLE": "1"})):
+        out = str(tmp_path / name)
+        proc = subprocess.run(["bash", "launch/torchrun.sh", *args, "--out", out], cwd=REPO, env={**base, **env},
+                              capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert folder_hashes(out) == ref, name
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    (shims / "scontrol").write_text("#!/usr/bin/env bash\necho localhost\n")
+    # srun stand-in: drop srun's own options, run the task once (one node)
+    (shims / "srun").write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    for f in shims.iterdir():
+        f.chmod(0o755)
+    out = str(tmp_path / "slurm")
+    env = {**base, "PATH": f"{shims}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "localhost",
+           "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_ID": "777", "GPUS_PER_NODE": "2", "RDZV_PORT": str(_free_port())}
+    proc = subprocess.run(["bash", "launch/slurm.sbatch", *args, "--out", out], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-1000:] + proc.stderr[-2000:]
+    assert "1 nodes x 2 GPUs" in proc.stdout
+    assert folder_hashes(out) == ref
