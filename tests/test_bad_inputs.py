@@ -9,8 +9,7 @@ and checks the contract of `cli.main`:
   - the output folder holds no index, no `model.safetensors`, and no `*.tmp` / `*.staged` leftovers
     (files the user had put there before stay byte-identical).
 "Says what to do" means an instruction ("pass ...", "calibrate ...", "remove ...") or the list of valid values; a
-diagnosis alone ("the file is corrupt") does not count. Cases whose message is clean but lacks a remedy are
-strict xfails raising `NoRemedy` (checked last, so they still enforce everything else).
+diagnosis alone ("the file is corrupt") does not count; a missing remedy fails with `NoRemedy`.
 Setup steps (the sharded source, calibration files) call the same functions as `make-model` / `calibrate`
 in-process, to keep the file fast; every export under test runs the real CLI.
 docs/bad-inputs.md lists the cases with the message each one produces.
@@ -92,8 +91,7 @@ class NoRemedy(AssertionError):
 def check(proc, out, names: tuple[str, ...], remedy: tuple[str, ...], before=None) -> str:
     """The whole contract. `names`: every substring must appear (the offending file/tensor/key);
     `remedy`: at least one must appear: an instruction ("pass ...", "calibrate ...") or the list of valid values.
-    A diagnosis alone ("the file is corrupt") is not a remedy. The remedy is checked last and fails with
-    `NoRemedy`, so an xfail on it cannot hide a traceback, a wrong exit code or leftover files."""
+    A diagnosis alone ("the file is corrupt") is not a remedy; it fails with `NoRemedy`."""
     line = error_line(proc)
     assert_clean_output(out, before)
     for n in names:
@@ -102,11 +100,6 @@ def check(proc, out, names: tuple[str, ...], remedy: tuple[str, ...], before=Non
     if not any(r.lower() in low for r in remedy):
         raise NoRemedy(f"error line says nothing of what to do (none of {remedy}): {line!r}")
     return line
-
-
-def no_remedy(observed: str):
-    return pytest.mark.xfail(raises=NoRemedy, strict=True,
-                             reason=f"dist_export bug: clean one-line error without a remedy: {observed}")
 
 
 def rewrite_tensor(folder: str, file: str, name: str, tensor: torch.Tensor) -> None:
