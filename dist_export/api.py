@@ -13,12 +13,12 @@ import time
 from dataclasses import asdict
 
 from . import __version__
-from .calib import file_sha256_small, load_calibration, model_signature, required_input_quantizers
+from .calib import load_calibration, model_signature, required_input_quantizers
 from .commit import commit_export
 from .dist import DistContext, ExportError, init_distributed
 from .execute import execute_rank, measure_group_amax, merge_group_amax, staged_path
 from .io.reader import SourceCheckpoint
-from .manifest import Manifest, run_fingerprint
+from .manifest import Manifest, file_sha256, run_fingerprint
 from .monitor import start_monitor
 from .outdir import check_output_dir, prepare_output_dir, remove_temporaries
 from .plan import build_plan, rank_loads
@@ -138,7 +138,7 @@ def _export(ctx, model, out_dir, recipe, format, calib_path, overwrite, resume, 
         log.info("plan: %d items, %d shards, %.2f GB out, %d groups; per-rank GB out: %s", len(plan.items),
                  len(plan.shards), plan.total_size / 1e9, len(plan.groups),
                  [round(d["bytes_out"] / 1e9, 3) for d in loads])
-    calib_sha = file_sha256_small(calib_path) if calib_path else None
+    calib_sha = file_sha256(calib_path) if calib_path else None
     manifest = Manifest(out_dir, run_fingerprint(source, rec, calib_sha, fmt.name, plan.layout_digest()), resume)
 
     # 2. Rank 0 prepares the folder (lock, stale index, manifest check); the others wait for it.

@@ -38,11 +38,6 @@ def save_calibration(path: str, amax: dict[str, torch.Tensor], recipe, signature
     os.replace(tmp, path)
 
 
-def file_sha256_small(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
 def load_calibration(path: str, recipe, signature: str, required: list[str]) -> dict[str, torch.Tensor]:
     """Read and check a calibration file; returns {quantizer path: 0-d float32 amax}."""
     if not os.path.isfile(path):

@@ -67,7 +67,7 @@ class _Worker(threading.Thread):
             self.error = e
 
 
-def input_amax_for(item: Item, calib: dict, fmt) -> torch.Tensor | None:
+def input_amax_for(item: Item, calib: dict) -> torch.Tensor | None:
     if item.input is None or item.input.dynamic:
         return None
     from .writers.modelopt import fused_input_amax
@@ -290,7 +290,7 @@ def _device_outputs(ctx, item: Item, w: torch.Tensor, output_format, calib, grou
         from .numerics.mse import search_block_amax
 
         amax, block_amax = search_block_amax(w, item.weight, amax, tick=ctx.monitor.tick if ctx.monitor else None)
-    return output_format.produce(item, w, amax, block_amax, input_amax_for(item, calib, output_format))
+    return output_format.produce(item, w, amax, block_amax, input_amax_for(item, calib))
 
 
 def _fold_stack(ctx, item: Item, w: torch.Tensor) -> torch.Tensor:

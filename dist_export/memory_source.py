@@ -9,6 +9,7 @@ touched, and the export runs under `torch.no_grad()`.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import shutil
@@ -46,7 +47,7 @@ class MemorySource:
             if t.dtype not in DTYPE_TO_ST:
                 raise ValueError(f"{key}: dtype {t.dtype} cannot be written to safetensors")
             for ck_name, shape, reader in _expand(key, t, names[key]):
-                nbytes = t.element_size() * _numel(shape)
+                nbytes = t.element_size() * math.prod(shape)
                 self.tensors[ck_name] = TensorMeta(ck_name, MEMORY_FILE, DTYPE_TO_ST[t.dtype], tuple(shape), offset,
                                                    offset + nbytes)
                 self._readers[ck_name] = reader
@@ -108,13 +109,6 @@ def _expand(key: str, t: torch.Tensor, names: list[str]):
         else:
             out.append((slots[(e, "down")], (t.shape[1], t.shape[2]), (key, (e, None, None))))
     return out
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _tied_output_key(model) -> str | None:

@@ -119,12 +119,12 @@ class Monitor:
             return []
         dead = []
         try:
-            records = {r: self.store.get(f"hb/{r}").decode().split() for r in range(self.ctx.world_size)
-                       if r != self.ctx.rank and self.store.check([f"hb/{r}"])}
+            records = self._read_peers()
         except Exception:  # noqa: BLE001 - the store itself may have died with rank 0
             return []
         for r, rec in sorted(records.items()):
-            if len(rec) >= 7 and rec[5] == socket.gethostname() and not _alive(int(rec[6])):
+            if r != self.ctx.rank and rec and len(rec) >= 7 and rec[5] == socket.gethostname() \
+                    and not _alive(int(rec[6])):
                 dead.append(f"rank {r} died (process {rec[6]} on {rec[5]} is gone)")
         return dead
 

@@ -268,19 +268,23 @@ def item_cost(item: Item, outputs: list[OutSpec]) -> float:
     return cost
 
 
-def plan_shards(ordered: list[tuple[Item, list[OutSpec]]], max_shard_bytes: int) -> list[list[tuple[Item, list[OutSpec]]]]:
-    """Greedy split in source order; an item's outputs never straddle two files. No world size involved."""
-    shards, current, size = [], [], 0
-    for item, outs in ordered:
-        nbytes = sum(o.nbytes for o in outs)
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append((item, outs))
-        size += nbytes
+def split_in_order(entries: list, sizes: list[int], max_bytes: int) -> list[list]:
+    """Greedy split keeping order: a new group starts when the next entry would pass `max_bytes`."""
+    groups, current, total = [], [], 0
+    for entry, nbytes in zip(entries, sizes):
+        if current and total + nbytes > max_bytes:
+            groups.append(current)
+            current, total = [], 0
+        current.append(entry)
+        total += nbytes
     if current:
-        shards.append(current)
-    return shards
+        groups.append(current)
+    return groups
+
+
+def plan_shards(ordered: list[tuple[Item, list[OutSpec]]], max_shard_bytes: int) -> list[list[tuple[Item, list[OutSpec]]]]:
+    """Greedy split in name order; an item's outputs never straddle two files. No world size involved."""
+    return split_in_order(ordered, [sum(o.nbytes for o in outs) for _, outs in ordered], max_shard_bytes)
 
 
 def assign_owners(costs: list[float], world_size: int) -> list[int]:

@@ -163,6 +163,15 @@ def _input_spec(where: str, d: dict | None) -> InputSpec | None:
         raise ValueError(f"{where}: {e}") from None
 
 
+def _strings(where: str, value) -> tuple[str, ...]:
+    """A string or a list of strings (patterns, group kinds); anything else is the user's mistake, not a crash."""
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ValueError(f"{where}: expected a string or a list of strings, got {value!r}")
+
+
 def recipe_from_dict(data: dict, source: str = "<dict>") -> Recipe:
     where = f"recipe {source}"
     _check_keys(where, data, ("name", "description", "rules", "exclude", "default_exclude", "share_weight_amax"))
@@ -173,17 +182,15 @@ def recipe_from_dict(data: dict, source: str = "<dict>") -> Recipe:
     for i, r in enumerate(rules_data):
         rw = f"{where}: rules[{i}]"
         _check_keys(rw, r, ("match", "weight", "input"))
-        match = r.get("match", ["*"])
-        match = (match,) if isinstance(match, str) else tuple(match)
+        match = _strings(f"{rw}.match", r.get("match", ["*"]))
         if "weight" not in r:
             raise ValueError(f"{rw}: missing 'weight'")
         rules.append(Rule(match, _weight_spec(f"{rw}.weight", r["weight"]), _input_spec(f"{rw}.input", r.get("input"))))
-    share = tuple(data.get("share_weight_amax") or ())
+    share = _strings(f"{where}: share_weight_amax", data.get("share_weight_amax") or [])
     bad = sorted(set(share) - set(SHARE_KINDS))
     if bad:
         raise ValueError(f"{where}: share_weight_amax has unknown group kind(s) {bad}; valid: {list(SHARE_KINDS)}")
-    exclude = data.get("exclude") or ()
-    exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    exclude = _strings(f"{where}: exclude", data.get("exclude") or [])
     return Recipe(
         name=str(data.get("name", os.path.splitext(os.path.basename(source))[0])),
         rules=tuple(rules),

@@ -6,6 +6,7 @@ the buffer is never overtaken. Items larger than a buffer take the plain (pageab
 """
 from __future__ import annotations
 
+import math
 import queue
 
 import torch
@@ -33,10 +34,7 @@ class HostRing:
         self._free.put((idx, event))
 
     def view(self, idx: int, dtype: torch.dtype, shape) -> torch.Tensor:
-        numel = 1
-        for d in shape:
-            numel *= d
-        nbytes = numel * torch.tensor([], dtype=dtype).element_size()
+        nbytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
         return self.buffers[idx][:nbytes].view(dtype).reshape(shape)
 
 

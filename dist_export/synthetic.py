@@ -145,18 +145,10 @@ def generate_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.d
 
 
 def plan_source_shards(tensors, dtype: torch.dtype, max_shard_bytes: int):
+    from .plan import split_in_order
+
     item = torch.tensor([], dtype=dtype).element_size()
-    shards, current, size = [], [], 0
-    for name, shape in tensors:
-        nbytes = math.prod(shape) * item
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append((name, shape))
-        size += nbytes
-    if current:
-        shards.append(current)
-    return shards
+    return split_in_order(list(tensors), [math.prod(shape) * item for _, shape in tensors], max_shard_bytes)
 
 
 def make_model(arch: str, preset: str, out: str, seed: int = 0, dtype: str = "bfloat16",

@@ -17,7 +17,7 @@ import re
 import torch
 
 from .commit import RECORD_NAME
-from .io.reader import INDEX_NAME, SINGLE_NAME, SourceCheckpoint
+from .io.reader import INDEX_NAME, SINGLE_NAME, SourceCheckpoint, read_tensor
 from .io.st_format import CorruptFileError, file_tensor_metas, read_header
 from .manifest import file_sha256
 
@@ -113,14 +113,6 @@ def _check_state_file(out_dir: str, rep: Report) -> None:
             rep.defect(f"state file: amax of {name} is not finite")
 
 
-def _load_small(out_dir: str, meta) -> torch.Tensor:
-    with open(os.path.join(out_dir, meta.file), "rb") as f:
-        f.seek(meta.start)
-        data = bytearray(f.read(meta.nbytes))
-    return torch.frombuffer(data, dtype=torch.uint8).view(meta.torch_dtype).reshape(meta.shape) if data else \
-        torch.empty(meta.shape, dtype=meta.torch_dtype)
-
-
 def _check_scales(out_dir: str, metas: dict, config: dict, rep: Report) -> None:
     qc = config.get("quantization_config") or {}
     method = qc.get("quant_method")
@@ -164,7 +156,7 @@ def _check_scales(out_dir: str, metas: dict, config: dict, rep: Report) -> None:
 
 
 def _positive_finite(out_dir: str, meta, rep: Report) -> None:
-    t = _load_small(out_dir, meta).float()
+    t = read_tensor(out_dir, meta).float()
     if not torch.isfinite(t).all() or (t <= 0).any():
         rep.defect(f"{meta.name}: scales must be finite and positive")
 
@@ -208,7 +200,7 @@ def recompute_and_compare(out_dir: str, source_dir: str, record: dict, metas: di
     for item in plan.items.values():
         for name, tensor in _quantize_item(ctx, item, source.read(item.meta), fmt, calib, group_amax):
             expected_names.add(name)
-            got = _load_small(out_dir, metas[name])
+            got = read_tensor(out_dir, metas[name])
             if got.dtype != tensor.dtype or tuple(got.shape) != tuple(tensor.shape):
                 rep.defect(f"{name}: {got.dtype}{list(got.shape)}, expected {tensor.dtype}{list(tensor.shape)}")
             elif not torch.equal(got.reshape(-1).view(torch.uint8), tensor.contiguous().reshape(-1).view(torch.uint8)):

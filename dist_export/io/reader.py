@@ -98,19 +98,23 @@ class SourceCheckpoint:
             return json.load(f)
 
     def read(self, meta: TensorMeta, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Read one tensor's bytes with a positioned read (no mmap, no whole-file map).
+        return read_tensor(self.folder, meta, out)
 
-        `out` is an optional reusable uint8 buffer (e.g. pinned host memory) of at least meta.nbytes; the
-        returned tensor is a view into it, so the caller must finish with it before reusing the buffer.
-        """
-        path = os.path.join(self.folder, meta.file)
-        buf = torch.empty(meta.nbytes, dtype=torch.uint8) if out is None else out[: meta.nbytes]
-        view = memoryview(buf.numpy()) if meta.nbytes else memoryview(b"")
-        with open(path, "rb", buffering=0) as f:
-            got = 0
-            while got < meta.nbytes:
-                n = os.preadv(f.fileno(), [view[got:]], meta.start + got)
-                if n <= 0:
-                    raise CorruptFileError(f"{meta.file}: unexpected end of file while reading {meta.name!r}")
-                got += n
-        return buf.view(meta.torch_dtype).reshape(meta.shape)
+
+def read_tensor(folder: str, meta: TensorMeta, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Read one tensor's bytes with a positioned read (no mmap, no whole-file map).
+
+    `out` is an optional reusable uint8 buffer (e.g. pinned host memory) of at least meta.nbytes; the
+    returned tensor is a view into it, so the caller must finish with it before reusing the buffer.
+    """
+    path = os.path.join(folder, meta.file)
+    buf = torch.empty(meta.nbytes, dtype=torch.uint8) if out is None else out[: meta.nbytes]
+    view = memoryview(buf.numpy()) if meta.nbytes else memoryview(b"")
+    with open(path, "rb", buffering=0) as f:
+        got = 0
+        while got < meta.nbytes:
+            n = os.preadv(f.fileno(), [view[got:]], meta.start + got)
+            if n <= 0:
+                raise CorruptFileError(f"{meta.file}: unexpected end of file while reading {meta.name!r}")
+            got += n
+    return buf.view(meta.torch_dtype).reshape(meta.shape)

@@ -7,6 +7,7 @@ in advance (bounded memory, no whole-shard buffer).
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -53,10 +54,7 @@ class TensorMeta:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -97,9 +95,7 @@ def _check_layout(name: str, header: dict, data_size: int) -> None:
             raise CorruptFileError(f"{name}: header entry {key!r} is malformed") from None
         if dtype not in ST_ITEMSIZE:
             raise CorruptFileError(f"{name}: tensor {key!r} has unsupported dtype {dtype!r}")
-        numel = 1
-        for d in shape:
-            numel *= int(d)
+        numel = math.prod(int(d) for d in shape)
         if end - begin != numel * ST_ITEMSIZE[dtype] or begin < 0:
             raise CorruptFileError(
                 f"{name}: tensor {key!r} declares {end - begin} bytes but {dtype}{list(shape)} needs "
@@ -141,10 +137,7 @@ def encode_header(tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dic
     header: dict = {"__metadata__": dict(sorted(metadata.items()))}
     starts, pos = [], 0
     for name, dtype, shape in tensors:
-        numel = 1
-        for d in shape:
-            numel *= d
-        nbytes = numel * ST_ITEMSIZE[dtype]
+        nbytes = math.prod(shape) * ST_ITEMSIZE[dtype]
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
         starts.append(pos)
         pos += nbytes

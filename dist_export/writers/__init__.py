@@ -59,6 +59,15 @@ def _load_builtin() -> None:
     from . import fp8_block, modelopt, vllm_fq  # noqa: F401  (register on import)
 
 
+def refuse_expert_stacks(items, format_name: str) -> None:
+    """Real-quant layouts name scales after `<module>.weight`: stacked 3-D experts and `weightN` tensors have no
+    such name, so they are refused rather than written under names no engine loads."""
+    stacks = [i.name for i in items if i.quantized and (i.stacked or not i.name.endswith(".weight"))]
+    if stacks:
+        raise ValueError(f"--format {format_name} cannot store stacked 3-D experts yet (e.g. {stacks[0]}); export "
+                         f"them with --format vllm-fq, or exclude them in the recipe")
+
+
 def unquantized_linear_modules(plan) -> list[str]:
     """Excluded 2-D weights that are Linear layers in the serving model (embeddings are not Linear).
 

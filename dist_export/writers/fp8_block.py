@@ -10,7 +10,7 @@ import logging
 
 from ..numerics import quantize
 from ..plan import OutSpec
-from . import OutputFormat, register_output_format, unquantized_linear_modules
+from . import OutputFormat, refuse_expert_stacks, register_output_format, unquantized_linear_modules
 
 log = logging.getLogger(__name__)
 BLOCK = 128
@@ -20,10 +20,7 @@ class NativeFp8Block(OutputFormat):
     name = "fp8-block"
 
     def check_items(self, items, recipe):
-        stacks = [i.name for i in items if i.quantized and (i.stacked or not i.name.endswith(".weight"))]
-        if stacks:
-            raise ValueError(f"--format fp8-block cannot store stacked 3-D experts yet (e.g. {stacks[0]}); export "
-                             f"them with --format vllm-fq, or exclude them in the recipe")
+        refuse_expert_stacks(items, self.name)
         ragged = []
         for item in items:
             if not item.quantized:

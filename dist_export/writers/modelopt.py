@@ -12,7 +12,6 @@ members sit on different ranks).
 from __future__ import annotations
 
 import json
-import re
 
 import torch
 
@@ -20,10 +19,10 @@ from .. import __version__
 from ..numerics import quantize
 from ..numerics.constants import F8E4M3_MAX, NVFP4_GLOBAL_DIVISOR
 from ..plan import OutSpec
-from . import OutputFormat, register_output_format, unquantized_linear_modules
+from . import OutputFormat, refuse_expert_stacks, register_output_format, unquantized_linear_modules
 
-_FUSED_INPUTS = [re.compile(r"^(.*)\.(q_proj|k_proj|v_proj)$"), re.compile(r"^(.*)\.(gate_proj|up_proj|w1|w3)$")]
-_SIBLINGS = {"q_proj": ("q_proj", "k_proj", "v_proj"), "gate_proj": ("gate_proj", "up_proj"), "w1": ("w1", "w3")}
+# Projections vLLM fuses into one layer (one input scale each group).
+FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
 
 
 def quant_algo(item) -> str:
@@ -47,25 +46,17 @@ def quant_algo(item) -> str:
 
 def fused_input_amax(module: str, calib: dict[str, torch.Tensor]) -> torch.Tensor:
     """Max of the calibrated input amax over the module's fused group (q/k/v or gate/up)."""
-    for regex in _FUSED_INPUTS:
-        m = regex.match(module)
-        if m:
-            first = m.group(2) if m.group(2) in _SIBLINGS else {"k_proj": "q_proj", "v_proj": "q_proj",
-                                                                 "up_proj": "gate_proj", "w3": "w1"}[m.group(2)]
-            names = [f"{m.group(1)}.{s}.input_quantizer" for s in _SIBLINGS[first]]
-            vals = [calib[n].float() for n in names if n in calib]
-            return torch.stack(vals).amax()
-    return calib[f"{module}.input_quantizer"].float()
+    prefix, _, proj = module.rpartition(".")
+    group = next((g for g in FUSED_GROUPS if proj in g), (proj,))
+    names = [f"{prefix}.{p}.input_quantizer" for p in group]
+    return torch.stack([calib[n].float() for n in names if n in calib]).amax()
 
 
 class ModelOptHF(OutputFormat):
     name = "modelopt"
 
     def check_items(self, items, recipe):
-        stacks = [i.name for i in items if i.quantized and (i.stacked or not i.name.endswith(".weight"))]
-        if stacks:
-            raise ValueError(f"--format modelopt cannot store stacked 3-D experts yet (e.g. {stacks[0]}); export "
-                             f"them with --format vllm-fq, or exclude them in the recipe")
+        refuse_expert_stacks(items, self.name)
         for item in items:
             if item.quantized:
                 quant_algo(item)
