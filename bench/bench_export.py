@@ -5,7 +5,7 @@
 
 Steps: (a) write a synthetic checkpoint (`--arch/--preset`, default qwen3 / qwen3-8b, 16.4 GB bf16);
 (b) the I/O floor: copy the source folder to a new folder on the same disk, then `sync`; (c) `dist-export export`
-under torchrun at every rank count, for a cheap recipe (fp8-block) and a compute-heavy one (nvfp4-mse);
+at every rank count (`--nproc-per-node N`, or torchrun with `--launcher torchrun`), for a cheap recipe (fp8-block) and a compute-heavy one (nvfp4-mse);
 (d) the thread-per-GPU design (bench/threaded_baseline.py) and ModelOpt's `export_hf_vllm_fq_checkpoint`
 (bench/modelopt_baseline.py; if it cannot run, the reason is recorded); (e) wall time (each command followed by
 `sync`, so written data is on disk for every tool), GB/s, per-rank peak host RSS and peak GPU memory.
@@ -76,6 +76,10 @@ def main() -> int:
     ap.add_argument("--format", default="vllm-fq")
     ap.add_argument("--device", default=None, choices=["cpu", "cuda"])
     ap.add_argument("--no-baselines", action="store_true")
+    ap.add_argument("--launcher", default="builtin", choices=["builtin", "torchrun"],
+                    help="how dist_export starts N>1 ranks: its own --nproc-per-node, or torchrun --standalone")
+    ap.add_argument("--repeat", type=int, default=1, help="dist_export runs per (recipe, ranks); the report "
+                                                           "uses the median")
     ap.add_argument("--results", default=os.path.join(HERE, "results.json"))
     ap.add_argument("--max-shard-size", default="1GB")
     ap.add_argument("--threads-per-rank", default="auto",
@@ -111,31 +115,15 @@ def main() -> int:
         return "4" if gpus else str(max(1, (os.cpu_count() or 1) // n))
 
     results["threads_per_rank"] = args.threads_per_rank
+    results["launcher"] = args.launcher
     for recipe in args.recipes.split(","):
         for n in ranks:
             env = {"OMP_NUM_THREADS": threads(n)}
-            out = os.path.join(args.workdir, f"out-{recipe}-{n}")
-            shutil.rmtree(out, ignore_errors=True)
-            summary = os.path.join(args.workdir, f"summary-{recipe}-{n}.json")
-            launcher = [sys.executable] if n == 1 else \
-                [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"]
-            cmd = [*launcher, "-m", "dist_export", "export", "--model", src, "--recipe", recipe, "--format", args.format,
-                   "--out", out, "--no-verify", "--max-shard-size", args.max_shard_size, "--summary-json", summary]
-            if args.device:
-                cmd += ["--device", args.device]
-            dt, _ = sh(cmd, env=env)
-            with open(summary) as f:
-                s = json.load(f)
-            run = {"tool": "dist_export", "recipe": recipe, "ranks": n, "wall_seconds": dt,
-                   "export_seconds": s["wall_seconds"], "bytes_written": s["bytes_written"],
-                   "gb_per_s": s["bytes_written"] / dt / 1e9,
-                   "peak_rss_per_rank": [r["peak_rss"] for r in s["ranks"]],
-                   "peak_gpu_per_rank": [r["peak_gpu"] for r in s["ranks"]],
-                   "largest_shard": max(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out)
-                                        if f.endswith(".safetensors"))}
-            results["runs"].append(run)
-            print(json.dumps(run), flush=True)
-            shutil.rmtree(out, ignore_errors=True)
+            for trial in range(args.repeat):
+                run = run_dist_export(args, src, recipe, n, env)
+                run["trial"] = trial
+                results["runs"].append(run)
+                print(json.dumps(run), flush=True)
             if not args.no_baselines:
                 out = os.path.join(args.workdir, f"thr-{recipe}-{n}")
                 dt, proc = sh([sys.executable, os.path.join(HERE, "threaded_baseline.py"), "--model", src,
@@ -163,6 +151,34 @@ def main() -> int:
     except ImportError as e:
         print(f"report not rendered here ({e}); run bench/report.py {args.results}")
     return 0
+
+
+def run_dist_export(args, src: str, recipe: str, n: int, env: dict) -> dict:
+    out = os.path.join(args.workdir, f"out-{recipe}-{n}")
+    shutil.rmtree(out, ignore_errors=True)
+    os.sync()  # the deletion's write-back is not charged to the next run
+    summary = os.path.join(args.workdir, f"summary-{recipe}-{n}.json")
+    if n > 1 and args.launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+               "-m", "dist_export", "export"]
+    else:
+        cmd = [sys.executable, "-m", "dist_export", "export"] + (["--nproc-per-node", str(n)] if n > 1 else [])
+    cmd += ["--model", src, "--recipe", recipe, "--format", args.format, "--out", out, "--no-verify",
+            "--max-shard-size", args.max_shard_size, "--summary-json", summary]
+    if args.device:
+        cmd += ["--device", args.device]
+    dt, _ = sh(cmd, env=env)
+    with open(summary) as f:
+        s = json.load(f)
+    run = {"tool": "dist_export", "recipe": recipe, "ranks": n, "wall_seconds": dt,
+           "export_seconds": s["wall_seconds"], "stage_seconds": s.get("stage_seconds", {}),
+           "bytes_written": s["bytes_written"], "gb_per_s": s["bytes_written"] / dt / 1e9,
+           "peak_rss_per_rank": [r["peak_rss"] for r in s["ranks"]],
+           "peak_gpu_per_rank": [r["peak_gpu"] for r in s["ranks"]],
+           "largest_shard": max(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out)
+                                if f.endswith(".safetensors"))}
+    shutil.rmtree(out, ignore_errors=True)
+    return run
 
 
 def _last_json(proc) -> dict | None:

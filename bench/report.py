@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -32,12 +33,40 @@ def table(res: dict) -> str:
         if r["tool"] == "modelopt" and "export_seconds" in r:
             note = f"load {r['load_seconds']:.1f} s, quantize {r['quantize_seconds']:.1f} s, export {r['export_seconds']:.1f} s"
         if r["tool"] == "dist_export":
-            note = f"largest shard {_gb(r['largest_shard'])} GB"
+            st = r.get("stage_seconds") or {}
+            note = (f"start-up {st['start-up']:.1f} s, export stage {r['export_seconds']:.1f} s; "
+                    if st.get("start-up") is not None else "") + f"largest shard {_gb(r['largest_shard'])} GB"
         gbps = r.get("gb_per_s", res["source_bytes"] / r["wall_seconds"] / 1e9 if "error" not in r else 0)
         wall = f"{r['wall_seconds']:.2f}" if "error" not in r else "failed"
         lines.append(f"| {r['tool']} | {r['recipe']} | {r['ranks']} | {wall} | {r['wall_seconds'] / floor:.2f} | "
                      f"{gbps:.2f} | {_gb(rss)} | {_gb(gpu)} | {note.replace('|', '/')[:160]} |")
-    return "\n".join(lines)
+    return "\n".join(lines + ["", *summary_table(res)])
+
+
+def medians(res: dict) -> dict:
+    """(tool, recipe) -> {ranks: median wall seconds} over the runs that did not fail."""
+    walls: dict = {}
+    for r in res["runs"]:
+        if "error" not in r:
+            walls.setdefault((r["tool"], r["recipe"]), {}).setdefault(r["ranks"], []).append(r["wall_seconds"])
+    return {k: {n: statistics.median(v) for n, v in sorted(by_n.items())} for k, by_n in walls.items()}
+
+
+def summary_table(res: dict) -> list[str]:
+    """Median wall time per tool, recipe and rank count, with the speed-up over 1 rank and the I/O floor ratio."""
+    floor = res["copy_floor_seconds"]
+    lines = ["| tool | recipe | ranks | runs | median wall s | speed-up vs 1 rank | x floor |", "|---|---|---|---|---|---|---|"]
+    counts: dict = {}
+    for r in res["runs"]:
+        if "error" not in r:
+            key = (r["tool"], r["recipe"], r["ranks"])
+            counts[key] = counts.get(key, 0) + 1
+    for (tool, recipe), by_n in sorted(medians(res).items()):
+        for n, wall in by_n.items():
+            speedup = f"{by_n[1] / wall:.2f}x" if 1 in by_n else "-"
+            lines.append(f"| {tool} | {recipe} | {n} | {counts[(tool, recipe, n)]} | {wall:.2f} | {speedup} | "
+                         f"{wall / floor:.2f} |")
+    return lines
 
 
 def plot(res: dict, path: str) -> None:
@@ -47,18 +76,13 @@ def plot(res: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    series: dict = {}
-    for r in res["runs"]:
-        if "error" in r:
-            continue
-        series.setdefault((r["tool"], r["recipe"]), []).append((r["ranks"], r["wall_seconds"]))
-    for (tool, recipe), pts in sorted(series.items()):
-        pts.sort()
+    for (tool, recipe), by_n in sorted(medians(res).items()):
+        pts = sorted(by_n.items())
         style = {"dist_export": "-o", "threads": "--s", "modelopt": "x"}[tool]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"{tool} {recipe}", markersize=8)
     ax.axhline(res["copy_floor_seconds"], color="gray", linestyle=":", label="I/O floor (copy + sync)")
     ax.set_xlabel("ranks (GPUs)")
-    ax.set_ylabel("export wall time, s")
+    ax.set_ylabel("export wall time (median), s")
     ax.set_title(f"{res['model']} -> {res['format']} on {res['machine'].get('gpus', ['CPU'])[0]}")
     ranks = sorted({r["ranks"] for r in res["runs"]})
     ax.set_xticks(ranks)

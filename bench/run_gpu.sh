@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What we run on a lent GPU machine (see docs/benchmarks.md): GPU tests, then the benchmark.
-#   PART=tests|cheap|heavy  bench/run_gpu.sh
+#   PART=tests|cheap|heavy|cheap+tests  REPEAT=2  bench/run_gpu.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -14,11 +14,16 @@ fi
 nvidia-smi -L | tee "$OUT/machine.txt"
 python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' | tee -a "$OUT/machine.txt"
 df -h /tmp | tee -a "$OUT/machine.txt"
+bench() {  # $1 recipe, $2 results name
+  python3 bench/bench_export.py --recipes "$1" --ranks "${RANKS:-1,2}" --repeat "${REPEAT:-2}" ${BENCH_ARGS:-} \
+    --results "$OUT/$2.json" 2>&1 | tail -40
+}
 case "${PART:-tests}" in
-  tests)
-    python3 -m pytest -q -x tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -30 | tee "$OUT/gpu-tests.txt" ;;
-  cheap)
-    python3 bench/bench_export.py --recipes fp8-block --results "$OUT/results-cheap.json" 2>&1 | tail -40 ;;
-  heavy)
-    python3 bench/bench_export.py --recipes nvfp4-mse --results "$OUT/results-heavy.json" 2>&1 | tail -40 ;;
+  *heavy*) bench nvfp4-mse "results-heavy" ;;
+esac
+case "${PART:-tests}" in
+  *cheap*) bench fp8-block "results-cheap" ;;
+esac
+case "${PART:-tests}" in
+  *tests*) python3 -m pytest -q -x tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -30 | tee "$OUT/gpu-tests.txt" ;;
 esac

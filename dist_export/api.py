@@ -16,7 +16,8 @@ from . import __version__
 from .calib import load_calibration, model_signature, required_input_quantizers
 from .commit import commit_export
 from .dist import DistContext, ExportError, init_distributed
-from .execute import execute_rank, measure_group_amax, merge_group_amax, staged_path
+from .execute import (execute_rank, groups_to_measure_first, measure_group_amax, merge_group_amax,
+                      reusable_shards, staged_path)
 from .io.reader import SourceCheckpoint
 from .manifest import Manifest, file_sha256, run_fingerprint
 from .monitor import start_monitor
@@ -96,8 +97,10 @@ def run_export(source, side_dir, out_dir, recipe="fp8-block", format="vllm-fq", 
         monitor = start_monitor(ctx, hang_after=hang_timeout, dead_after=dead_timeout,
                                 on_fail=lambda: remove_temporaries(out_dir))
         try:
-            return _export(ctx, model, out_dir, recipe, format, calib, overwrite, resume, max_shard_size, fault,
-                           verify)
+            summary = _export(ctx, model, out_dir, recipe, format, calib, overwrite, resume, max_shard_size, fault,
+                              verify)
+            monitor.finish()
+            return summary
         finally:
             monitor.stop()
             ctx.monitor = None
@@ -152,13 +155,18 @@ def _export(ctx, model, out_dir, recipe, format, calib_path, overwrite, resume, 
 
     try:
         ctx.step("prepare output folder", prepare)
-        # 3. Shared amax across ranks, then every rank executes its shards.
-        group_amax = {}
-        if plan.groups:
-            parts = ctx.step("shared amax", measure_group_amax, ctx, plan, source)
-            group_amax = merge_group_amax(plan, parts)
+        # 3. Shared amax of the groups split over ranks (or partly finished), then every rank executes its
+        # shards; the pipeline measures every other group as its members pass through.
+        def measure_first():
+            local["reused"] = reusable_shards(ctx, plan, out_dir, manifest)
+            local["first"] = groups_to_measure_first(plan, ctx.rank, local["reused"]) if plan.groups else set()
+            return measure_group_amax(ctx, plan, source, local["first"])
+
+        parts = ctx.step("resume check and shared amax", measure_first)
+        group_amax = merge_group_amax(plan, parts, required=local["first"])
+        reused = local["reused"]
         results = ctx.step("export", execute_rank, ctx, plan, source, fmt, out_dir, calib, group_amax, manifest,
-                           fault)
+                           fault, reused)
         # 4. Rank 0 checks and publishes; the index comes last.
         # The record lets `verify --source` recompute everything; it names no path, so the same inputs give
         # the same bytes wherever (and from whatever source object) they come.
@@ -176,6 +184,7 @@ def _export(ctx, model, out_dir, recipe, format, calib_path, overwrite, resume, 
         if lock is not None:
             lock.release()
     summary = _summary(results, time.monotonic() - t0, out_dir)
+    summary["stage_seconds"] = dict(ctx.stage_seconds)  # start-up = interpreter and imports, then each stage
     if ctx.is_rank0:
         _log_summary(summary)
         if verify:
@@ -200,6 +209,7 @@ def _summary(results, wall: float, out_dir: str) -> dict:
 def _log_summary(s: dict) -> None:
     log.info("done in %.2f s: wrote %.3f GB (%.2f GB/s), read %.3f GB; slowest rank %d", s["wall_seconds"],
              s["bytes_written"] / 1e9, s["gb_per_s"], s["bytes_read"] / 1e9, s["slowest_rank"])
+    log.info("  seconds: %s", ", ".join(f"{k} {v:.2f}" for k, v in s["stage_seconds"].items() if v is not None))
     for r in s["ranks"]:
         log.info("  rank %d: %d items, read %.3f GB, wrote %.3f GB in %.2f s, peak RSS %.2f GB, peak GPU %.2f GB",
                  r["rank"], r["items"], r["bytes_read"] / 1e9, r["bytes_written"] / 1e9, r["seconds"],

@@ -34,6 +34,8 @@ def _add_export(sub):
                                                                     "counts as dead (default 20)")
     p.add_argument("--no-verify", action="store_true", help="skip the structural check after writing")
     p.add_argument("--summary-json", default=None, help="write the run summary (timings, bytes, RSS) here")
+    p.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+                   help="start N ranks on this machine (one per GPU) without torchrun; default 1")
 
 
 def _add_calibrate(sub):
@@ -50,7 +52,7 @@ def _add_calibrate(sub):
 
 
 def _add_make_model(sub):
-    from .synthetic import ARCHS
+    from .archs import ARCHS
 
     p = sub.add_parser("make-model", help="write a synthetic HF checkpoint with deterministic random weights")
     p.add_argument("--arch", required=True, choices=sorted(ARCHS))
@@ -207,12 +209,17 @@ COMMANDS = {"export": cmd_export, "calibrate": cmd_calibrate, "make-model": cmd_
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     from .log import setup_logging
 
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     setup_logging(rank, args.verbose)
     try:
+        if getattr(args, "nproc_per_node", 1) != 1:
+            from .launch import launch_local, strip_option
+
+            return launch_local(strip_option(argv, "--nproc-per-node"), args.nproc_per_node)
         return COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
         msg = _one_line(e, args)
@@ -225,5 +232,16 @@ def main(argv=None) -> int:
         return 130
 
 
+def run() -> None:
+    """Entry point of `dist-export` and `python -m dist_export`: every file the commands write is closed and
+    fsynced before they return, so the process ends at once (`os._exit`) instead of tearing the interpreter
+    and torch down one module at a time, which takes longer than a small export."""
+    rc = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

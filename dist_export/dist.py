@@ -13,6 +13,7 @@ import datetime
 import logging
 import os
 import subprocess
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +34,7 @@ class DistContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     owns_process_group: bool = False
     monitor: object = None  # set by monitor.start_monitor
+    stage_seconds: dict = field(default_factory=dict)  # step name -> seconds on this rank (waiting included)
 
     @property
     def is_distributed(self) -> bool:
@@ -66,6 +68,13 @@ class DistContext:
 
         With one rank the original exception propagates unchanged (so a user's ValueError stays one).
         """
+        start = time.monotonic()
+        try:
+            return self._step(name, fn, *args, **kwargs)
+        finally:
+            self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + time.monotonic() - start
+
+    def _step(self, name: str, fn, *args, **kwargs) -> list:
         if not self.is_distributed:
             return [fn(*args, **kwargs)]
         status, result, exc = None, None, None
@@ -131,6 +140,18 @@ def pick_device(local_rank: int, requested: str | None = None) -> torch.device:
     return torch.device("cuda", index)
 
 
+def process_age_seconds() -> float | None:
+    """Seconds since this process started (interpreter start and imports); Linux only."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def init_distributed(
     device: str | None = None,
     timeout_s: float = 3600.0,
@@ -139,21 +160,36 @@ def init_distributed(
     world_size: int | None = None,
 ) -> DistContext:
     """Create the context: from an explicit store (tests), the launcher's environment, or a single process."""
+    age = process_age_seconds()
     if store is not None:
         layout = {"rank": rank, "world_size": world_size, "local_rank": rank}
     else:
         layout = launcher_env()
     if layout is None or layout["world_size"] == 1:
-        return DistContext(device=pick_device(0, device))
+        return _timed_device(DistContext(stage_seconds={"start-up": age}), 0, device)
     timeout = datetime.timedelta(seconds=timeout_s)
+    start = time.monotonic()
     owns = False
     if not dist.is_initialized():
         if store is not None:
             dist.init_process_group("gloo", store=store, rank=layout["rank"], world_size=layout["world_size"],
                                     timeout=timeout)
         else:
-            dist.init_process_group("gloo", init_method="env://", rank=layout["rank"],
+            # `dist-export export --nproc-per-node N` names a file store; torchrun and Slurm use MASTER_ADDR/PORT
+            init_method = os.environ.get("DIST_EXPORT_RENDEZVOUS", "env://")
+            dist.init_process_group("gloo", init_method=init_method, rank=layout["rank"],
                                     world_size=layout["world_size"], timeout=timeout)
         owns = True
-    return DistContext(layout["rank"], layout["world_size"], layout["local_rank"],
-                       pick_device(layout["local_rank"], device), owns)
+    ctx = DistContext(layout["rank"], layout["world_size"], layout["local_rank"], owns_process_group=owns,
+                      stage_seconds={"start-up": age})
+    ctx.stage_seconds["process group"] = time.monotonic() - start
+    return _timed_device(ctx, layout["local_rank"], device)
+
+
+def _timed_device(ctx: DistContext, local_rank: int, requested: str | None) -> DistContext:
+    start = time.monotonic()
+    ctx.device = pick_device(local_rank, requested)
+    if ctx.device.type == "cuda":
+        torch.empty(1, device=ctx.device)  # the CUDA context, timed here rather than inside the first stage
+    ctx.stage_seconds["device"] = time.monotonic() - start
+    return ctx

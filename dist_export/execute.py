@@ -12,6 +12,7 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -75,28 +76,81 @@ def input_amax_for(item: Item, calib: dict) -> torch.Tensor | None:
     return fused_input_amax(item.module, calib)
 
 
+def reusable_shards(ctx, plan: ExportPlan, out_dir: str, manifest: Manifest) -> dict[str, dict]:
+    """This rank's shards that --resume keeps (each file's checksum verified against its record), by filename."""
+    reused = {}
+    for shard in plan.owned_shards(ctx.rank):
+        info = manifest.reusable(shard.filename, staged_path(out_dir, plan, shard.filename))
+        if info is not None:
+            reused[shard.filename] = info
+    return reused
+
+
 def execute_rank(ctx, plan: ExportPlan, source, output_format, out_dir: str, calib: dict,
-                 group_amax: dict[str, torch.Tensor], manifest: Manifest, fault=None) -> RankResult:
-    """Write every shard this rank owns (skipping shards the manifest proves finished); return its result."""
+                 group_amax: dict[str, torch.Tensor], manifest: Manifest, fault=None,
+                 reused: dict[str, dict] | None = None) -> RankResult:
+    """Write every shard this rank owns except the `reused` ones (finished by an earlier run); return its result.
+    Shared-amax groups missing from `group_amax` are measured in the pipeline (see `PipelineGroups`)."""
     start = time.monotonic()
     result = RankResult(ctx.rank)
+    reused = reused or {}
     todo = []
     for shard in plan.owned_shards(ctx.rank):
-        reused = manifest.reusable(shard.filename, staged_path(out_dir, plan, shard.filename))
-        if reused is not None:
-            result.shards[shard.filename] = {**reused, "reused": True}
+        if shard.filename in reused:
+            result.shards[shard.filename] = {**reused[shard.filename], "reused": True}
             log.info("resume: reusing %s (checksum verified)", shard.filename)
             if ctx.monitor:
                 ctx.monitor.advance(len(shard.items), shard.nbytes)
         else:
             todo.append(shard)
     if todo:
-        _run_pipeline(ctx, plan, source, output_format, out_dir, calib, group_amax, manifest, todo, result, fault)
+        groups = PipelineGroups(plan, todo, group_amax)
+        _run_pipeline(ctx, plan, source, output_format, out_dir, calib, groups, manifest, todo, result, fault)
     result.seconds = time.monotonic() - start
     result.peak_rss = peak_rss_bytes()
     if ctx.device.type == "cuda":
         result.peak_gpu = torch.cuda.max_memory_allocated(ctx.device)
     return result
+
+
+class PipelineGroups:
+    """Shared weight amax measured as the members pass through the pipeline, so no member is read twice.
+
+    A group whose members are all in this rank's pending shards is measured here: each member is uploaded as
+    it arrives and waits on the device until the last member has arrived; the items behind it wait too,
+    so tensors still reach the writer in layout order (the wait spans a few neighbouring tensors: q, k, v or
+    gate, up of one layer). Groups split over ranks, or with a member in a reused shard, come measured in
+    `known` (the "shared amax" step before the pipeline)."""
+
+    def __init__(self, plan: ExportPlan, shards, known: dict[str, torch.Tensor]):
+        self.known = dict(known)
+        here: dict[str, int] = {}
+        for shard in shards:
+            for name in shard.items:
+                g = plan.items[name].group
+                if g is not None and g not in self.known:
+                    here[g] = here.get(g, 0) + 1
+        for g, count in here.items():
+            if count != len(plan.groups[g]):
+                raise RuntimeError(f"shared-amax group {g!r}: {count} of {len(plan.groups[g])} members on rank, "
+                                   f"and no amax measured before the pipeline")
+        self.left = here
+        self.amax: dict[str, float] = {}
+
+    def needs(self, item: Item) -> bool:
+        return item.quantized and item.group is not None and item.group in self.left
+
+    def add(self, item: Item, w: torch.Tensor) -> None:
+        """Fold one member's amax in (same max over members, as floats, as `merge_group_amax`)."""
+        g = item.group
+        self.amax[g] = max(self.amax.get(g, 0.0), float(compute_amax(w, item.weight, item.name)))
+        self.left[g] -= 1
+        if self.left[g] == 0:
+            del self.left[g]
+            self.known[g] = torch.tensor(self.amax.pop(g), dtype=torch.float32)
+
+    def ready(self, item: Item) -> bool:
+        return not item.quantized or item.group is None or item.group in self.known
 
 
 class _Job:
@@ -109,13 +163,11 @@ class _Job:
         self.name, self.tensor, self.ready, self.release = name, tensor, ready, release
 
 
-def _run_pipeline(ctx, plan, source, output_format, out_dir, calib, group_amax, manifest, shards, result, fault):
+def _run_pipeline(ctx, plan, source, output_format, out_dir, calib, groups, manifest, shards, result, fault):
     """Reader thread -> device compute (main thread) -> copy stream -> writer thread, all bounded."""
     cuda = ctx.device.type == "cuda"
     max_in = max(plan.items[n].meta.nbytes for s in shards for n in s.items)
     in_ring = HostRing(3, ring_size_for(max_in), pinned=cuda) if cuda else None
-    out_ring = HostRing(3, ring_size_for(max_in), pinned=True) if cuda else None
-    copy_stream = torch.cuda.Stream(ctx.device) if cuda else None
     read_q: queue.Queue = queue.Queue(maxsize=2)
     write_q: queue.Queue = queue.Queue(maxsize=4)
     stop = threading.Event()
@@ -182,29 +234,44 @@ def _run_pipeline(ctx, plan, source, output_format, out_dir, calib, group_amax, 
                 finishing.append(finisher.submit(_finish_shard, open_writer.pop("w"), job[1]))
 
     threads = [_Worker(f"reader-rank{ctx.rank}", reader), _Worker(f"writer-rank{ctx.rank}", writer)]
-    for t in threads:
-        t.start()
+    threads[0].start()  # the reader fills the first buffers while the output side is set up
+    out_ring = HostRing(3, ring_size_for(max_in), pinned=True) if cuda else None
+    copy_stream = torch.cuda.Stream(ctx.device) if cuda else None
+    threads[1].start()
+    current = None
+
+    def emit(arrival: _Arrival) -> None:
+        nonlocal current
+        if arrival.shard is not current:
+            if current is not None:
+                _put_checked(write_q, ("close", current), threads)
+            _put_checked(write_q, ("open", arrival.shard), threads)
+            current = arrival.shard
+        for out in _item_jobs(ctx, arrival, in_ring, out_ring, copy_stream, output_format, calib, groups.known):
+            _put_checked(write_q, out, threads)
+        result.items += 1
+        if ctx.monitor:
+            ctx.monitor.advance(1, sum(t.nbytes for t in output_format.outputs(arrival.item)))
+
     try:
-        current = None
+        waiting: deque[_Arrival] = deque()
         while True:
             job = _get(read_q, threads)
             if job is _DONE:
                 break
             shard, name, cpu_tensor, in_idx = job
-            if shard is not current:
-                if current is not None:
-                    _put_checked(write_q, ("close", current), threads)
-                _put_checked(write_q, ("open", shard), threads)
-                current = shard
             item = plan.items[name]
             if fault is not None:
                 fault.maybe_fire(ctx.rank, name)
-            for out in _process_item(ctx, item, cpu_tensor, in_idx, in_ring, out_ring, copy_stream,
-                                     output_format, calib, group_amax):
-                _put_checked(write_q, out, threads)
-            result.items += 1
-            if ctx.monitor:
-                ctx.monitor.advance(1, sum(t.nbytes for t in output_format.outputs(item)))
+            arrival = _arrive(ctx, shard, item, cpu_tensor, in_idx, in_ring, must_wait=bool(waiting))
+            if groups.needs(item):
+                groups.add(item, arrival.tensor)
+            waiting.append(arrival)
+            while waiting and groups.ready(waiting[0].item):
+                emit(waiting.popleft())
+        if waiting:
+            raise RuntimeError(f"shared-amax groups {sorted(groups.left)[:3]} never completed; "
+                               f"{len(waiting)} tensors were not written")
         if current is not None:
             _put_checked(write_q, ("close", current), threads)
         _put_checked(write_q, _DONE, threads)
@@ -248,18 +315,41 @@ def _put_checked(q, obj, threads):
             continue
 
 
-def _process_item(ctx, item, cpu_tensor, in_idx, in_ring, out_ring, copy_stream, output_format, calib, group_amax):
+class _Arrival:
+    """An item taken from the reader: its tensor is on the device (quantized items, uploaded at once so the
+    host buffer goes back to the reader) or on the host (copied items; `in_idx` holds its ring buffer)."""
+
+    __slots__ = ("shard", "item", "tensor", "in_idx")
+
+    def __init__(self, shard, item, tensor, in_idx):
+        self.shard, self.item, self.tensor, self.in_idx = shard, item, tensor, in_idx
+
+
+def _arrive(ctx, shard, item, cpu_tensor, in_idx, in_ring, must_wait: bool) -> _Arrival:
+    """Upload a quantized item (releasing its pinned buffer once the copy is done); a copied item that must
+    wait behind others leaves the ring too (a private copy), so the reader never starves."""
+    if item.quantized:
+        w = cpu_tensor.to(ctx.device, non_blocking=in_idx is not None)
+        if in_idx is not None:  # the reader may refill this buffer once the upload has completed
+            uploaded = torch.cuda.Event()
+            uploaded.record()
+            in_ring.release(in_idx, uploaded)
+        return _Arrival(shard, item, w, None)
+    if must_wait and in_idx is not None:
+        private = cpu_tensor.clone()
+        in_ring.release(in_idx)
+        return _Arrival(shard, item, private, None)
+    return _Arrival(shard, item, cpu_tensor, in_idx)
+
+
+def _item_jobs(ctx, arrival: _Arrival, in_ring, out_ring, copy_stream, output_format, calib, group_amax):
     """Jobs for the writer: copies go straight through; quantized items run on the device and come back
     through pinned buffers on the copy stream (the main thread goes on with the next item meanwhile)."""
+    item, in_idx = arrival.item, arrival.in_idx
     if not item.quantized:
         release = (lambda: in_ring.release(in_idx)) if in_idx is not None else None
-        return [_Job(item.name, cpu_tensor, release=release)]
-    w = cpu_tensor.to(ctx.device, non_blocking=in_idx is not None)
-    if in_idx is not None:  # the reader may refill this buffer once the upload has completed
-        uploaded = torch.cuda.Event()
-        uploaded.record()
-        in_ring.release(in_idx, uploaded)
-    outs = _device_outputs(ctx, item, w, output_format, calib, group_amax)
+        return [_Job(item.name, arrival.tensor, release=release)]
+    outs = _device_outputs(ctx, item, arrival.tensor, output_format, calib, group_amax)
     if copy_stream is None:
         return [_Job(n, t.to("cpu")) for n, t in outs]
     jobs = []
@@ -325,13 +415,30 @@ def _quantize_item(ctx, item: Item, cpu_tensor: torch.Tensor, output_format, cal
     return [(n, t.to("cpu")) for n, t in outs]
 
 
-def measure_group_amax(ctx, plan: ExportPlan, source) -> dict[str, float]:
-    """This rank's part of the shared amax: max|W| over the group members in the shards it owns."""
+def split_groups(plan: ExportPlan) -> set[str]:
+    """Shared-amax groups whose members are owned by more than one rank."""
+    owner = {n: s.owner for s in plan.shards for n in s.items}
+    return {g for g, members in plan.groups.items() if len({owner[m] for m in members}) > 1}
+
+
+def groups_to_measure_first(plan: ExportPlan, rank: int, reused: dict[str, dict]) -> set[str]:
+    """Groups this rank measures before its pipeline: those split over ranks, and its own groups with a member
+    in a reused shard (not read again by the pipeline). Every other group is measured in the pipeline."""
+    first = split_groups(plan)
+    for shard in plan.owned_shards(rank):
+        if shard.filename in reused:
+            first |= {plan.items[n].group for n in shard.items if plan.items[n].group is not None}
+    return first
+
+
+def measure_group_amax(ctx, plan: ExportPlan, source, groups: set[str] | None = None) -> dict[str, float]:
+    """This rank's part of the shared amax: max|W| over the members of `groups` (default: all) in the shards it
+    owns."""
     local: dict[str, float] = {}
     for shard in plan.owned_shards(ctx.rank):
         for name in shard.items:
             item = plan.items[name]
-            if item.group is None:
+            if item.group is None or (groups is not None and item.group not in groups):
                 continue
             amax = float(compute_amax(source.read(item.meta).to(ctx.device), item.weight, item.name))
             local[item.group] = max(local.get(item.group, 0.0), amax)
@@ -340,13 +447,14 @@ def measure_group_amax(ctx, plan: ExportPlan, source) -> dict[str, float]:
     return local
 
 
-def merge_group_amax(plan: ExportPlan, parts: list[dict[str, float]]) -> dict[str, torch.Tensor]:
-    """Shared amax per group = max over every rank's part (order-independent: equals a single-process run)."""
+def merge_group_amax(plan: ExportPlan, parts: list[dict[str, float]], required=None) -> dict[str, torch.Tensor]:
+    """Shared amax per group = max over every rank's part (order-independent: equals a single-process run).
+    `required` (default: every group) must all have been measured."""
     merged: dict[str, float] = {}
     for part in parts:
         for g, v in part.items():
             merged[g] = max(merged.get(g, 0.0), v)
-    missing = sorted(set(plan.groups) - set(merged))
+    missing = sorted(set(plan.groups if required is None else required) - set(merged))
     if missing:
         raise RuntimeError(f"no rank measured the shared amax of {missing[:3]}")
     return {g: torch.tensor(v, dtype=torch.float32) for g, v in merged.items()}

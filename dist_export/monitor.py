@@ -1,8 +1,9 @@
 """Per-rank background monitor: heartbeats, hang/death detection, and rank 0's job-wide progress bar.
 
-Every `interval` seconds each rank publishes `hb/<rank>` = "<beat> <progress> <waiting> <items> <bytes>" in the
-process group's key-value store and reads its peers' records:
-  * a peer whose beat has not changed for `dead_after` s is dead (killed, node lost);
+Every `interval` seconds each rank publishes `hb/<rank>` = "<beat> <progress> <state> <items> <bytes> <host> <pid>"
+(state 0 working, 1 waiting on peers, 2 finished) in the process group's key-value store and reads its peers':
+  * a peer on this host whose process is gone is dead at once (a killed local rank is named within a second);
+  * a peer whose beat has not changed for `dead_after` s is dead (killed on another node, node lost);
   * a peer whose progress counter has not changed for `hang_after` s while it is not waiting on others is hung.
 Either way this rank prints one line naming the peer and exits non-zero (after removing its own temporary
 files), so every rank ends within a bounded time and none waits forever inside a collective. Timestamps are
@@ -19,6 +20,7 @@ import threading
 import time
 
 log = logging.getLogger(__name__)
+WORKING, WAITING, FINISHED = 0, 1, 2
 
 
 class Monitor:
@@ -74,13 +76,21 @@ class Monitor:
         if self._bar is not None:
             self._update_bar(final=True)
             self._bar.close()
+            self._bar = None
+
+    def finish(self) -> None:
+        """This rank completed its part: stop, and tell peers to stop watching it (it may exit before them)."""
+        self.stop()
+        with contextlib.suppress(Exception):
+            self._publish(FINISHED)
 
     # -- background thread ------------------------------------------------------------------------
-    def _publish(self) -> None:
+    def _publish(self, state: int | None = None) -> None:
         self._beat += 1
         if self.store is None:
             return
-        record = (f"{self._beat} {self.progress} {int(self._waiting > 0)} {self.items} {self.bytes} "
+        state = (WAITING if self._waiting > 0 else WORKING) if state is None else state
+        record = (f"{self._beat} {self.progress} {state} {self.items} {self.bytes} "
                   f"{socket.gethostname()} {os.getpid()}")
         self.store.set(f"hb/{self.ctx.rank}", record)
 
@@ -123,8 +133,7 @@ class Monitor:
         except Exception:  # noqa: BLE001 - the store itself may have died with rank 0
             return []
         for r, rec in sorted(records.items()):
-            if r != self.ctx.rank and rec and len(rec) >= 7 and rec[5] == socket.gethostname() \
-                    and not _alive(int(rec[6])):
+            if r != self.ctx.rank and rec and _local_process_gone(rec):
                 dead.append(f"rank {r} died (process {rec[6]} on {rec[5]} is gone)")
         return dead
 
@@ -133,7 +142,13 @@ class Monitor:
             if now - start > self.dead_after:
                 self._fail(f"rank {peer} never reported (not started or died at start-up)")
             return
-        beat, progress, waiting = rec[0], rec[1], rec[2]
+        beat, progress, state = rec[0], rec[1], rec[2]
+        if state == FINISHED:
+            return
+        if _local_process_gone(rec):
+            self._fail(f"rank {peer} died (process {rec[6]} on {rec[5]} is gone)")
+            return
+        waiting = state == WAITING
         prev = self._seen.get(peer)
         if prev is None:
             self._seen[peer] = ((beat, progress), now, now)
@@ -193,6 +208,11 @@ class Monitor:
 def _parse(record: str) -> list:
     parts = record.split()
     return [int(x) for x in parts[:5]] + parts[5:]
+
+
+def _local_process_gone(rec) -> bool:
+    """The peer runs on this host (its record names it) and its process no longer exists (or is a zombie)."""
+    return len(rec) >= 7 and rec[5] == socket.gethostname() and not _alive(int(rec[6]))
 
 
 def _alive(pid: int) -> bool:

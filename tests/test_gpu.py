@@ -51,6 +51,8 @@ def test_cuda_mse_search_matches_cpu(fmt, bs):
                                               ("synthetic:qwen3-moe-small", "fp8-block", "fp8-block"),
                                               ("synthetic:qwen3-moe-small", "int4-w4a16", "vllm-fq")])
 def test_gpu_exports_equal_cpu_exports(model, recipe, fmt, tmp_path):
+    """One GPU, and two GPUs under torchrun and under --nproc-per-node, write the CPU export's bytes (the
+    pipeline's pinned rings, copy stream and in-pipeline shared amax included)."""
     src = model_dir(model)
     run_cli("export", "--model", src, "--recipe", recipe, "--format", fmt, "--device", "cpu",
             "--max-shard-size", "20MB", "--out", str(tmp_path / "cpu"))
@@ -62,3 +64,6 @@ def test_gpu_exports_equal_cpu_exports(model, recipe, fmt, tmp_path):
         run_torchrun(2, "export", "--model", src, "--recipe", recipe, "--format", fmt, "--device", "cuda",
                      "--max-shard-size", "20MB", "--out", str(tmp_path / "gpu2"))
         assert folder_hashes(str(tmp_path / "gpu2")) == ref
+        run_cli("export", "--model", src, "--recipe", recipe, "--format", fmt, "--device", "cuda",
+                "--max-shard-size", "20MB", "--nproc-per-node", "2", "--out", str(tmp_path / "gpu2-builtin"))
+        assert folder_hashes(str(tmp_path / "gpu2-builtin")) == ref

@@ -1,0 +1,109 @@
+"""`dist-export export --nproc-per-node N`: the built-in launcher (no torchrun) and the in-pipeline shared amax.
+
+The launcher must give the bytes of a single-process export, end a job whose rank was killed quickly (peers on
+the same host see the process vanish within about a second, well before the heartbeat timeout), name the rank,
+leave no index, and let --resume finish the job. Its parent process must not import torch (that is the point:
+its start-up costs nothing that does not also happen in a single-process run).
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, folder_hashes, model_dir, run_cli
+
+MODEL = "synthetic:llama-tiny"
+RECIPE = "nvfp4-mse"  # shares the weight amax of q/k/v and gate/up: exercises the in-pipeline groups
+SHARD = "20KB"
+
+
+def _export(out, *extra, env=None, check=True):
+    return run_cli("export", "--model", model_dir(MODEL), "--recipe", RECIPE, "--max-shard-size", SHARD,
+                   "--out", str(out), *extra, env={"OMP_NUM_THREADS": "1", **(env or {})}, timeout=240, check=check)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("launcher-ref") / "ws1"
+    _export(out)
+    hashes = folder_hashes(out)
+    assert len([f for f in hashes if f.endswith(".safetensors")]) >= 4, hashes
+    return hashes
+
+
+def test_nproc_per_node_matches_single_process(reference, tmp_path):
+    out = tmp_path / "n3"
+    proc = _export(out, "--nproc-per-node", "3")
+    assert folder_hashes(out) == reference
+    assert "rank 2:" in proc.stderr and "slowest rank" in proc.stderr, proc.stderr[-2000:]
+    # the stage timings name the launch's parts
+    assert re.search(r"seconds: start-up [0-9.]+, process group [0-9.]+, device", proc.stderr), proc.stderr[-2000:]
+
+
+def test_killed_rank_ends_job_fast_and_resume_completes(reference, tmp_path):
+    """SIGKILL rank 1 at its 2nd item: with the default 20 s heartbeat timeout the job still ends within
+    seconds (the peers see the local process vanish); the survivors and the launcher name rank 1; no index;
+    --resume with the launcher gives the reference bytes."""
+    out = tmp_path / "killed"
+    t0 = time.monotonic()
+    proc = _export(out, "--nproc-per-node", "2", env={"DIST_EXPORT_FAULT": "kill:1:1"}, check=False)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode != 0
+    assert elapsed < 15, f"took {elapsed:.1f} s (heartbeat timeout is 20 s):\n{proc.stderr[-2000:]}"
+    assert re.search(r"\[rank 0\] error: .*rank 1 died", proc.stderr), proc.stderr[-2000:]
+    assert re.search(r"\[launcher\] error: rank 1 killed by SIGKILL", proc.stderr), proc.stderr[-2000:]
+    assert not os.path.exists(out / "model.safetensors.index.json")
+    _export(out, "--nproc-per-node", "2", "--resume")
+    assert folder_hashes(out) == reference
+
+
+def test_launcher_parent_does_not_import_torch():
+    code = ("import sys; from dist_export import cli, launch; cli.build_parser(); "
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+@pytest.mark.parametrize("env", [{"RANK": "0", "WORLD_SIZE": "2"}, {"SLURM_NTASKS": "2", "SLURM_PROCID": "0"}])
+def test_nproc_per_node_under_another_launcher_refused(env, tmp_path):
+    proc = _export(tmp_path / "x", "--nproc-per-node", "2", env=env, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].endswith("do not combine it with torchrun or srun (they already "
+                                                         "set the ranks)"), proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_strip_option():
+    from dist_export.launch import strip_option
+
+    argv = ["-v", "export", "--nproc-per-node", "2", "--out", "o", "--nproc-per-node=3"]
+    assert strip_option(argv, "--nproc-per-node") == ["-v", "export", "--out", "o"]
+
+
+def test_groups_measured_first_only_when_split_or_reused():
+    """Only groups split over ranks, or with a member in a reused shard, are measured before the pipeline."""
+    from dist_export.api import parse_size
+    from dist_export.execute import groups_to_measure_first, split_groups
+    from dist_export.io.reader import SourceCheckpoint
+    from dist_export.plan import build_plan
+    from dist_export.recipe import load_recipe
+    from dist_export.writers import get_output_format
+
+    tensors = SourceCheckpoint(model_dir(MODEL)).tensors
+    fmt, rec = get_output_format("vllm-fq"), load_recipe(RECIPE)
+    one = build_plan(tensors, rec, fmt, 1, parse_size(SHARD))
+    assert one.groups and not split_groups(one)
+    assert groups_to_measure_first(one, 0, {}) == set()
+    shard = next(s for s in one.shards if any(one.items[n].group for n in s.items))
+    reused = groups_to_measure_first(one, 0, {shard.filename: {}})
+    assert reused == {one.items[n].group for n in shard.items if one.items[n].group}
+    three = build_plan(tensors, rec, fmt, 3, parse_size(SHARD))
+    split = split_groups(three)
+    assert split, "test setup: no group spans ranks at world size 3"
+    owner = {n: s.owner for s in three.shards for n in s.items}
+    assert all(len({owner[m] for m in three.groups[g]}) > 1 for g in split)
+    assert all(len({owner[m] for m in three.groups[g]}) == 1 for g in set(three.groups) - split)
