@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What we run on a lent GPU machine (see docs/benchmarks.md): GPU tests, then the benchmark.
-#   PART=tests|cheap|heavy|cheap+tests  REPEAT=2  bench/run_gpu.sh
+#   PART=tests|cheap|heavy|cheap+heavy+tests  REPEAT=2  [CHEAP_ARGS=...] [HEAVY_ARGS=--no-baselines]  bench/run_gpu.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -14,15 +14,15 @@ fi
 nvidia-smi -L | tee "$OUT/machine.txt"
 python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' | tee -a "$OUT/machine.txt"
 df -h /tmp | tee -a "$OUT/machine.txt"
-bench() {  # $1 recipe, $2 results name
-  python3 bench/bench_export.py --recipes "$1" --ranks "${RANKS:-1,2}" --repeat "${REPEAT:-2}" ${BENCH_ARGS:-} \
+bench() {  # $1 recipe, $2 results name, then extra bench arguments
+  python3 bench/bench_export.py --recipes "$1" --ranks "${RANKS:-1,2}" --repeat "${REPEAT:-2}" "${@:3}" \
     --results "$OUT/$2.json" 2>&1 | tail -40
 }
 case "${PART:-tests}" in
-  *heavy*) bench nvfp4-mse "results-heavy" ;;
+  *cheap*) bench fp8-block "results-cheap" ${CHEAP_ARGS:-} ;;
 esac
 case "${PART:-tests}" in
-  *cheap*) bench fp8-block "results-cheap" ;;
+  *heavy*) bench nvfp4-mse "results-heavy" ${HEAVY_ARGS:-} ;;
 esac
 case "${PART:-tests}" in
   *tests*) python3 -m pytest -q -x tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -30 | tee "$OUT/gpu-tests.txt" ;;

@@ -1,9 +1,9 @@
 """Stage 2, every rank: read the owned items, quantize them on this rank's device, write the owned shards.
 
-Three threads overlap the work of one rank: a reader prefetches the next items' bytes (positioned reads,
-bounded queue), the main thread quantizes on the device, and a writer streams finished tensors into the open
-shard (file writes release the GIL). Host memory is bounded by the two queues plus the item in flight; a shard
-never sits whole in memory. Each finished shard is fsynced, renamed and recorded in the resume manifest.
+Threads overlap the work of one rank: a reader prefetches the next items' bytes (positioned reads,
+bounded queue), the main thread quantizes on the device, and a writer hands finished tensors to the open
+shard, whose pool writes them at their planned offsets (file writes release the GIL). Host memory is bounded by the two queues, the
+pinned rings and `WRITE_IN_FLIGHT` bytes per open shard; a shard never sits whole in memory. Each finished shard is fsynced, renamed and recorded in the resume manifest.
 """
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ from .ring import HostRing, ring_size_for
 
 log = logging.getLogger(__name__)
 _DONE = object()
+WRITE_THREADS = 4  # positioned writes per rank at once (see io/writer.py)
+WRITE_IN_FLIGHT = 512 * 1024 * 1024  # bytes a shard writer may have queued before the writer thread waits
 
 
 @dataclass
@@ -198,6 +200,7 @@ def _run_pipeline(ctx, plan, source, output_format, out_dir, calib, groups, mani
 
     open_writer: dict = {}
     finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"fsync-rank{ctx.rank}")
+    write_pool = ThreadPoolExecutor(max_workers=WRITE_THREADS, thread_name_prefix=f"pwrite-rank{ctx.rank}")
     finishing: list = []
 
     def _finish_shard(w, shard):
@@ -220,15 +223,14 @@ def _run_pipeline(ctx, plan, source, output_format, out_dir, calib, groups, mani
             if isinstance(job, _Job):
                 if job.ready is not None:
                     job.ready.synchronize()
-                open_writer["w"].write(job.name, job.tensor)
+                # returns at once; the pool writes the pieces and `release` returns the buffer when done
+                open_writer["w"].write_async(job.name, job.tensor, done=job.release)
                 result.bytes_written += job.tensor.numel() * job.tensor.element_size()
-                if job.release is not None:
-                    job.release()
             elif job[0] == "open":
                 shard = job[1]
                 path = os.path.join(out_dir, shard.filename)
                 open_writer["w"] = ShardWriter(path, [(t.name, t.dtype, t.shape) for t in shard.tensors],
-                                               {"format": "pt"})
+                                               {"format": "pt"}, pool=write_pool, max_in_flight=WRITE_IN_FLIGHT)
             elif job[0] == "close":
                 # fsync + rename on the finisher thread: the next shard's writes start at once
                 finishing.append(finisher.submit(_finish_shard, open_writer.pop("w"), job[1]))
@@ -289,6 +291,7 @@ def _run_pipeline(ctx, plan, source, output_format, out_dir, calib, groups, mani
         raise
     finally:
         finisher.shutdown(wait=True)
+        write_pool.shutdown(wait=True)
 
 
 def _get(q, threads):

@@ -1,83 +1,150 @@
-"""Streaming safetensors writer: the header is known from the plan, tensors are appended one by one.
+"""Streaming safetensors writer: the header is known from the plan, so every tensor's place in the file is too.
 
-A shard never sits whole in memory: each tensor is written as soon as it is produced. The file is created
-under a temporary name with mode 0644 and checksummed while written; `finish` fsyncs and renames it.
+A shard never sits whole in memory: each tensor is written as soon as it is produced, with positioned writes
+(`os.pwrite`) at its planned offset, cut into `PIECE` pieces that a pool of threads writes at once. One
+thread writing into the page cache tops out near 1.2 GB/s on the GPU machines' disk, below what the disk takes
+(1.9 GB/s from two writers, measured), and the planned offsets make the pieces independent. The file is
+created under a temporary name with mode 0644; `finish` waits for the pieces, fsyncs and renames it.
 
-The sha256 runs on a hasher thread alongside the file write of the same bytes (both release the GIL), so
-checksumming costs no extra time as long as hashing is faster than the disk.
-
-Every `WRITEBACK_EVERY` bytes the writer asks the kernel to start writing the new bytes to disk
-(`posix_fadvise(DONTNEED)` starts asynchronous write-back on Linux and returns). Without it the pages stay dirty
-until the final fsync (the kernel's own write-back starts only at gigabytes of dirty memory): the disk idles
-while the shard is produced and every shard ends with a long fsync, the last one on the job's critical path.
+The sha256 runs on its own thread over the same bytes in file order (hashlib releases the GIL), alongside the
+writes. After each piece the kernel is asked to start writing it to disk (`posix_fadvise(DONTNEED)` starts
+asynchronous write-back on Linux and returns); otherwise the pages stay dirty until the final fsync (the
+kernel's own write-back starts only at gigabytes of dirty memory), the disk idles while the shard is produced
+and every shard ends with a long fsync, the last one on the job's critical path.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import threading
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from .st_format import DTYPE_TO_ST, encode_header
 
-WRITEBACK_EVERY = 32 * 1024 * 1024
+PIECE = 64 * 1024 * 1024
 
 
 class ShardWriter:
-    def __init__(self, final_path: str, tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]):
+    """`write` appends the next tensor and returns when its bytes are in the file; `write_async` returns at
+    once and calls `done` (from a pool thread) when the tensor's bytes are written and hashed, so the caller
+    can reuse its buffer. `max_in_flight` bytes at most are queued; `finish` waits for all of them."""
+
+    def __init__(self, final_path: str, tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str],
+                 pool: ThreadPoolExecutor | None = None, max_in_flight: int = 1 << 30):
         self.final_path = final_path
         self.tmp_path = final_path + ".tmp"
         self.expected = [(name, dtype, tuple(shape)) for name, dtype, shape in tensors]
         self._next = 0
-        header, _ = encode_header(self.expected, metadata)
+        header, starts = encode_header(self.expected, metadata)
+        self._offsets = [len(header) + s for s in starts]
         self._sha = hashlib.sha256()
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")  # FIFO keeps byte order
-        fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.fchmod(fd, 0o644)  # whatever the umask: loaders run as other users
-        self._f = os.fdopen(fd, "wb", buffering=0)
-        self._written = self._written_back = 0
-        self._write(header)
-
-    def _write(self, data) -> None:
-        view = memoryview(data).cast("B")
-        hashed = self._hasher.submit(self._sha.update, view)
-        self._written += len(view)
-        while len(view):
-            n = self._f.write(view)
-            view = view[n:]
-        if self._written - self._written_back >= WRITEBACK_EVERY and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self._f.fileno(), self._written_back, self._written - self._written_back,
-                             os.POSIX_FADV_DONTNEED)
-            self._written_back = self._written
-        hashed.result()  # the caller may reuse the buffer once we return
+        self._own_pool = pool is None
+        self._pool = pool or ThreadPoolExecutor(max_workers=1, thread_name_prefix="pwrite")
+        self._in_flight: deque = deque()  # (futures, nbytes), oldest first
+        self._in_flight_bytes = 0
+        self.max_in_flight = max_in_flight
+        self._fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.fchmod(self._fd, 0o644)  # whatever the umask: loaders run as other users
+        self._submit(memoryview(header), 0, None)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append the next tensor; its name, dtype and shape must be the next ones the header declares."""
+        self.write_async(name, tensor)
+        self._drain(0)
+
+    def write_async(self, name: str, tensor: torch.Tensor, done=None) -> None:
         exp_name, exp_dtype, exp_shape = self.expected[self._next]
         got = (name, DTYPE_TO_ST.get(tensor.dtype), tuple(tensor.shape))
         if got != (exp_name, exp_dtype, exp_shape):
             raise RuntimeError(f"shard {os.path.basename(self.final_path)}: expected {self.expected[self._next]}, got {got}")
         if tensor.device.type != "cpu":
             raise RuntimeError(f"{name}: tensors must be on the host before writing")
-        if tensor.numel():
-            self._write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+        offset = self._offsets[self._next]
         self._next += 1
+        if not tensor.numel():
+            if done is not None:
+                done()
+            return
+        self._submit(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()).cast("B"), offset, done)
+
+    def _submit(self, data: memoryview, offset: int, done) -> None:
+        futures = [self._pool.submit(_write_piece, self._fd, data[i:i + PIECE], offset + i)
+                   for i in range(0, len(data), PIECE)]
+        futures.append(self._hasher.submit(self._sha.update, data))
+        if done is not None:
+            _when_all(futures, done)
+        self._in_flight.append((futures, len(data)))
+        self._in_flight_bytes += len(data)
+        self._drain(self.max_in_flight)
+
+    def _drain(self, limit: int) -> None:
+        """Retire finished writes (raising their errors); wait for the oldest while more than `limit` bytes
+        are in flight."""
+        while self._in_flight and (self._in_flight_bytes > limit or all(f.done() for f in self._in_flight[0][0])):
+            futures, nbytes = self._in_flight.popleft()
+            for f in futures:
+                f.result()
+            self._in_flight_bytes -= nbytes
 
     def finish(self, rename_to: str | None = None) -> str:
-        """fsync and rename; returns the sha256 of the file bytes."""
+        """Wait for every write, fsync and rename; returns the sha256 of the file bytes."""
         if self._next != len(self.expected):
             raise RuntimeError(f"shard {self.final_path}: {len(self.expected) - self._next} tensors not written")
-        self._hasher.shutdown()
-        os.fsync(self._f.fileno())
-        self._f.close()
+        try:
+            self._drain(0)
+        except BaseException:
+            self.abort()
+            raise
+        self._shutdown()
+        os.fsync(self._fd)
+        os.close(self._fd)
         os.replace(self.tmp_path, rename_to or self.final_path)
         return self._sha.hexdigest()
 
     def abort(self) -> None:
+        """Wait for the writes in flight (errors ignored), then remove the temporary file."""
+        for futures, _ in self._in_flight:
+            for f in futures:
+                f.exception()
+        self._in_flight.clear()
+        self._shutdown()
         try:
-            self._hasher.shutdown(wait=False)
-            self._f.close()
-        finally:
-            if os.path.exists(self.tmp_path):
-                os.unlink(self.tmp_path)
+            os.close(self._fd)
+        except OSError:
+            pass
+        if os.path.exists(self.tmp_path):
+            os.unlink(self.tmp_path)
+
+    def _shutdown(self) -> None:
+        self._hasher.shutdown()
+        if self._own_pool:
+            self._pool.shutdown()
+
+
+def _write_piece(fd: int, data: memoryview, offset: int) -> None:
+    start, length = offset, len(data)
+    while len(data):
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+    if hasattr(os, "posix_fadvise"):  # start write-back of this piece now (see the module docstring)
+        os.posix_fadvise(fd, start, length, os.POSIX_FADV_DONTNEED)
+
+
+def _when_all(futures, callback) -> None:
+    """Call `callback` once every future has completed (from the thread that completes the last one)."""
+    left = [len(futures)]
+    lock = threading.Lock()
+
+    def one_done(_f):
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            callback()
+
+    for f in futures:
+        f.add_done_callback(one_done)
