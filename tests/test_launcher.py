@@ -107,3 +107,45 @@ def test_groups_measured_first_only_when_split_or_reused():
     owner = {n: s.owner for s in three.shards for n in s.items}
     assert all(len({owner[m] for m in three.groups[g]}) > 1 for g in split)
     assert all(len({owner[m] for m in three.groups[g]}) == 1 for g in set(three.groups) - split)
+
+
+class _FakeCtx:
+    rank, world_size, is_rank0 = 0, 2, True
+
+
+def _monitor(dead_after=0.5):
+    from dist_export.monitor import Monitor
+
+    m = Monitor(_FakeCtx(), None, dead_after=dead_after, hang_after=60)
+    m.failures = []
+    m._fail = m.failures.append  # instead of printing and exiting the process
+    return m
+
+
+def _record(beat, state, pid):
+    import socket
+
+    return [beat, 0, state, 0, 0, socket.gethostname(), str(pid)]
+
+
+def test_monitor_names_vanished_local_peer_at_once():
+    """A peer on this host whose process is gone is reported on the first check, not after --dead-timeout."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    m = _monitor(dead_after=3600)
+    m._check_peer(1, _record(5, 0, proc.pid), now=10.0, start=0.0)
+    assert m.failures and "rank 1 died" in m.failures[0] and str(proc.pid) in m.failures[0]
+
+
+def test_monitor_ignores_finished_peer():
+    """A peer that finished its part (and may exit while rank 0 still verifies) is neither dead nor hung, even
+    when its beat stops and its process is gone."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    m = _monitor(dead_after=0.5)
+    for t in (1.0, 2.0, 30.0):
+        m._check_peer(1, _record(7, 2, proc.pid), now=t, start=0.0)
+    assert m.failures == []
+    m._check_peer(1, _record(7, 0, os.getpid()), now=31.0, start=0.0)  # a working peer with a stale beat...
+    m._check_peer(1, _record(7, 0, os.getpid()), now=32.0, start=0.0)
+    assert m.failures and "stopped sending heartbeats" in m.failures[0]  # ...is still caught
