@@ -149,3 +149,41 @@ def test_monitor_ignores_finished_peer():
     m._check_peer(1, _record(7, 0, os.getpid()), now=31.0, start=0.0)  # a working peer with a stale beat...
     m._check_peer(1, _record(7, 0, os.getpid()), now=32.0, start=0.0)
     assert m.failures and "stopped sending heartbeats" in m.failures[0]  # ...is still caught
+
+
+def test_sigterm_to_launcher_ends_every_rank(tmp_path):
+    """A scheduler's SIGTERM to the launcher reaches every rank (one of them hung on purpose): the job ends
+    at once, non-zero, and no rank is left running (a leftover would hold the output folder's lock)."""
+    import signal
+
+    out = tmp_path / "term"
+    cmd = [sys.executable, "-m", "dist_export", "export", "--model", model_dir(MODEL), "--recipe", RECIPE,
+           "--max-shard-size", SHARD, "--out", str(out), "--nproc-per-node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DIST_EXPORT_FAULT": "hang:1:1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (out / ".dist_export.lock").exists():
+        time.sleep(0.2)
+    assert (out / ".dist_export.lock").exists(), "the export never started"
+    time.sleep(1.0)
+    children = _children(proc.pid)
+    assert len(children) == 2, children
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, err[-2000:])
+    assert time.monotonic() - t0 < 10
+    assert "[launcher] error: rank" in err and "SIGTERM" in err, err[-2000:]
+    assert not [pid for pid in children if os.path.exists(f"/proc/{pid}")], "a rank outlived the launcher"
+    assert not (out / "model.safetensors.index.json").exists()
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+@pytest.mark.parametrize("n", ["0", "-2"])
+def test_nproc_per_node_below_one_refused(n, tmp_path):
+    proc = _export(tmp_path / "x", "--nproc-per-node", n, check=False)
+    assert proc.returncode == 1 and "--nproc-per-node must be at least 1" in proc.stderr.strip().splitlines()[-1]
