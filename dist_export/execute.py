@@ -182,6 +182,26 @@ def _run_pipeline(ctx, plan, source, output_format, out_dir, calib, groups, mani
             except queue.Full:
                 continue
 
+    def acquire(ring):
+        """A free buffer, or None once the pipeline is stopping (so a failed main thread never waits on us)."""
+        while not stop.is_set():
+            try:
+                return ring.acquire(timeout=0.2)
+            except queue.Empty:
+                continue
+        return None
+
+    def acquire_out() -> int:
+        """A free output buffer; raises the writer's error instead of waiting for buffers it will never return."""
+        while True:
+            for t in threads:
+                if t.error is not None:
+                    raise t.error
+            try:
+                return out_ring.acquire(timeout=0.2)
+            except queue.Empty:
+                continue
+
     def reader():
         for shard in shards:
             for name in shard.items:
@@ -190,7 +210,9 @@ def _run_pipeline(ctx, plan, source, output_format, out_dir, calib, groups, mani
                 meta = plan.items[name].meta
                 idx = None
                 if in_ring is not None and in_ring.fits(meta.nbytes):
-                    idx = in_ring.acquire()
+                    idx = acquire(in_ring)
+                    if idx is None:
+                        return
                     tensor = source.read(meta, out=in_ring.buffers[idx])
                 else:
                     tensor = source.read(meta)
@@ -236,11 +258,7 @@ def _run_pipeline(ctx, plan, source, output_format, out_dir, calib, groups, mani
                 finishing.append(finisher.submit(_finish_shard, open_writer.pop("w"), job[1]))
 
     threads = [_Worker(f"reader-rank{ctx.rank}", reader), _Worker(f"writer-rank{ctx.rank}", writer)]
-    threads[0].start()  # the reader fills the first buffers while the output side is set up
-    out_ring = HostRing(3, ring_size_for(max_in), pinned=True) if cuda else None
-    copy_stream = torch.cuda.Stream(ctx.device) if cuda else None
-    threads[1].start()
-    current = None
+    out_ring = copy_stream = current = None
 
     def emit(arrival: _Arrival) -> None:
         nonlocal current
@@ -249,13 +267,18 @@ def _run_pipeline(ctx, plan, source, output_format, out_dir, calib, groups, mani
                 _put_checked(write_q, ("close", current), threads)
             _put_checked(write_q, ("open", arrival.shard), threads)
             current = arrival.shard
-        for out in _item_jobs(ctx, arrival, in_ring, out_ring, copy_stream, output_format, calib, groups.known):
+        for out in _item_jobs(ctx, arrival, in_ring, out_ring, acquire_out, copy_stream, output_format, calib,
+                              groups.known):
             _put_checked(write_q, out, threads)
         result.items += 1
         if ctx.monitor:
             ctx.monitor.advance(1, sum(t.nbytes for t in output_format.outputs(arrival.item)))
 
     try:
+        threads[0].start()  # the reader fills the first buffers while the output side is set up
+        out_ring = HostRing(3, ring_size_for(max_in), pinned=True) if cuda else None
+        copy_stream = torch.cuda.Stream(ctx.device) if cuda else None
+        threads[1].start()
         waiting: deque[_Arrival] = deque()
         while True:
             job = _get(read_q, threads)
@@ -285,7 +308,8 @@ def _run_pipeline(ctx, plan, source, output_format, out_dir, calib, groups, mani
     except BaseException:
         stop.set()
         for t in threads:
-            t.join(timeout=10)
+            if t.is_alive():
+                t.join(timeout=10)
         if "w" in open_writer:
             open_writer["w"].abort()
         raise
@@ -345,7 +369,8 @@ def _arrive(ctx, shard, item, cpu_tensor, in_idx, in_ring, must_wait: bool) -> _
     return _Arrival(shard, item, cpu_tensor, in_idx)
 
 
-def _item_jobs(ctx, arrival: _Arrival, in_ring, out_ring, copy_stream, output_format, calib, group_amax):
+def _item_jobs(ctx, arrival: _Arrival, in_ring, out_ring, acquire_out, copy_stream, output_format, calib,
+               group_amax):
     """Jobs for the writer: copies go straight through; quantized items run on the device and come back
     through pinned buffers on the copy stream (the main thread goes on with the next item meanwhile)."""
     item, in_idx = arrival.item, arrival.in_idx
@@ -362,7 +387,7 @@ def _item_jobs(ctx, arrival: _Arrival, in_ring, out_ring, copy_stream, output_fo
         if not out_ring.fits(nbytes):
             jobs.append(_Job(n, t.to("cpu")))
             continue
-        idx = out_ring.acquire()
+        idx = acquire_out()
         host = out_ring.view(idx, t.dtype, t.shape)
         with torch.cuda.stream(copy_stream):
             host.copy_(t, non_blocking=True)
