@@ -43,29 +43,30 @@ def table(res: dict) -> str:
     return "\n".join(lines + ["", *summary_table(res)])
 
 
-def medians(res: dict) -> dict:
-    """(tool, recipe) -> {ranks: median wall seconds} over the runs that did not fail."""
-    walls: dict = {}
+def walls(res: dict) -> dict:
+    """(tool, recipe) -> {ranks: [wall seconds of every run that did not fail]}."""
+    out: dict = {}
     for r in res["runs"]:
         if "error" not in r:
-            walls.setdefault((r["tool"], r["recipe"]), {}).setdefault(r["ranks"], []).append(r["wall_seconds"])
-    return {k: {n: statistics.median(v) for n, v in sorted(by_n.items())} for k, by_n in walls.items()}
+            out.setdefault((r["tool"], r["recipe"]), {}).setdefault(r["ranks"], []).append(r["wall_seconds"])
+    return out
+
+
+def medians(res: dict) -> dict:
+    """(tool, recipe) -> {ranks: median wall seconds}."""
+    return {k: {n: statistics.median(v) for n, v in sorted(by_n.items())} for k, by_n in walls(res).items()}
 
 
 def summary_table(res: dict) -> list[str]:
     """Median wall time per tool, recipe and rank count, with the speed-up over 1 rank and the I/O floor ratio."""
     floor = res["copy_floor_seconds"]
     lines = ["| tool | recipe | ranks | runs | median wall s | speed-up vs 1 rank | x floor |", "|---|---|---|---|---|---|---|"]
-    counts: dict = {}
-    for r in res["runs"]:
-        if "error" not in r:
-            key = (r["tool"], r["recipe"], r["ranks"])
-            counts[key] = counts.get(key, 0) + 1
-    for (tool, recipe), by_n in sorted(medians(res).items()):
-        for n, wall in by_n.items():
-            speedup = f"{by_n[1] / wall:.2f}x" if 1 in by_n else "-"
-            lines.append(f"| {tool} | {recipe} | {n} | {counts[(tool, recipe, n)]} | {wall:.2f} | {speedup} | "
-                         f"{wall / floor:.2f} |")
+    for (tool, recipe), by_n in sorted(walls(res).items()):
+        med = {n: statistics.median(v) for n, v in by_n.items()}
+        for n in sorted(by_n):
+            speedup = f"{med[1] / med[n]:.2f}x" if 1 in med else "-"
+            lines.append(f"| {tool} | {recipe} | {n} | {len(by_n[n])} | {med[n]:.2f} | {speedup} | "
+                         f"{med[n] / floor:.2f} |")
     return lines
 
 

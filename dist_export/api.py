@@ -166,7 +166,7 @@ def _export(ctx, model, out_dir, recipe, format, calib_path, overwrite, resume, 
         group_amax = merge_group_amax(plan, parts, required=local["first"])
         reused = local["reused"]
         results = ctx.step("export", execute_rank, ctx, plan, source, fmt, out_dir, calib, group_amax, manifest,
-                           fault, reused)
+                           fault, reused=reused)
         # 4. Rank 0 checks and publishes; the index comes last.
         # The record lets `verify --source` recompute everything; it names no path, so the same inputs give
         # the same bytes wherever (and from whatever source object) they come.

@@ -86,6 +86,8 @@ class DistContext:
         gathered = self.all_gather_object((status, result))
         failed = [(r, s) for r, (s, _) in enumerate(gathered) if s is not None]
         if failed:
+            if self.monitor is not None:  # every rank knows the outcome now and may exit at any moment:
+                self.monitor.finish()     # stop watching peers and tell them to stop watching us
             ranks = ", ".join(str(r) for r, _ in failed)
             cause = failed[0][1]
             err = ExportError(f"{name} failed on rank {ranks}: {cause}")

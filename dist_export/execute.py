@@ -89,13 +89,12 @@ def reusable_shards(ctx, plan: ExportPlan, out_dir: str, manifest: Manifest) -> 
 
 
 def execute_rank(ctx, plan: ExportPlan, source, output_format, out_dir: str, calib: dict,
-                 group_amax: dict[str, torch.Tensor], manifest: Manifest, fault=None,
-                 reused: dict[str, dict] | None = None) -> RankResult:
+                 group_amax: dict[str, torch.Tensor], manifest: Manifest, fault=None, *,
+                 reused: dict[str, dict]) -> RankResult:
     """Write every shard this rank owns except the `reused` ones (finished by an earlier run); return its result.
     Shared-amax groups missing from `group_amax` are measured in the pipeline (see `PipelineGroups`)."""
     start = time.monotonic()
     result = RankResult(ctx.rank)
-    reused = reused or {}
     todo = []
     for shard in plan.owned_shards(ctx.rank):
         if shard.filename in reused:
@@ -174,34 +173,6 @@ def _run_pipeline(ctx, plan, source, output_format, out_dir, calib, groups, mani
     write_q: queue.Queue = queue.Queue(maxsize=4)
     stop = threading.Event()
 
-    def put(q, obj):
-        while not stop.is_set():
-            try:
-                q.put(obj, timeout=0.2)
-                return
-            except queue.Full:
-                continue
-
-    def acquire(ring):
-        """A free buffer, or None once the pipeline is stopping (so a failed main thread never waits on us)."""
-        while not stop.is_set():
-            try:
-                return ring.acquire(timeout=0.2)
-            except queue.Empty:
-                continue
-        return None
-
-    def acquire_out() -> int:
-        """A free output buffer; raises the writer's error instead of waiting for buffers it will never return."""
-        while True:
-            for t in threads:
-                if t.error is not None:
-                    raise t.error
-            try:
-                return out_ring.acquire(timeout=0.2)
-            except queue.Empty:
-                continue
-
     def reader():
         for shard in shards:
             for name in shard.items:
@@ -210,15 +181,16 @@ def _run_pipeline(ctx, plan, source, output_format, out_dir, calib, groups, mani
                 meta = plan.items[name].meta
                 idx = None
                 if in_ring is not None and in_ring.fits(meta.nbytes):
-                    idx = acquire(in_ring)
+                    # None once the pipeline is stopping, so a failed main thread never waits on the reader
+                    idx = _retry(in_ring.acquire, stop.is_set)
                     if idx is None:
                         return
                     tensor = source.read(meta, out=in_ring.buffers[idx])
                 else:
                     tensor = source.read(meta)
-                put(read_q, (shard, name, tensor, idx))
+                _retry(lambda t, job=(shard, name, tensor, idx): read_q.put(job, timeout=t), stop.is_set)
                 result.bytes_read += meta.nbytes
-        put(read_q, _DONE)
+        _retry(lambda t: read_q.put(_DONE, timeout=t), stop.is_set)
 
     open_writer: dict = {}
     finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"fsync-rank{ctx.rank}")
@@ -267,6 +239,8 @@ def _run_pipeline(ctx, plan, source, output_format, out_dir, calib, groups, mani
                 _put_checked(write_q, ("close", current), threads)
             _put_checked(write_q, ("open", arrival.shard), threads)
             current = arrival.shard
+        # a failed writer never returns its buffers: its error is raised instead of waiting
+        acquire_out = lambda: _retry(out_ring.acquire, _raising(threads))  # noqa: E731
         for out in _item_jobs(ctx, arrival, in_ring, out_ring, acquire_out, copy_stream, output_format, calib,
                               groups.known):
             _put_checked(write_q, out, threads)
@@ -318,28 +292,40 @@ def _run_pipeline(ctx, plan, source, output_format, out_dir, calib, groups, mani
         write_pool.shutdown(wait=True)
 
 
+def _retry(op, abort):
+    """`op(timeout)` until it returns (a queue or ring that is not full/empty), checking `abort()` before each
+    try: it may raise (a pipeline thread failed) or return True (stop: give up and return None)."""
+    while not abort():
+        try:
+            return op(0.2)
+        except (queue.Empty, queue.Full):
+            continue
+    return None
+
+
+def _raise_errors(threads) -> None:
+    for t in threads:
+        if t.error is not None:
+            raise t.error
+
+
 def _get(q, threads):
     while True:
         try:
             return q.get(timeout=0.2)
         except queue.Empty:
-            for t in threads:
-                if t.error is not None:
-                    raise t.error
-                if not t.is_alive() and t.name.startswith("reader") and q.empty():
-                    return _DONE
+            _raise_errors(threads)
+            if not threads[0].is_alive() and q.empty():  # the reader ended without its _DONE
+                return _DONE
+
+
+def _raising(threads):
+    """An `abort` for `_retry` that raises a failed thread's error and otherwise keeps waiting."""
+    return lambda: _raise_errors(threads) or False
 
 
 def _put_checked(q, obj, threads):
-    while True:
-        for t in threads:
-            if t.error is not None:
-                raise t.error
-        try:
-            q.put(obj, timeout=0.2)
-            return
-        except queue.Full:
-            continue
+    _retry(lambda t: q.put(obj, timeout=t), _raising(threads))
 
 
 class _Arrival:

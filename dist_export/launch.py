@@ -85,31 +85,33 @@ def launch_local(argv: list[str], nproc: int, grace_s: float = 30.0, poll_s: flo
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _first_failure(codes: list[int | None]) -> tuple[int, int] | None:
+    """(rank, code) of the failure behind the others: a rank killed by a signal is the cause, an error exit may
+    be a peer's reaction to it."""
+    failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
+    return min(failed, key=lambda rc: (rc[1] > 0, rc[0])) if failed else None
+
+
 def _wait(procs: list[subprocess.Popen], grace_s: float, poll_s: float) -> int:
-    first_failure: tuple[int, int] | None = None
-    deadline = None
+    first, deadline, stops = None, None, (signal.SIGTERM, signal.SIGKILL)
     while [p.poll() for p in procs].count(None):  # poll every rank each round (no short-circuit)
-        if first_failure is None:
-            failed = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode not in (None, 0)]
-            if failed:  # a rank killed by a signal is the cause; an error exit may be a peer's reaction
-                first_failure = min(failed, key=lambda rc: (rc[1] > 0, rc[0]))
-                deadline = time.monotonic() + grace_s
-        elif time.monotonic() > deadline:
+        if first is None:
+            first = _first_failure([p.returncode for p in procs])
+            deadline = time.monotonic() + grace_s if first else None
+        elif time.monotonic() > deadline and stops:
+            sig, stops = stops[0], stops[1:]  # SIGTERM after the grace period, SIGKILL 5 s later
             for r, p in enumerate(procs):
                 if p.poll() is None:
-                    print(f"[launcher] rank {r} still running {grace_s:.0f} s after rank {first_failure[0]} "
-                          f"failed: terminating it", file=sys.stderr, flush=True)
-                    p.terminate()
+                    print(f"[launcher] rank {r} still running after rank {first[0]} failed: sending "
+                          f"{sig.name}", file=sys.stderr, flush=True)
+                    p.send_signal(sig)
             deadline = time.monotonic() + 5.0
-            grace_s = 5.0
         time.sleep(poll_s)
     codes = [p.returncode for p in procs]
-    if first_failure is None:
-        failed = [(r, c) for r, c in enumerate(codes) if c != 0]
-        first_failure = min(failed, key=lambda rc: (rc[1] > 0, rc[0])) if failed else None
-    if first_failure is None:
+    first = first or _first_failure(codes)
+    if first is None:
         return 0
-    rank, code = first_failure
+    rank, code = first
     others = ", ".join(f"rank {r} {describe_exit(c)}" for r, c in enumerate(codes) if r != rank and c != 0)
     print(f"[launcher] error: rank {rank} {describe_exit(code)}" + (f" (then {others})" if others else ""),
           file=sys.stderr, flush=True)

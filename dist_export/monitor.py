@@ -79,7 +79,8 @@ class Monitor:
             self._bar = None
 
     def finish(self) -> None:
-        """This rank completed its part: stop, and tell peers to stop watching it (it may exit before them)."""
+        """The job's outcome is known to every rank (it succeeded, or a step failed and every rank got the
+        error): stop, and tell peers to stop watching this rank, which may now exit before them."""
         self.stop()
         with contextlib.suppress(Exception):
             self._publish(FINISHED)

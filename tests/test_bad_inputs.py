@@ -173,25 +173,28 @@ def test_folder_without_config_json(tmp_path):
     check(proc, out, names=(src, "config.json"), remedy=("pass a", "add a config.json", "restore config.json"))
 
 
-def test_truncated_source_shard(tmp_path):
+def export_damaged_shard(tmp_path, damage):
+    """Export a private copy of the model whose shard file was damaged in place by `damage(file, size)`."""
     src = copy_model(tmp_path)
     path = os.path.join(src, "model.safetensors")
     size = os.path.getsize(path)
     with open(path, "r+b") as f:
-        f.truncate(size - 100)
+        damage(f, size)
     out = tmp_path / "out"
-    proc = export(out, model=src)
+    return export(out, model=src), out
+
+
+def test_truncated_source_shard(tmp_path):
+    proc, out = export_damaged_shard(tmp_path, lambda f, size: f.truncate(size - 100))
     check(proc, out, names=("model.safetensors", "truncated"), remedy=("re-download", "replace", "restore"))
 
 
 def test_corrupt_header(tmp_path):
-    src = copy_model(tmp_path)
-    path = os.path.join(src, "model.safetensors")
-    with open(path, "r+b") as f:
+    def garbage(f, _size):
         f.seek(8)
         f.write(b"\xff\x00garbage!!\xfe\x01")  # 12 bytes of garbage over bytes 8..20
-    out = tmp_path / "out"
-    proc = export(out, model=src)
+
+    proc, out = export_damaged_shard(tmp_path, garbage)
     check(proc, out, names=("model.safetensors", "header"), remedy=("re-download", "replace", "restore"))
 
 

@@ -187,3 +187,16 @@ def _children(pid: int) -> list[int]:
 def test_nproc_per_node_below_one_refused(n, tmp_path):
     proc = _export(tmp_path / "x", "--nproc-per-node", n, check=False)
     assert proc.returncode == 1 and "--nproc-per-node must be at least 1" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_rank_ignoring_sigterm_is_killed_after_grace():
+    """After a rank fails, a peer that neither exits nor obeys SIGTERM is killed 5 s after the grace period;
+    the job's exit code is the first failure's."""
+    from dist_export.launch import _wait
+
+    failing = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"])
+    stubborn = subprocess.Popen([sys.executable, "-c", "import signal, time; "
+                                 "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)"])
+    t0 = time.monotonic()
+    assert _wait([failing, stubborn], grace_s=1.0, poll_s=0.05) == 3
+    assert stubborn.returncode == -9 and time.monotonic() - t0 < 30

@@ -46,6 +46,15 @@ def export_args(out, *extra, recipe=RECIPE):
     return ("export", "--model", _src(), "--recipe", recipe, "--max-shard-size", SHARD, "--out", str(out), *extra)
 
 
+def fault_run(out: str, fault: str):
+    """A 3-rank torchrun export with DIST_EXPORT_FAULT=fault and short timeouts: (proc, seconds, context for
+    assertion messages)."""
+    proc, elapsed = timed(run_torchrun, 3, *export_args(out, *FAST), env={"DIST_EXPORT_FAULT": fault},
+                          timeout=120, check=False)
+    print(f"{fault}: exit {proc.returncode} after {elapsed:.1f} s")
+    return proc, elapsed, f"{fault}, stderr tail:\n{tail(proc.stderr)}"
+
+
 def timed(fn, *args, **kwargs):
     t0 = time.monotonic()
     proc = fn(*args, **kwargs)
@@ -136,10 +145,9 @@ def test_kill_random_rank_then_resume(chunk, reference, tmp_path):
     for i, (rank, n, resume_ws) in mine:
         out = str(tmp_path / f"run{i}")
         fault = f"kill:{rank}:{n}"
-        proc, elapsed = timed(run_torchrun, 3, *export_args(out, *FAST), env={"DIST_EXPORT_FAULT": fault},
-                              timeout=120, check=False)
-        print(f"run {i}: {fault}: exit {proc.returncode} after {elapsed:.1f} s; resume at world size {resume_ws}")
-        ctx = f"run {i} ({fault}), stderr tail:\n{tail(proc.stderr)}"
+        proc, elapsed, ctx = fault_run(out, fault)
+        print(f"run {i}: resume at world size {resume_ws}")
+        ctx = f"run {i}: {ctx}"
         assert proc.returncode != 0, ctx
         assert elapsed < KILL_BOUND_S, f"took {elapsed:.1f} s; {ctx}"
         # torchrun's failure report: the entry of rank r (standalone: rank == local_rank) says SIGKILL.
@@ -163,8 +171,7 @@ def test_survivors_name_killed_rank(tmp_path):
     """README: a killed rank makes every rank exit 'with one line naming the rank'. dist_export's own error
     line (`[rank N] error: ...`, N a survivor) must name the killed rank."""
     out = str(tmp_path / "out")
-    proc, elapsed = timed(run_torchrun, 3, *export_args(out, *FAST), env={"DIST_EXPORT_FAULT": "kill:2:5"},
-                          timeout=120, check=False)
+    proc, elapsed, _ = fault_run(out, "kill:2:5")
     assert proc.returncode != 0 and elapsed < KILL_BOUND_S
     lines = error_lines(proc.stderr, 0) + error_lines(proc.stderr, 1)
     assert any(re.search(r"\brank 2\b", ln) for ln in lines), (
@@ -175,10 +182,7 @@ def test_survivors_name_killed_rank(tmp_path):
 
 def test_hung_rank_detected_within_bound(tmp_path):
     out = str(tmp_path / "out")
-    proc, elapsed = timed(run_torchrun, 3, *export_args(out, *FAST), env={"DIST_EXPORT_FAULT": "hang:1:2"},
-                          timeout=120, check=False)
-    print(f"hang:1:2: exit {proc.returncode} after {elapsed:.1f} s")
-    ctx = f"stderr tail:\n{tail(proc.stderr)}"
+    proc, elapsed, ctx = fault_run(out, "hang:1:2")
     assert proc.returncode != 0, ctx
     assert elapsed < 30, f"hung rank detected only after {elapsed:.1f} s; {ctx}"
     hung = [ln for ln in error_lines(proc.stderr)
@@ -193,10 +197,7 @@ def test_hung_rank_detected_within_bound(tmp_path):
 
 def test_raising_rank_one_clear_error(tmp_path):
     out = str(tmp_path / "out")
-    proc, elapsed = timed(run_torchrun, 3, *export_args(out, *FAST), env={"DIST_EXPORT_FAULT": "raise:1:0"},
-                          timeout=120, check=False)
-    print(f"raise:1:0: exit {proc.returncode} after {elapsed:.1f} s")
-    ctx = f"stderr tail:\n{tail(proc.stderr)}"
+    proc, elapsed, ctx = fault_run(out, "raise:1:0")
     assert proc.returncode != 0, ctx
     for survivor in (0, 2):
         lines = error_lines(proc.stderr, survivor)

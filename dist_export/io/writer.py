@@ -1,9 +1,10 @@
 """Streaming safetensors writer: the header is known from the plan, so every tensor's place in the file is too.
 
 A shard never sits whole in memory: each tensor is written as soon as it is produced, with positioned writes
-(`os.pwrite`) at its planned offset, cut into `PIECE` pieces that a pool of threads writes at once. One
-thread writing into the page cache tops out near 1.2 GB/s on the GPU machines' disk, below what the disk takes
-(1.9 GB/s from two writers, measured), and the planned offsets make the pieces independent. The file is
+(`os.pwrite`) at its planned offset, cut into `PIECE` pieces that a pool of threads writes at once; the planned
+offsets make the pieces independent. Why: with one writer thread a rank exported fp8-block at 1.2 GB/s
+(16.4 GB in 13.6 s on 2x H200) while two ranks together reached 1.86 GB/s on the same disk; with the pool one
+rank took 11.9-12.3 s (docs/benchmarks.md, runs 3 and 4). The file is
 created under a temporary name with mode 0644; `finish` waits for the pieces, fsyncs and renames it.
 
 The sha256 runs on its own thread over the same bytes in file order (hashlib releases the GIL), alongside the
