@@ -133,3 +133,31 @@ def rank_balance(shard_items: list[list[float]], ranks: list[list[int]], world_s
         for c, r in zip(costs, owners):
             loads[r] += c
     return Balance(tuple(loads))
+
+
+def rank_summary(entries: list[tuple[int, float, int, int]], world_size: int, node_size: int | None = None) -> dict:
+    """`plan --json` / run summary body from per-item (rank, cost, bytes_in, bytes_out).
+
+    Returns {"ranks": [{"rank", "node", "items", "cost", "bytes_in", "bytes_out"}], "imbalance": max/mean cost,
+    "idle_ranks": [...]}. Ranks with no item are listed as idle, never dropped."""
+    node_size = node_size or world_size
+    ranks = [{"rank": r, "node": r // node_size, "items": 0, "cost": 0.0, "bytes_in": 0, "bytes_out": 0}
+             for r in range(world_size)]
+    for rank, cost, bytes_in, bytes_out in entries:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"item assigned to rank {rank}, outside world size {world_size}")
+        d = ranks[rank]
+        d["items"] += 1
+        d["cost"] += cost
+        d["bytes_in"] += bytes_in
+        d["bytes_out"] += bytes_out
+    return {"ranks": ranks, "imbalance": Balance(tuple(d["cost"] for d in ranks)).imbalance,
+            "idle_ranks": [d["rank"] for d in ranks if d["items"] == 0]}
+
+
+def measured_summary(seconds: list[float]) -> dict:
+    """Run summary from each rank's measured seconds: per rank, max/mean, and the slowest rank."""
+    if not seconds:
+        raise ValueError("no rank reported its time; expected one entry per rank")
+    return {"seconds": list(seconds), "imbalance": Balance(tuple(seconds)).imbalance,
+            "slowest_rank": max(range(len(seconds)), key=lambda r: (seconds[r], -r))}

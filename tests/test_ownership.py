@@ -59,3 +59,22 @@ def test_bundled_items_stay_on_one_rank_and_result_is_deterministic():
 def test_bad_world_is_refused(nnodes, rpn):
     with pytest.raises(ValueError, match="must be >= 1"):
         assign_items([[1.0]], nnodes, rpn)
+
+
+def test_rank_summary_lists_idle_ranks_and_imbalance():
+    from dist_export.ownership import rank_summary
+
+    got = rank_summary([(0, 3.0, 10, 5), (0, 1.0, 1, 1), (2, 2.0, 4, 2)], 4, node_size=2)
+    assert [d["items"] for d in got["ranks"]] == [2, 0, 1, 0]
+    assert got["ranks"][2]["node"] == 1 and got["ranks"][0]["bytes_in"] == 11
+    assert got["idle_ranks"] == [1, 3]
+    assert got["imbalance"] == pytest.approx(4.0 / 1.5)
+    with pytest.raises(ValueError, match="outside world size 4"):
+        rank_summary([(4, 1.0, 0, 0)], 4)
+
+
+def test_measured_summary():
+    from dist_export.ownership import measured_summary
+
+    got = measured_summary([2.0, 4.0, 3.0])
+    assert got["slowest_rank"] == 1 and got["imbalance"] == pytest.approx(4.0 / 3.0)
