@@ -1,0 +1,181 @@
+"""Fold (fake quant) and real-quant encoder kernels (stage 2, every rank): one pass over a 2-D weight.
+
+Each element reads its scale through a block map: element (r, c) uses entry (r // BR, c // BC) of a small
+per-block tensor (strides 0 for a per-tensor value), so one kernel serves the tensor, channel, group and 2-D
+block granularities. The float32 arithmetic is the reference's (`fp8.py`, `integer.py`, `nvfp4.py`); the fold
+result is cast once (round to nearest even) to the output dtype, as `registry.fake_quant` does.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .jitlib import div_rn, e2m1_index, e2m1_value, e4m3_byte, e4m3_round, rint, sign_bit, store_cast, with_sign
+
+TILE_R, TILE_C = 16, 128
+_OPTS = {"enable_fp_fusion": False}
+
+
+@triton.jit
+def _tile(pid_r, pid_c, R, C, TR: tl.constexpr, TC: tl.constexpr):
+    r = pid_r * TR + tl.arange(0, TR)[:, None]
+    c = pid_c * TC + tl.arange(0, TC)[None, :]
+    return r, c, (r < R) & (c < C)
+
+
+@triton.jit
+def _fp8_kernel(x_ptr, scale_ptr, inv_ptr, y_ptr, code_ptr, R, C, sx, sy, BR, BC, SSR, SSC,
+                FAKE: tl.constexpr, BF16: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr):
+    r, c, m = _tile(tl.program_id(0), tl.program_id(1), R, C, TR, TC)
+    x = tl.load(x_ptr + r.to(tl.int64) * sx + c, mask=m, other=0.0).to(tl.float32)
+    sidx = (r // BR) * SSR + (c // BC) * SSC
+    v = x * tl.load(scale_ptr + sidx, mask=m, other=1.0)
+    v = tl.minimum(tl.maximum(v, -448.0), 448.0)
+    mag = e4m3_round(tl.abs(v))
+    neg = sign_bit(v)
+    if FAKE:
+        y = with_sign(mag, neg) * tl.load(inv_ptr + sidx, mask=m, other=1.0)
+        store_cast(y_ptr, r.to(tl.int64) * sy + c, y, m, BF16)
+    else:
+        tl.store(code_ptr + r.to(tl.int64) * C + c, e4m3_byte(mag, neg).to(tl.uint8), mask=m)
+
+
+@triton.jit
+def _int_kernel(x_ptr, amax_ptr, y_ptr, R, C, sx, sy, BR, BC, SSR, SSC, MAXB, MINB,
+                BF16: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr):
+    r, c, m = _tile(tl.program_id(0), tl.program_id(1), R, C, TR, TC)
+    x = tl.load(x_ptr + r.to(tl.int64) * sx + c, mask=m, other=0.0).to(tl.float32)
+    a = tl.load(amax_ptr + (r // BR) * SSR + (c // BC) * SSC, mask=m, other=1.0)
+    zero = a <= 5.960464477539063e-08  # 2**-24
+    scale = div_rn(MAXB + tl.zeros_like(a), tl.where(zero, 1.0, a))
+    y = div_rn(tl.minimum(tl.maximum(rint(x * scale), MINB), MAXB), scale)
+    y = tl.where(zero, 0.0, y)
+    store_cast(y_ptr, r.to(tl.int64) * sy + c, y, m, BF16)
+
+
+@triton.jit
+def _nvfp4_kernel(x_ptr, gs_ptr, bamax_ptr, y_ptr, packed_ptr, scale_ptr, bad_ptr, R, C, sx, sy, NB,
+                  HAS_BAMAX: tl.constexpr, FAKE: tl.constexpr, BF16: tl.constexpr, TR: tl.constexpr, TB: tl.constexpr):
+    """Tile of TR rows x TB blocks of 16; element arithmetic of nvfp4._block_scales/_signed_q."""
+    rr = tl.program_id(0) * TR + tl.arange(0, TR)
+    bb = tl.program_id(1) * TB + tl.arange(0, TB)
+    r = rr[:, None, None]
+    col = bb[None, :, None] * 16 + tl.arange(0, 16)[None, None, :]
+    m = (r < R) & (col < C)
+    x = tl.load(x_ptr + r.to(tl.int64) * sx + col, mask=m, other=0.0).to(tl.float32)
+    ax = tl.abs(x)
+    bmask = (rr[:, None] < R) & (bb[None, :] < NB)
+    if HAS_BAMAX:
+        bmax = tl.load(bamax_ptr + rr[:, None].to(tl.int64) * NB + bb[None, :], mask=bmask, other=0.0)
+    else:
+        bmax = tl.max(ax, axis=2)
+    gs = tl.load(gs_ptr)
+    s_e4m3 = e4m3_round(tl.minimum(div_rn(bmax, 6.0 * gs), 448.0))
+    sq = s_e4m3 * gs
+    quirk = sq < 1e-5
+    sq = tl.where(quirk, 1.0, sq)[:, :, None]
+    idx = e2m1_index(div_rn(ax, sq))
+    neg = x < 0  # where(x >= 0, q, -q): -0.0 gives +0.0; a negative x rounding to 0 keeps the sign
+    if FAKE:
+        q = e2m1_value(idx)
+        y = with_sign(q, neg) * sq
+        store_cast(y_ptr, r.to(tl.int64) * sy + col, y, m, BF16)
+    else:
+        code = idx | tl.where(neg, 8, 0)
+        lo, hi = tl.split(tl.reshape(code, (TR, TB, 8, 2)))
+        pcol = bb[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
+        pm = (r < R) & (pcol * 2 < C)
+        tl.store(packed_ptr + r.to(tl.int64) * (C // 2) + pcol, (lo | (hi << 4)).to(tl.uint8), mask=pm)
+        stored = tl.where(quirk, 0.001953125, s_e4m3)  # 2**-9, the smallest positive E4M3
+        tl.store(scale_ptr + rr[:, None].to(tl.int64) * NB + bb[None, :],
+                 e4m3_byte(stored, stored < 0).to(tl.uint8), mask=bmask)
+        nonzero = tl.where(m & (idx != 0), 1, 0)
+        bad = tl.sum(tl.sum(tl.where(quirk, tl.sum(nonzero, axis=2), 0), axis=1), axis=0)
+        tl.atomic_add(bad_ptr, bad)
+
+
+def _block_map(granularity: str, block: int | None, shape, values: torch.Tensor):
+    """(BR, BC, row stride, col stride) of a per-granularity tensor for a 2-D weight of `shape`."""
+    r, c = shape
+    if granularity == "tensor":
+        return r, c, 0, 0
+    if granularity == "channel":
+        return 1, c, 1, 0
+    nb_c = values.shape[-1]
+    if granularity == "group":
+        return 1, block, nb_c, 1
+    return block, block, nb_c, 1
+
+
+def _out(r, c, dtype, device):
+    """(output tensor, what the kernel writes through, is-bfloat16)."""
+    y = torch.empty((r, c), dtype=dtype, device=device)
+    bf16 = dtype == torch.bfloat16
+    return y, (y.view(torch.int16) if bf16 else y), bf16
+
+
+def _grid(r, c):
+    return (triton.cdiv(r, TILE_R), triton.cdiv(c, TILE_C))
+
+
+def fold_fp8(x, granularity, block, scale, inv, out_dtype):
+    """FP8 fold of a 2-D x with the per-granularity (scale, inv) of fp8.choose_fp8_inv_scale, in out_dtype."""
+    r, c = x.shape
+    br, bc, ssr, ssc = _block_map(granularity, block, x.shape, scale)
+    y, ya, bf16 = _out(r, c, out_dtype, x.device)
+    _fp8_kernel[_grid(r, c)](x, scale.float().contiguous(), inv.float().contiguous(), ya, ya, r, c, x.stride(0),
+                             y.stride(0), br, bc, ssr, ssc, FAKE=True, BF16=bf16, TR=TILE_R, TC=TILE_C, **_OPTS)
+    return y
+
+
+def encode_fp8(x, granularity, block, scale):
+    """E4M3 codes (torch.float8_e4m3fn) of a 2-D x: float8(clamp(x * scale, -448, 448))."""
+    r, c = x.shape
+    br, bc, ssr, ssc = _block_map(granularity, block, x.shape, scale)
+    codes = torch.empty((r, c), dtype=torch.uint8, device=x.device)
+    s = scale.float().contiguous()
+    _fp8_kernel[_grid(r, c)](x, s, s, codes, codes, r, c, x.stride(0), c, br, bc, ssr, ssc, FAKE=False,
+                             BF16=False, TR=TILE_R, TC=TILE_C, **_OPTS)
+    return codes.view(torch.float8_e4m3fn)
+
+
+def fold_int(x, granularity, block, amax, maxb, minb, out_dtype):
+    r, c = x.shape
+    br, bc, ssr, ssc = _block_map(granularity, block, x.shape, amax)
+    y, ya, bf16 = _out(r, c, out_dtype, x.device)
+    _int_kernel[_grid(r, c)](x, amax.float().contiguous(), ya, r, c, x.stride(0), y.stride(0), br, bc, ssr, ssc,
+                             float(maxb), float(minb), BF16=bf16, TR=TILE_R, TC=TILE_C, **_OPTS)
+    return y
+
+
+NV_TR, NV_TB = 8, 8
+
+
+def _nvfp4_launch(x, gs, block_amax, fake, out_dtype):
+    r, c = x.shape
+    nb = -(-c // 16)
+    grid = (triton.cdiv(r, NV_TR), triton.cdiv(nb, NV_TB))
+    gs1 = gs.float().reshape(1)
+    bam = block_amax.float().contiguous() if block_amax is not None else gs1
+    if fake:
+        y, ya, bf16 = _out(r, c, out_dtype, x.device)
+        _nvfp4_kernel[grid](x, gs1, bam, ya, ya, ya, ya, r, c, x.stride(0), y.stride(0), nb,
+                            HAS_BAMAX=block_amax is not None, FAKE=True, BF16=bf16, TR=NV_TR, TB=NV_TB, **_OPTS)
+        return y
+    packed = torch.empty((r, c // 2), dtype=torch.uint8, device=x.device)
+    scales = torch.empty((r, nb), dtype=torch.uint8, device=x.device)
+    bad = torch.zeros((1,), dtype=torch.int32, device=x.device)
+    _nvfp4_kernel[grid](x, gs1, bam, packed, packed, scales, bad, r, c, x.stride(0), 0, nb,
+                        HAS_BAMAX=block_amax is not None, FAKE=False, BF16=False, TR=NV_TR, TB=NV_TB, **_OPTS)
+    return packed, scales.view(torch.float8_e4m3fn), bad
+
+
+def fold_nvfp4(x, gs, block_amax, out_dtype):
+    """NVFP4 fold of a 2-D x (global scale gs, optional searched block amax [rows, nblocks]) in out_dtype."""
+    return _nvfp4_launch(x, gs, block_amax, True, out_dtype)
+
+
+def encode_nvfp4(x, gs, block_amax):
+    """(packed E2M1 codes uint8 [rows, cols/2], E4M3 block scales, count of nonzero codes in quirk blocks)."""
+    return _nvfp4_launch(x, gs, block_amax, False, None)

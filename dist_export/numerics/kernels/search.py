@@ -1,0 +1,113 @@
+"""MSE scale search kernels (stage 2, every rank): one program folds BLOCKS weight blocks with every candidate
+amax, keeping the candidates and the running best in registers, and writes the chosen amax per block.
+
+Same function as `dist_export.numerics.mse` (the reference): candidate k is base * ratio[k] (ratios computed by
+torch and passed in), the error of a candidate is the float64 sum of (fold - x)**2 over the block, summed by
+adjacent pairs level by level (`pair_tree_sum`, the reference's `pairwise_sum`) over the block zero-padded to a
+power of two, and the first candidate with the least error wins (strict `<`, as torch.argmin's first minimum).
+Squares of float32 differences are exact in float64 and every addition happens in the same order on both paths,
+so the errors, not only the argmin, are identical bit for bit.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .jitlib import div_rn, e2m1_index, e2m1_value, e4m3_round, pair_tree_sum, rint, with_sign
+
+MAX_INT_BLOCK = 256  # INT groups up to this size (padded to a power of two) run here; larger ones use torch
+
+
+@triton.jit
+def _nvfp4_search_kernel(x_ptr, gs_ptr, ratio_ptr, out_ptr, R, C, stride_r, NB,
+                         K: tl.constexpr, BLOCKS: tl.constexpr):
+    pid = tl.program_id(0)
+    blk = pid * BLOCKS + tl.arange(0, BLOCKS)
+    row = blk // NB
+    col = (blk % NB)[:, None] * 16 + tl.arange(0, 16)[None, :]
+    mask = (blk < R * NB)[:, None] & (col < C)
+    x = tl.load(x_ptr + row[:, None].to(tl.int64) * stride_r + col, mask=mask, other=0.0).to(tl.float32)
+    ax = tl.abs(x)
+    base = tl.max(ax, axis=1)
+    gs = tl.load(gs_ptr)
+    six_gs = 6.0 * gs
+    best_err = tl.full((BLOCKS,), float("inf"), tl.float64)
+    best = base
+    for k in range(K):
+        cand = base * tl.load(ratio_ptr + k)
+        s = tl.minimum(div_rn(cand, six_gs), 448.0)
+        sq = e4m3_round(s) * gs
+        sq = tl.where(sq < 1e-5, 1.0, sq)
+        q = e2m1_value(e2m1_index(div_rn(ax, sq[:, None])))
+        y = with_sign(q, x < 0) * sq[:, None]
+        d = (y - x).to(tl.float64)
+        err = pair_tree_sum(d * d, 4)
+        take = err < best_err
+        best_err = tl.where(take, err, best_err)
+        best = tl.where(take, cand, best)
+    tl.store(out_ptr + blk, best, mask=blk < R * NB)
+
+
+@triton.jit
+def _int_search_kernel(x_ptr, base_ptr, ratio_ptr, out_ptr, R, C, stride_r, NB, BS, MAXB, MINB,
+                       K: tl.constexpr, BLOCKS: tl.constexpr, P: tl.constexpr, LOG2P: tl.constexpr):
+    pid = tl.program_id(0)
+    blk = pid * BLOCKS + tl.arange(0, BLOCKS)
+    row = blk // NB
+    j = tl.arange(0, P)[None, :]
+    col = (blk % NB)[:, None] * BS + j
+    mask = (blk < R * NB)[:, None] & (j < BS) & (col < C)
+    x = tl.load(x_ptr + row[:, None].to(tl.int64) * stride_r + col, mask=mask, other=0.0).to(tl.float32)
+    base = tl.load(base_ptr + blk, mask=blk < R * NB, other=0.0)
+    best_err = tl.full((BLOCKS,), float("inf"), tl.float64)
+    best = base
+    for k in range(K):
+        cand = base * tl.load(ratio_ptr + k)
+        zero = cand <= 5.960464477539063e-08  # 2**-24
+        scale = div_rn(MAXB + tl.zeros_like(cand), tl.where(zero, 1.0, cand))[:, None]
+        v = rint(x * scale)
+        y = div_rn(tl.minimum(tl.maximum(v, MINB), MAXB), scale)
+        y = tl.where(zero[:, None], 0.0, y)
+        d = (y - x).to(tl.float64)
+        err = pair_tree_sum(d * d, LOG2P)
+        take = err < best_err
+        best_err = tl.where(take, err, best_err)
+        best = tl.where(take, cand, best)
+    tl.store(out_ptr + blk, best, mask=blk < R * NB)
+
+
+def _launch_opts() -> dict:
+    return {"enable_fp_fusion": False}
+
+
+def search_nvfp4(x: torch.Tensor, gs: torch.Tensor, ratios: torch.Tensor) -> torch.Tensor:
+    """Chosen per-block amax [rows, ceil(cols/16)] (float32) of a 2-D weight; gs the float32 global scale."""
+    x = x.contiguous()
+    r, c = x.shape
+    nb = -(-c // 16)
+    out = torch.empty((r, nb), dtype=torch.float32, device=x.device)
+    blocks = 64
+    grid = (triton.cdiv(r * nb, blocks),)
+    _nvfp4_search_kernel[grid](x, gs.float().reshape(1), ratios.contiguous(), out, r, c, x.stride(0), nb,
+                               K=ratios.numel(), BLOCKS=blocks, num_warps=4, **_launch_opts())
+    return out
+
+
+def int_search_supported(block: int) -> bool:
+    return block <= MAX_INT_BLOCK
+
+
+def search_int(x: torch.Tensor, base: torch.Tensor, ratios: torch.Tensor, block: int, maxb: float, minb: float):
+    """Chosen amax per block of `block` columns (base: the max-based amax per block, [rows, nblocks])."""
+    x = x.contiguous()
+    r, c = x.shape
+    nb = -(-c // block)
+    p = triton.next_power_of_2(block)
+    out = torch.empty((r, nb), dtype=torch.float32, device=x.device)
+    blocks = max(1, 2048 // p)
+    grid = (triton.cdiv(r * nb, blocks),)
+    _int_search_kernel[grid](x, base.float().contiguous(), ratios.contiguous(), out, r, c, x.stride(0), nb, block,
+                             float(maxb), float(minb), K=ratios.numel(), BLOCKS=blocks, P=p,
+                             LOG2P=p.bit_length() - 1, num_warps=4, **_launch_opts())
+    return out
