@@ -81,16 +81,15 @@ def _launch_opts() -> dict:
     return {"enable_fp_fusion": False}
 
 
-def search_nvfp4(x: torch.Tensor, gs: torch.Tensor, ratios: torch.Tensor) -> torch.Tensor:
+def search_nvfp4(x: torch.Tensor, gs: torch.Tensor, ratios: torch.Tensor, blocks: int = 64, warps: int = 4):
     """Chosen per-block amax [rows, ceil(cols/16)] (float32) of a 2-D weight; gs the float32 global scale."""
     x = x.contiguous()
     r, c = x.shape
     nb = -(-c // 16)
     out = torch.empty((r, nb), dtype=torch.float32, device=x.device)
-    blocks = 64
     grid = (triton.cdiv(r * nb, blocks),)
     _nvfp4_search_kernel[grid](x, gs.float().reshape(1), ratios.contiguous(), out, r, c, x.stride(0), nb,
-                               K=ratios.numel(), BLOCKS=blocks, num_warps=4, **_launch_opts())
+                               K=ratios.numel(), BLOCKS=blocks, num_warps=warps, **_launch_opts())
     return out
 
 
@@ -98,16 +97,17 @@ def int_search_supported(block: int) -> bool:
     return block <= MAX_INT_BLOCK
 
 
-def search_int(x: torch.Tensor, base: torch.Tensor, ratios: torch.Tensor, block: int, maxb: float, minb: float):
+def search_int(x: torch.Tensor, base: torch.Tensor, ratios: torch.Tensor, block: int, maxb: float, minb: float,
+               elements: int = 2048, warps: int = 4):
     """Chosen amax per block of `block` columns (base: the max-based amax per block, [rows, nblocks])."""
     x = x.contiguous()
     r, c = x.shape
     nb = -(-c // block)
     p = triton.next_power_of_2(block)
     out = torch.empty((r, nb), dtype=torch.float32, device=x.device)
-    blocks = max(1, 2048 // p)
+    blocks = max(1, elements // p)
     grid = (triton.cdiv(r * nb, blocks),)
     _int_search_kernel[grid](x, base.float().contiguous(), ratios.contiguous(), out, r, c, x.stride(0), nb, block,
                              float(maxb), float(minb), K=ratios.numel(), BLOCKS=blocks, P=p,
-                             LOG2P=p.bit_length() - 1, num_warps=4, **_launch_opts())
+                             LOG2P=p.bit_length() - 1, num_warps=warps, **_launch_opts())
     return out
