@@ -92,7 +92,13 @@ def test_fold_and_encode_bit_exact(fmt, gran, bs, shape):
             what = f"{fmt}/{gran}/{bs} {kind} {dtype} {shape}"
             assert_same(ks.fake_quant(w.to(DEV), spec, amax.to(DEV)), fake_quant(w, spec, amax), what)
             if ks.quantize is not None and shape[1] % 2 == 0:
-                want = quantize(w, spec, amax)
+                try:
+                    want = quantize(w, spec, amax)
+                except ValueError as e:  # e.g. NVFP4 blocks underflowing E4M3 in a huge-range tensor
+                    with pytest.raises(ValueError) as got_e:
+                        ks.quantize(w.to(DEV), spec, amax.to(DEV))
+                    assert str(got_e.value) == str(e)
+                    continue
                 got = ks.quantize(w.to(DEV), spec, amax.to(DEV))
                 assert sorted(got) == sorted(want)
                 for key in want:

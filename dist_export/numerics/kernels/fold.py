@@ -25,7 +25,8 @@ def _tile(pid_r, pid_c, R, C, TR: tl.constexpr, TC: tl.constexpr):
 
 
 @triton.jit
-def _fp8_kernel(x_ptr, scale_ptr, inv_ptr, y_ptr, code_ptr, R, C, sx, sy, BR, BC, SSR, SSC,
+def _fp8_kernel(x_ptr, scale_ptr, inv_ptr, y_ptr, code_ptr, R, C, sx, sy, SSR, SSC, BR: tl.constexpr,
+                BC: tl.constexpr,
                 FAKE: tl.constexpr, BF16: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr):
     r, c, m = _tile(tl.program_id(0), tl.program_id(1), R, C, TR, TC)
     x = tl.load(x_ptr + r.to(tl.int64) * sx + c, mask=m, other=0.0).to(tl.float32)
@@ -42,7 +43,7 @@ def _fp8_kernel(x_ptr, scale_ptr, inv_ptr, y_ptr, code_ptr, R, C, sx, sy, BR, BC
 
 
 @triton.jit
-def _int_kernel(x_ptr, amax_ptr, y_ptr, R, C, sx, sy, BR, BC, SSR, SSC, MAXB, MINB,
+def _int_kernel(x_ptr, amax_ptr, y_ptr, R, C, sx, sy, SSR, SSC, MAXB, MINB, BR: tl.constexpr, BC: tl.constexpr,
                 BF16: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr):
     r, c, m = _tile(tl.program_id(0), tl.program_id(1), R, C, TR, TC)
     x = tl.load(x_ptr + r.to(tl.int64) * sx + c, mask=m, other=0.0).to(tl.float32)
@@ -96,12 +97,12 @@ def _nvfp4_kernel(x_ptr, gs_ptr, bamax_ptr, y_ptr, packed_ptr, scale_ptr, bad_pt
 
 
 def _block_map(granularity: str, block: int | None, shape, values: torch.Tensor):
-    """(BR, BC, row stride, col stride) of a per-granularity tensor for a 2-D weight of `shape`."""
-    r, c = shape
+    """(BR, BC, row stride, col stride) of a per-granularity tensor for a 2-D weight of `shape`: BR and BC are
+    compile-time constants (1 or the block edge), so the element-to-block map costs no runtime division."""
     if granularity == "tensor":
-        return r, c, 0, 0
+        return 1, 1, 0, 0
     if granularity == "channel":
-        return 1, c, 1, 0
+        return 1, 1, 1, 0
     nb_c = values.shape[-1]
     if granularity == "group":
         return 1, block, nb_c, 1
@@ -125,7 +126,7 @@ def fold_fp8(x, granularity, block, scale, inv, out_dtype):
     br, bc, ssr, ssc = _block_map(granularity, block, x.shape, scale)
     y, ya, bf16 = _out(r, c, out_dtype, x.device)
     _fp8_kernel[_grid(r, c)](x, scale.float().contiguous(), inv.float().contiguous(), ya, ya, r, c, x.stride(0),
-                             y.stride(0), br, bc, ssr, ssc, FAKE=True, BF16=bf16, TR=TILE_R, TC=TILE_C, **_OPTS)
+                             y.stride(0), ssr, ssc, BR=br, BC=bc, FAKE=True, BF16=bf16, TR=TILE_R, TC=TILE_C, **_OPTS)
     return y
 
 
@@ -135,7 +136,7 @@ def encode_fp8(x, granularity, block, scale):
     br, bc, ssr, ssc = _block_map(granularity, block, x.shape, scale)
     codes = torch.empty((r, c), dtype=torch.uint8, device=x.device)
     s = scale.float().contiguous()
-    _fp8_kernel[_grid(r, c)](x, s, s, codes, codes, r, c, x.stride(0), c, br, bc, ssr, ssc, FAKE=False,
+    _fp8_kernel[_grid(r, c)](x, s, s, codes, codes, r, c, x.stride(0), c, ssr, ssc, BR=br, BC=bc, FAKE=False,
                              BF16=False, TR=TILE_R, TC=TILE_C, **_OPTS)
     return codes.view(torch.float8_e4m3fn)
 
@@ -144,8 +145,8 @@ def fold_int(x, granularity, block, amax, maxb, minb, out_dtype):
     r, c = x.shape
     br, bc, ssr, ssc = _block_map(granularity, block, x.shape, amax)
     y, ya, bf16 = _out(r, c, out_dtype, x.device)
-    _int_kernel[_grid(r, c)](x, amax.float().contiguous(), ya, r, c, x.stride(0), y.stride(0), br, bc, ssr, ssc,
-                             float(maxb), float(minb), BF16=bf16, TR=TILE_R, TC=TILE_C, **_OPTS)
+    _int_kernel[_grid(r, c)](x, amax.float().contiguous(), ya, r, c, x.stride(0), y.stride(0), ssr, ssc,
+                             float(maxb), float(minb), BR=br, BC=bc, BF16=bf16, TR=TILE_R, TC=TILE_C, **_OPTS)
     return y
 
 
