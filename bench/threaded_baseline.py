@@ -30,19 +30,19 @@ def main() -> int:
     ap.add_argument("--gpus", type=int, default=max(torch.cuda.device_count(), 1))
     args = ap.parse_args()
 
-    from dist_export.io.reader import SourceCheckpoint
-    from dist_export.execute import _device_outputs
-    from dist_export.dist import DistContext
+    from dist_export.sources.checkpoint import SourceCheckpoint
+    from dist_export.quantize import device_outputs
+    from dist_export.runtime.dist import DistContext
     from dist_export.plan import build_plan
     from dist_export.recipe import load_recipe
-    from dist_export.writers import get_output_format
+    from dist_export.output_formats import get_output_format
 
     t0 = time.monotonic()
     source = SourceCheckpoint(args.model)
     fmt = get_output_format("vllm-fq")
     plan = build_plan(source.tensors, load_recipe(args.recipe), fmt, 1, 1 << 62)
     if plan.groups:
-        from dist_export.execute import measure_group_amax, merge_group_amax
+        from dist_export.groups import measure_group_amax, merge_group_amax
 
         group_amax = merge_group_amax(plan, [measure_group_amax(DistContext(), plan, source)])
     else:
@@ -57,7 +57,7 @@ def main() -> int:
             torch.cuda.set_device(devices[k])
         for name in names[k::len(devices)]:
             item = plan.items[name]
-            outs = _device_outputs(ctx, item, state[name].to(devices[k]), fmt, {}, group_amax)
+            outs = device_outputs(ctx, item, state[name].to(devices[k]), fmt, {}, group_amax)
             state[name] = outs[0][1].to("cpu")
 
     tq = time.monotonic()

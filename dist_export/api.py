@@ -13,19 +13,20 @@ import time
 from dataclasses import asdict
 
 from . import __version__
-from .calib import load_calibration, model_signature, required_input_quantizers
+from .calibration.file import load_calibration, model_signature, required_input_quantizers
 from .commit import commit_export
-from .dist import DistContext, ExportError, init_distributed
-from .execute import (execute_rank, groups_to_measure_first, measure_group_amax, merge_group_amax,
-                      reusable_shards, staged_path)
-from .io.reader import SourceCheckpoint
-from .manifest import Manifest, file_sha256, run_fingerprint
-from .monitor import start_monitor
-from .outdir import check_output_dir, prepare_output_dir, remove_temporaries
+from .runtime.dist import DistContext, ExportError, init_distributed
+from .execute import execute_rank, reusable_shards
+from .groups import groups_to_measure_first, measure_group_amax, merge_group_amax
+from .layout import staged_path
+from .sources.checkpoint import SourceCheckpoint
+from .storage.manifest import Manifest, file_sha256, run_fingerprint
+from .runtime.monitor import start_monitor
+from .storage.outdir import check_output_dir, prepare_output_dir, remove_temporaries
 from .plan import build_plan, rank_loads
 from .recipe import Recipe, load_recipe
-from .synthetic import ensure_synthetic
-from .writers import get_output_format
+from .sources.synthetic import ensure_synthetic
+from .output_formats import get_output_format
 
 log = logging.getLogger(__name__)
 DEFAULT_MODEL = "synthetic:llama-tiny"
@@ -66,7 +67,7 @@ def export(model=None, out_dir: str = "out", recipe: str | Recipe = "fp8-block",
     Returns a summary dict (on every rank; rank 0's includes every rank's numbers).
     """
     if model is not None and not isinstance(model, str):
-        from .memory_source import export_in_memory
+        from .sources.memory import export_in_memory
 
         return export_in_memory(model, out_dir, recipe=recipe, format=format, calib=calib, overwrite=overwrite,
                                 device=device, max_shard_size=max_shard_size, ctx=ctx, verify=verify, fault=fault)
@@ -90,7 +91,7 @@ def run_export(source, side_dir, out_dir, recipe="fp8-block", format="vllm-fq", 
     own_ctx = ctx is None
     ctx = ctx or init_distributed(device)
     if fault is None:
-        from .faults import fault_from_env
+        from .runtime.faults import fault_from_env
 
         fault = fault_from_env()
     try:

@@ -52,7 +52,7 @@ def _add_calibrate(sub):
 
 
 def _add_make_model(sub):
-    from .archs import ARCHS
+    from .sources.archs import ARCHS
 
     p = sub.add_parser("make-model", help="write a synthetic HF checkpoint with deterministic random weights")
     p.add_argument("--arch", required=True, choices=sorted(ARCHS))
@@ -106,7 +106,7 @@ def cmd_export(args) -> int:
 
 def cmd_calibrate(args) -> int:
     from .api import resolve_model
-    from .calibrate import calibrate
+    from .calibration.run import calibrate
     from .recipe import load_recipe
 
     calibrate(resolve_model(args.model), load_recipe(args.recipe), args.out, data=args.data,
@@ -117,7 +117,7 @@ def cmd_calibrate(args) -> int:
 
 def cmd_make_model(args) -> int:
     from .api import parse_size
-    from .synthetic import make_model
+    from .sources.synthetic import make_model
 
     make_model(args.arch, args.preset, args.out, seed=args.seed, dtype=args.dtype,
                max_shard_size=parse_size(args.max_shard_size))
@@ -146,21 +146,21 @@ def cmd_plan(args) -> int:
     """Plan only (no tensor data is read or written). Under torchrun every rank plans and the ranks check
     that they agree, as a real export does; otherwise --world-size is simulated."""
     from .api import parse_size, resolve_model
-    from .dist import ExportError, init_distributed
+    from .runtime.dist import ExportError, init_distributed
     from .plan import build_plan, rank_loads
     from .recipe import load_recipe
-    from .writers import get_output_format
+    from .output_formats import get_output_format
 
     ctx = init_distributed("cpu")
     world = ctx.world_size if ctx.is_distributed else args.world_size
     try:
         def plan_step():
             if args.model and args.model.startswith("synthetic:") and args.metadata_only:
-                from .synthetic import synthetic_metadata
+                from .sources.synthetic import synthetic_metadata
 
                 tensors = synthetic_metadata(args.model)
             else:
-                from .io.reader import SourceCheckpoint
+                from .sources.checkpoint import SourceCheckpoint
 
                 tensors = SourceCheckpoint(resolve_model(args.model)).tensors
             plan = build_plan(tensors, load_recipe(args.recipe), get_output_format(args.format), world,
@@ -211,13 +211,13 @@ COMMANDS = {"export": cmd_export, "calibrate": cmd_calibrate, "make-model": cmd_
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    from .log import setup_logging
+    from .runtime.log import setup_logging
 
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     setup_logging(rank, args.verbose)
     try:
         if getattr(args, "nproc_per_node", 1) != 1:
-            from .launch import launch_local, strip_option
+            from .runtime.launch import launch_local, strip_option
 
             return launch_local(strip_option(argv, "--nproc-per-node"), args.nproc_per_node)
         return COMMANDS[args.command](args)

@@ -12,11 +12,11 @@ import logging
 import os
 import shutil
 
-from .io.atomic import write_atomic
-from .io.reader import INDEX_NAME, SINGLE_NAME, safe_join
-from .io.st_format import read_header
-from .manifest import MANIFEST_DIR
-from .outdir import fsync_dir
+from .storage.atomic import write_atomic
+from .layout import INDEX_NAME, MANIFEST_DIR, RECORD_NAME, SINGLE_NAME
+from .storage.reader import safe_join
+from .storage.header import read_header
+from .storage.outdir import fsync_dir
 from .plan import ExportPlan
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,6 @@ log = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json", "chat_template.jinja",
                    "chat_template.json", "preprocessor_config.json", "processor_config.json")
-RECORD_NAME = "dist_export.json"
 
 
 def check_written_shards(plan: ExportPlan, out_dir: str, staged) -> None:

@@ -14,14 +14,14 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from .io.st_format import ST_ITEMSIZE, TensorMeta
+from .layout import shard_filename
+from .storage.header import ST_ITEMSIZE, TensorMeta
 from .numerics import QuantSpec
 from .recipe import InputSpec, Recipe
 
 log = logging.getLogger(__name__)
 
 FLOAT_DTYPES = ("BF16", "F16", "F32")
-SINGLE_FILE = "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -296,10 +296,6 @@ def assign_owners(costs: list[float], world_size: int) -> list[int]:
         owners[idx] = rank
         load[rank] += costs[idx]
     return owners
-
-
-def shard_filename(index: int, count: int) -> str:
-    return SINGLE_FILE if count == 1 else f"model-{index + 1:05d}-of-{count:05d}.safetensors"
 
 
 def build_plan(tensors: dict[str, TensorMeta], recipe: Recipe, output_format, world_size: int,

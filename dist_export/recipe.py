@@ -12,13 +12,12 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
+from importlib import resources
 
 import yaml
 
 from .numerics import QuantSpec
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-PACKAGED_CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 DEFAULT_EXCLUDE = (
     "lm_head",
@@ -202,31 +201,35 @@ def recipe_from_dict(data: dict, source: str = "<dict>") -> Recipe:
     )
 
 
+def packaged_recipes() -> dict:
+    """{name: resource} of the recipes shipped inside the package (`dist_export/configs/*.yaml`), read through
+    `importlib.resources` so they are found from a wheel as from a checkout."""
+    folder = resources.files("dist_export") / "configs"
+    return {p.name[:-5]: p for p in folder.iterdir() if p.name.endswith(".yaml")}
+
+
 def available_recipes() -> list[str]:
-    for folder in (CONFIG_DIR, PACKAGED_CONFIG_DIR):
-        if os.path.isdir(folder):
-            return sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml"))
-    return []
+    return sorted(packaged_recipes())
 
 
-def resolve_recipe_path(name_or_path: str) -> str:
+def resolve_recipe_path(name_or_path: str):
+    """A recipe file path, or the packaged recipe of that name."""
     if os.path.isfile(name_or_path):
         return name_or_path
-    for folder in (CONFIG_DIR, PACKAGED_CONFIG_DIR):
-        path = os.path.join(folder, f"{name_or_path}.yaml")
-        if os.path.isfile(path):
-            return path
+    found = packaged_recipes().get(name_or_path)
+    if found is not None:
+        return found
     raise ValueError(f"unknown recipe {name_or_path!r}; valid recipes: {available_recipes()} or a path to a .yaml file")
 
 
 def load_recipe(name_or_path: str) -> Recipe:
     path = resolve_recipe_path(name_or_path)
     try:
-        with open(path) as f:
+        with open(path) if isinstance(path, str) else path.open("r") as f:
             data = yaml.safe_load(f)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ValueError(f"recipe {path} is not valid YAML{where} ({getattr(e, 'problem', None) or e}): fix the "
                          f"YAML syntax there") from None
-    return recipe_from_dict(data or {}, source=path)
+    return recipe_from_dict(data or {}, source=str(path))

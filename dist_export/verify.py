@@ -16,13 +16,14 @@ import re
 
 import torch
 
-from .commit import RECORD_NAME
-from .io.reader import INDEX_NAME, SINGLE_NAME, SourceCheckpoint, read_tensor
-from .io.st_format import CorruptFileError, file_tensor_metas, read_header
-from .manifest import file_sha256
+from .layout import (INDEX_NAME, QUANTIZER_KEY, RECORD_NAME, SINGLE_NAME, STAGED_SUFFIX, STATE_FILE_NAME,
+                     TMP_SUFFIX)
+from .sources.checkpoint import SourceCheckpoint
+from .storage.reader import read_tensor
+from .storage.header import CorruptFileError, file_tensor_metas, read_header
+from .storage.manifest import file_sha256
 
 log = logging.getLogger(__name__)
-QUANTIZER_KEY = re.compile(r"(_quantizer\.|_quantizer$|\._amax$|_pre_quant_scale$)")
 TP_CANDIDATES = (1, 2, 4, 8, 16)
 ROW_PARALLEL = re.compile(r"\.(o_proj|down_proj|w2|out_proj)$")
 
@@ -94,7 +95,7 @@ def _check_structure(out_dir: str, rep: Report) -> dict:
 
 
 def _check_state_file(out_dir: str, rep: Report) -> None:
-    path = os.path.join(out_dir, "vllm_fq_modelopt_state.pth")
+    path = os.path.join(out_dir, STATE_FILE_NAME)
     if not os.path.isfile(path):
         return
     try:
@@ -176,11 +177,12 @@ def _check_checksums(out_dir: str, record: dict, rep: Report) -> None:
 
 def recompute_and_compare(out_dir: str, source_dir: str, record: dict, metas: dict, rep: Report) -> None:
     """Rebuild the plan from the record and compare every expected tensor with what is on disk, bit for bit."""
-    from .execute import _quantize_item, merge_group_amax, measure_group_amax
-    from .dist import DistContext
+    from .groups import measure_group_amax, merge_group_amax
+    from .quantize import quantize_item
+    from .runtime.dist import DistContext
     from .plan import build_plan
     from .recipe import recipe_from_dict
-    from .writers import get_output_format
+    from .output_formats import get_output_format
 
     source = SourceCheckpoint(source_dir)
     recipe = recipe_from_dict(record["recipe"], source="export record")
@@ -198,7 +200,7 @@ def recompute_and_compare(out_dir: str, source_dir: str, record: dict, metas: di
     group_amax = merge_group_amax(plan, [measure_group_amax(ctx, plan, source)]) if plan.groups else {}
     expected_names = set()
     for item in plan.items.values():
-        for name, tensor in _quantize_item(ctx, item, source.read(item.meta), fmt, calib, group_amax):
+        for name, tensor in quantize_item(ctx, item, source.read(item.meta), fmt, calib, group_amax):
             expected_names.add(name)
             got = read_tensor(out_dir, metas[name])
             if got.dtype != tensor.dtype or tuple(got.shape) != tuple(tensor.shape):
@@ -228,7 +230,7 @@ def verify_export(out_dir: str, source_dir: str | None = None, quick: bool = Fal
         with open(record_path) as f:
             record = json.load(f)
         _check_checksums(out_dir, record, rep)
-    leftovers = [f for f in os.listdir(out_dir) if f.endswith((".tmp", ".staged"))]
+    leftovers = [f for f in os.listdir(out_dir) if f.endswith((TMP_SUFFIX, STAGED_SUFFIX))]
     if leftovers:
         rep.defect(f"temporary files left behind: {leftovers[:3]}")
     if source_dir is not None and not quick:

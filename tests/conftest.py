@@ -21,7 +21,7 @@ def synthetic_cache(tmp_path_factory):
 
 
 def model_dir(name: str) -> str:
-    from dist_export.synthetic import ensure_synthetic
+    from dist_export.sources.synthetic import ensure_synthetic
 
     return ensure_synthetic(name)
 

@@ -43,7 +43,7 @@ def load_recipe_yaml(name: str) -> dict:
     import os
 
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with open(os.path.join(here, "configs", f"{name}.yaml")) as f:
+    with open(os.path.join(here, "dist_export", "configs", f"{name}.yaml")) as f:
         return yaml.safe_load(f)
 
 

@@ -14,7 +14,7 @@ def _entry(rank, world_size, store_path, fn, args, results, env):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    from dist_export.dist import init_distributed
+    from dist_export.runtime.dist import init_distributed
 
     try:
         store = dist.FileStore(store_path, world_size)

@@ -129,7 +129,7 @@ def sharded_model(tmp_path_factory, synthetic_cache):
     """llama-tiny in several shards with an index: what `dist-export make-model --arch llama --preset tiny
     --max-shard-size 50KB` writes (made in-process, once per worker, to spare an interpreter start)."""
     from dist_export.api import parse_size
-    from dist_export.synthetic import make_model
+    from dist_export.sources.synthetic import make_model
 
     folder = str(tmp_path_factory.mktemp("sharded") / "llama-tiny-sharded")
     make_model("llama", "tiny", folder, seed=0, dtype="bfloat16", max_shard_size=parse_size("50KB"))
@@ -148,7 +148,7 @@ def make_calibration(model: str, recipe: str, path) -> str:
     """What `dist-export calibrate --model M --recipe R --out P --num-samples 2 --seq-len 16` does (in-process:
     the CLI's import of transformers alone costs seconds)."""
     from dist_export.api import resolve_model
-    from dist_export.calibrate import calibrate
+    from dist_export.calibration.run import calibrate
     from dist_export.recipe import load_recipe
 
     calibrate(resolve_model(model), load_recipe(recipe), str(path), num_samples=2, seq_len=16)
@@ -340,7 +340,7 @@ def test_malformed_recipe_yaml(tmp_path):
 
 def test_unknown_recipe_key(tmp_path):
     recipe = tmp_path / "extra.yaml"
-    with open(os.path.join(REPO, "configs", "int4-w4a16.yaml")) as f:
+    with open(os.path.join(REPO, "dist_export", "configs", "int4-w4a16.yaml")) as f:
         recipe.write_text(f.read() + "foo: 1\n")
     out = tmp_path / "out"
     proc = export(out, recipe=recipe)

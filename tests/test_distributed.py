@@ -28,7 +28,7 @@ def _export_on_ranks(ctx, src, out, recipe, calib, fmt="vllm-fq"):
 def _calibrate(src, recipe, tmp_path):
     if recipe not in ("nvfp4", "fp8"):
         return None
-    from dist_export.calibrate import calibrate
+    from dist_export.calibration.run import calibrate
     from dist_export.recipe import load_recipe
 
     path = str(tmp_path / f"calib-{recipe}.safetensors")
@@ -59,7 +59,7 @@ def test_world_sizes_give_identical_bytes(model, recipe, tmp_path):
         assert all(status == "ok" for status, _ in results), results
         assert folder_hashes(out) == ref, f"world size {ws} differs from 1"
         # each rank read exactly the bytes of the items it owns, and together every item once
-        from dist_export.io.reader import SourceCheckpoint
+        from dist_export.sources.checkpoint import SourceCheckpoint
 
         total = sum(m.nbytes for m in SourceCheckpoint(src).tensors.values())
         assert sum(v["bytes_read"] for _, v in results) == total
@@ -72,10 +72,10 @@ def test_shared_amax_group_split_across_ranks(tmp_path):
     """Experts of one layer share a weight amax; with tiny shards the members sit on different ranks."""
     import yaml
 
-    from dist_export.io.reader import SourceCheckpoint
+    from dist_export.sources.checkpoint import SourceCheckpoint
     from dist_export.plan import build_plan
     from dist_export.recipe import load_recipe
-    from dist_export.writers import get_output_format
+    from dist_export.output_formats import get_output_format
 
     recipe_path = tmp_path / "shared-experts.yaml"
     recipe_path.write_text(yaml.safe_dump({

@@ -19,7 +19,7 @@ MODELS = ["synthetic:llama-tiny", "synthetic:qwen3-moe-tiny"]
 
 @pytest.fixture(scope="module")
 def calib_files(tmp_path_factory):
-    from dist_export.calibrate import calibrate
+    from dist_export.calibration.run import calibrate
     from dist_export.recipe import load_recipe
 
     out = {}

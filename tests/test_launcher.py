@@ -63,7 +63,7 @@ def test_killed_rank_ends_job_fast_and_resume_completes(reference, tmp_path):
 
 
 def test_launcher_parent_does_not_import_torch():
-    code = ("import sys; from dist_export import cli, launch; cli.build_parser(); "
+    code = ("import sys; from dist_export import cli; from dist_export.runtime import launch; cli.build_parser(); "
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
@@ -78,7 +78,7 @@ def test_nproc_per_node_under_another_launcher_refused(env, tmp_path):
 
 
 def test_strip_option():
-    from dist_export.launch import strip_option
+    from dist_export.runtime.launch import strip_option
 
     argv = ["-v", "export", "--nproc-per-node", "2", "--out", "o", "--nproc-per-node=3"]
     assert strip_option(argv, "--nproc-per-node") == ["-v", "export", "--out", "o"]
@@ -87,11 +87,11 @@ def test_strip_option():
 def test_groups_measured_first_only_when_split_or_reused():
     """Only groups split over ranks, or with a member in a reused shard, are measured before the pipeline."""
     from dist_export.api import parse_size
-    from dist_export.execute import groups_to_measure_first, split_groups
-    from dist_export.io.reader import SourceCheckpoint
+    from dist_export.groups import groups_to_measure_first, split_groups
+    from dist_export.sources.checkpoint import SourceCheckpoint
     from dist_export.plan import build_plan
     from dist_export.recipe import load_recipe
-    from dist_export.writers import get_output_format
+    from dist_export.output_formats import get_output_format
 
     tensors = SourceCheckpoint(model_dir(MODEL)).tensors
     fmt, rec = get_output_format("vllm-fq"), load_recipe(RECIPE)
@@ -114,7 +114,7 @@ class _FakeCtx:
 
 
 def _monitor(dead_after=0.5):
-    from dist_export.monitor import Monitor
+    from dist_export.runtime.monitor import Monitor
 
     m = Monitor(_FakeCtx(), None, dead_after=dead_after, hang_after=60)
     m.failures = []
@@ -192,7 +192,7 @@ def test_nproc_per_node_below_one_refused(n, tmp_path):
 def test_rank_ignoring_sigterm_is_killed_after_grace():
     """After a rank fails, a peer that neither exits nor obeys SIGTERM is killed 5 s after the grace period;
     the job's exit code is the first failure's."""
-    from dist_export.launch import _wait
+    from dist_export.runtime.launch import _wait
 
     failing = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"])
     stubborn = subprocess.Popen([sys.executable, "-c", "import signal, time; "

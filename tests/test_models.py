@@ -20,7 +20,7 @@ def test_architecture_exports_every_recipe(model, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from dist_export.api import export
-    from dist_export.calibrate import calibrate
+    from dist_export.calibration.run import calibrate
     from dist_export.recipe import load_recipe
     from dist_export.verify import verify_export
 
@@ -55,7 +55,7 @@ def _export_memory(model, out, **kw):
 def _snapshot(model) -> dict:
     """Every parameter and buffer value (offloaded ones through accelerate's weights_map) and quantizer-free
     flags, to prove the export leaves the model exactly as it was."""
-    from dist_export.memory_source import _resolve
+    from dist_export.sources.memory import _resolve
 
     state = {k: _resolve(model, k).detach().clone() for k in model.state_dict()}
     flags = {n: (m.training, type(m).__name__) for n, m in model.named_modules()}
@@ -88,7 +88,7 @@ def test_offloaded_model_exports_like_its_checkpoint_and_stays_untouched(tmp_pat
     from transformers import AutoModelForCausalLM
 
     from dist_export.api import export
-    from dist_export.faults import Fault
+    from dist_export.runtime.faults import Fault
 
     src = model_dir("synthetic:qwen3-moe-small")
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16, device_map="auto",
@@ -183,7 +183,7 @@ def test_unrouted_experts_still_quantized_and_calibrated(tmp_path, caplog):
     from safetensors import safe_open
 
     from dist_export.api import export
-    from dist_export.calibrate import calibrate
+    from dist_export.calibration.run import calibrate
     from dist_export.recipe import load_recipe
 
     src = model_dir("synthetic:qwen3-moe-tiny")

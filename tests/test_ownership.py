@@ -7,12 +7,8 @@ from dist_export.ownership import assign_items, assign_items_to_ranks, lpt, rank
 def _shard_items(model: str, recipe: str = "nvfp4-mse"):
     from dist_export.plan import build_plan, item_cost
     from dist_export.recipe import load_recipe
-    try:  # package layout after the re-layout (issue 12); the fallback goes when it lands
-        from dist_export.output_formats import get_output_format
-        from dist_export.sources.synthetic import synthetic_metadata
-    except ImportError:
-        from dist_export.synthetic import synthetic_metadata
-        from dist_export.writers import get_output_format
+    from dist_export.output_formats import get_output_format
+    from dist_export.sources.synthetic import synthetic_metadata
 
     fmt = get_output_format("vllm-fq")
     plan = build_plan(synthetic_metadata(model), load_recipe(recipe), fmt, 1, 1 << 30)

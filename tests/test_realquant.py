@@ -45,7 +45,7 @@ def dequantize_independently(tensors: dict[str, torch.Tensor], config: dict) -> 
 def _calib(model, recipe, tmp_path):
     if recipe not in ("fp8", "nvfp4", "mixed-fp8-nvfp4"):
         return None
-    from dist_export.calibrate import calibrate
+    from dist_export.calibration.run import calibrate
     from dist_export.recipe import load_recipe
 
     path = str(tmp_path / "calib.safetensors")

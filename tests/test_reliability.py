@@ -114,10 +114,10 @@ def reference(tmp_path_factory):
 
 def _kill_schedule():
     from dist_export.api import parse_size
-    from dist_export.io.reader import SourceCheckpoint
+    from dist_export.sources.checkpoint import SourceCheckpoint
     from dist_export.plan import build_plan
     from dist_export.recipe import load_recipe
-    from dist_export.writers import get_output_format
+    from dist_export.output_formats import get_output_format
 
     plan = build_plan(SourceCheckpoint(_src()).tensors, load_recipe(RECIPE), get_output_format("vllm-fq"), 3,
                       parse_size(SHARD))

@@ -32,9 +32,9 @@ _QUANTIZED_WEIGHT = re.compile(r"^(model\.layers\.\d+\.(?:self_attn|mlp)\.\w+_pr
 def exports(tmp_path_factory, synthetic_cache):
     """recipe -> (export folder, calibration file or None); each export is made once per module, on first use."""
     from dist_export.api import export
-    from dist_export.calibrate import calibrate
+    from dist_export.calibration.run import calibrate
     from dist_export.recipe import load_recipe
-    from dist_export.synthetic import ensure_synthetic
+    from dist_export.sources.synthetic import ensure_synthetic
 
     root = tmp_path_factory.mktemp("state_file")
     made: dict[str, tuple[str, str | None] | BaseException] = {}

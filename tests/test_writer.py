@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dist_export.io import writer as writer_mod
-from dist_export.io.st_format import DTYPE_TO_ST, encode_header
-from dist_export.io.writer import ShardWriter
+from dist_export.storage import shard_file as writer_mod
+from dist_export.storage.header import DTYPE_TO_ST, encode_header
+from dist_export.storage.shard_file import ShardWriter
 
 
 def _tensors():

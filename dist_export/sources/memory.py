@@ -17,11 +17,11 @@ import tempfile
 
 import torch
 
-from .io.st_format import DTYPE_TO_ST, TensorMeta
+from ..layout import QUANTIZER_KEY
+from ..storage.header import DTYPE_TO_ST, TensorMeta
 from .keymap import checkpoint_keys, expert_slots
 
 log = logging.getLogger(__name__)
-_QUANTIZER_STATE = re.compile(r"(_quantizer\.|_amax$|_pre_quant_scale$)")
 _FUSED = re.compile(r"^(.*\.experts)\.(gate_up_proj|down_proj)$")
 MEMORY_FILE = "<memory>"
 
@@ -34,7 +34,7 @@ class MemorySource:
         self._readers: dict[str, tuple] = {}
         self.tensors: dict[str, TensorMeta] = {}
         meta_state = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in model.state_dict().items()}
-        quantizer_keys = [k for k in meta_state if _QUANTIZER_STATE.search(k)]
+        quantizer_keys = [k for k in meta_state if QUANTIZER_KEY.search(k)]
         for k in quantizer_keys:
             meta_state.pop(k)  # quantizer state is never written as a tensor; input amax is used below
         self.calibration = self._input_amax(model, quantizer_keys)
@@ -146,7 +146,7 @@ def _resolve(model, key: str) -> torch.Tensor:
 def export_in_memory(model, out_dir: str, recipe="fp8-block", format="vllm-fq", calib=None, overwrite=False,
                      device=None, max_shard_size="1GB", ctx=None, verify=True, fault=None) -> dict:
     """Export an in-memory transformers model (see module docstring); returns the run summary."""
-    from .api import run_export
+    from ..api import run_export
 
     with torch.no_grad():
         source = MemorySource(model)
@@ -156,8 +156,8 @@ def export_in_memory(model, out_dir: str, recipe="fp8-block", format="vllm-fq", 
             if gen is not None:
                 gen.save_pretrained(side)
             if calib is None and source.calibration:  # the model was calibrated in memory: use its input amax
-                from .calib import model_signature, save_calibration
-                from .recipe import Recipe, load_recipe
+                from ..calibration.file import model_signature, save_calibration
+                from ..recipe import Recipe, load_recipe
 
                 rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
                 calib = os.path.join(side, "calibration.safetensors")

@@ -11,10 +11,9 @@ import hashlib
 import json
 import os
 
-from . import __version__
-from .io.atomic import write_atomic
-
-MANIFEST_DIR = ".dist_export"
+from .. import __version__
+from ..layout import MANIFEST_DIR
+from .atomic import write_atomic
 
 
 def file_sha256(path: str, chunk: int = 16 * 1024 * 1024) -> str:

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .st_format import DTYPE_TO_ST, encode_header
+from .header import DTYPE_TO_ST, encode_header
 
 PIECE = 64 * 1024 * 1024
 

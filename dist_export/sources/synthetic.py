@@ -19,10 +19,12 @@ import zlib
 import torch
 
 from .archs import ARCHS, parse_synthetic  # noqa: F401 - re-exported
-from .io.st_format import DTYPE_TO_ST
-from .io.writer import ShardWriter
+from ..layout import INDEX_NAME, shard_filename
+from ..storage.header import DTYPE_TO_ST
+from ..storage.shard_file import ShardWriter
 
 log = logging.getLogger(__name__)
+
 
 def build_config(arch: str, preset: str):
     import transformers
@@ -81,7 +83,7 @@ def generate_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.d
 
 
 def plan_source_shards(tensors, dtype: torch.dtype, max_shard_bytes: int):
-    from .plan import split_in_order
+    from ..plan import split_in_order
 
     item = torch.tensor([], dtype=dtype).element_size()
     return split_in_order(list(tensors), [math.prod(shape) * item for _, shape in tensors], max_shard_bytes)
@@ -103,7 +105,7 @@ def make_model(arch: str, preset: str, out: str, seed: int = 0, dtype: str = "bf
     st_dtype = DTYPE_TO_ST[torch_dtype]
     weight_map, total = {}, 0
     for i, shard in enumerate(shards):
-        fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        fname = shard_filename(i, len(shards))
         writer = ShardWriter(os.path.join(out, fname), [(n, st_dtype, s) for n, s in shard], {"format": "pt"})
         for name, shape in shard:
             t = generate_tensor(name, shape, seed, torch_dtype)
@@ -113,7 +115,7 @@ def make_model(arch: str, preset: str, out: str, seed: int = 0, dtype: str = "bf
         writer.finish()
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
+        with open(os.path.join(out, INDEX_NAME), "w") as f:
             json.dump(index, f, indent=2, sort_keys=True)
     config.save_pretrained(out)
     from transformers import GenerationConfig
@@ -127,7 +129,7 @@ def make_model(arch: str, preset: str, out: str, seed: int = 0, dtype: str = "bf
 def synthetic_metadata(name: str, dtype: str = "bfloat16", max_shard_size: int = 4 * 1024**3) -> dict:
     """TensorMeta of every tensor `make_model` would write for `synthetic:<arch>-<preset>`, without writing
     anything (planning dry runs of large presets)."""
-    from .io.st_format import TensorMeta
+    from ..storage.header import TensorMeta
 
     arch, preset = parse_synthetic(name)
     torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
@@ -135,7 +137,7 @@ def synthetic_metadata(name: str, dtype: str = "bfloat16", max_shard_size: int =
     item = torch.tensor([], dtype=torch_dtype).element_size()
     metas = {}
     for i, shard in enumerate(shards):
-        fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        fname = shard_filename(i, len(shards))
         pos = 0
         for tname, shape in shard:
             nbytes = math.prod(shape) * item

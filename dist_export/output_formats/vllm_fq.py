@@ -5,8 +5,9 @@ import io
 
 import torch
 
+from ..layout import STATE_FILE_NAME
 from ..numerics import fake_quant
-from ..state import build_vllm_fq_state
+from .state import build_vllm_fq_state
 from . import OutputFormat, register_output_format
 
 
@@ -26,7 +27,7 @@ class VllmFakeQuant(OutputFormat):
     def extra_files(self, plan, recipe, calib):
         buf = io.BytesIO()
         torch.save(build_vllm_fq_state(plan, recipe, calib), buf)
-        return {"vllm_fq_modelopt_state.pth": buf.getvalue()}
+        return {STATE_FILE_NAME: buf.getvalue()}
 
 
 register_output_format(VllmFakeQuant())

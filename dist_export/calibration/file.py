@@ -14,6 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 CALIB_FORMAT = "dist_export-calibration-1"
+# vLLM fuses these projections into one module with one input quantizer: their input amax is shared
+FUSED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
 
 
 def model_signature(tensors: dict) -> str:
@@ -68,3 +70,11 @@ def load_calibration(path: str, recipe, signature: str, required: list[str]) -> 
 def required_input_quantizers(plan) -> list[str]:
     return sorted(input_quantizer_name(i.module) for i in plan.items.values()
                   if i.quantized and i.input is not None and i.input.needs_calibration)
+
+
+def fused_input_amax(module: str, calib: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Max of the calibrated input amax over the module's fused group (q/k/v or gate/up)."""
+    prefix, _, proj = module.rpartition(".")
+    group = next((g for g in FUSED_INPUT_GROUPS if proj in g), (proj,))
+    names = [f"{prefix}.{p}.input_quantizer" for p in group]
+    return torch.stack([calib[n].float() for n in names if n in calib]).amax()

@@ -16,13 +16,13 @@ import json
 import torch
 
 from .. import __version__
+from ..layout import HF_QUANT_CONFIG_NAME
 from ..numerics import quantize
 from ..numerics.constants import F8E4M3_MAX, NVFP4_GLOBAL_DIVISOR
 from ..plan import OutSpec
 from . import OutputFormat, refuse_expert_stacks, register_output_format, unquantized_linear_modules
 
 # Projections vLLM fuses into one layer (one input scale each group).
-FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
 
 
 def quant_algo(item) -> str:
@@ -42,14 +42,6 @@ def quant_algo(item) -> str:
             f"{item.input}: use the {'fp8' if algo == 'FP8' else 'nvfp4'} recipe or --format vllm-fq"
         )
     return algo
-
-
-def fused_input_amax(module: str, calib: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Max of the calibrated input amax over the module's fused group (q/k/v or gate/up)."""
-    prefix, _, proj = module.rpartition(".")
-    group = next((g for g in FUSED_GROUPS if proj in g), (proj,))
-    names = [f"{prefix}.{p}.input_quantizer" for p in group]
-    return torch.stack([calib[n].float() for n in names if n in calib]).amax()
 
 
 class ModelOptHF(OutputFormat):
@@ -106,7 +98,7 @@ class ModelOptHF(OutputFormat):
 
     def extra_files(self, plan, recipe, calib):
         hf = {"producer": {"name": "dist_export", "version": __version__}, "quantization": self._quantization(plan)}
-        return {"hf_quant_config.json": (json.dumps(hf, indent=2, sort_keys=True) + "\n").encode()}
+        return {HF_QUANT_CONFIG_NAME: (json.dumps(hf, indent=2, sort_keys=True) + "\n").encode()}
 
 
 register_output_format(ModelOptHF())

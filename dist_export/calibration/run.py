@@ -14,10 +14,10 @@ import re
 
 import torch
 
-from .calib import input_quantizer_name, model_signature, save_calibration
-from .io.reader import SourceCheckpoint
-from .keymap import checkpoint_keys, expert_slots
-from .plan import classify_tensors
+from .file import input_quantizer_name, model_signature, save_calibration
+from ..sources.checkpoint import SourceCheckpoint
+from ..sources.keymap import checkpoint_keys, expert_slots
+from ..plan import classify_tensors
 
 log = logging.getLogger(__name__)
 _EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|w1|w3|down_proj|w2)$")

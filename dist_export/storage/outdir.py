@@ -11,13 +11,12 @@ import os
 import shutil
 import socket
 
-from .io.reader import INDEX_NAME
-from .manifest import MANIFEST_DIR
+from ..layout import (CONFIG_NAME, GENERATION_CONFIG_NAME, HF_QUANT_CONFIG_NAME, INDEX_NAME, LOCK_NAME, MANIFEST_DIR,
+                      RECORD_NAME, SINGLE_NAME, STAGED_SUFFIX, STATE_FILE_NAME, TMP_SUFFIX)
 
-LOCK_NAME = ".dist_export.lock"
 # Files an export writes; --overwrite removes only these, never anything else the user keeps there.
-OWN_PATTERNS = ("*.safetensors", "*.safetensors.staged", "*.tmp", INDEX_NAME, "config.json",
-                "generation_config.json", "vllm_fq_modelopt_state.pth", "hf_quant_config.json", "dist_export.json")
+OWN_PATTERNS = ("*.safetensors", "*.safetensors" + STAGED_SUFFIX, "*" + TMP_SUFFIX, INDEX_NAME, CONFIG_NAME,
+                GENERATION_CONFIG_NAME, STATE_FILE_NAME, HF_QUANT_CONFIG_NAME, RECORD_NAME)
 
 
 class OutputLock:
@@ -74,11 +73,11 @@ def prepare_output_dir(out_dir: str, overwrite: bool, resume: bool) -> OutputLoc
     lock = OutputLock(out_dir)
     lock.acquire()
     try:
-        stale = [os.path.join(out_dir, INDEX_NAME), os.path.join(out_dir, "model.safetensors")]
+        stale = [os.path.join(out_dir, INDEX_NAME), os.path.join(out_dir, SINGLE_NAME)]
         if overwrite and not resume:
             stale += [p for pat in OWN_PATTERNS for p in glob.glob(os.path.join(out_dir, pat))]
             shutil.rmtree(os.path.join(out_dir, MANIFEST_DIR), ignore_errors=True)
-        stale += glob.glob(os.path.join(out_dir, "*.tmp"))
+        stale += glob.glob(os.path.join(out_dir, "*" + TMP_SUFFIX))
         for path in sorted(set(stale)):
             if os.path.isfile(path):
                 os.unlink(path)
@@ -89,7 +88,7 @@ def prepare_output_dir(out_dir: str, overwrite: bool, resume: bool) -> OutputLoc
 
 
 def remove_temporaries(out_dir: str) -> None:
-    for path in glob.glob(os.path.join(out_dir, "*.tmp")) + glob.glob(os.path.join(out_dir, MANIFEST_DIR, "*", "*.tmp")):
+    for path in glob.glob(os.path.join(out_dir, "*" + TMP_SUFFIX)) + glob.glob(os.path.join(out_dir, MANIFEST_DIR, "*", "*" + TMP_SUFFIX)):
         try:
             os.unlink(path)
         except FileNotFoundError:

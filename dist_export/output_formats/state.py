@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .calib import input_quantizer_name
+from ..calibration.file import input_quantizer_name
 
 MODELOPT_VERSION = "0.47.0"  # the version string of the schema we write; the consumer checks it
 
@@ -66,7 +66,7 @@ def input_quantizer_config(spec) -> dict:
 
 
 def _model_dtype(plan) -> torch.dtype:
-    from .io.st_format import ST_TO_DTYPE
+    from ..storage.header import ST_TO_DTYPE
 
     for item in plan.items.values():
         if item.quantized:

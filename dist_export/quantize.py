@@ -1,0 +1,59 @@
+"""Stage 2 (execute), every rank: quantize one work item on this rank's device (public: also used by `verify`
+and the benchmarks' thread-per-GPU baseline).
+
+`device_outputs` returns the output format's tensors for one weight, still on the device; `quantize_item` is
+the synchronous host-to-host form.
+"""
+from __future__ import annotations
+
+import torch
+
+from .calibration.file import fused_input_amax
+from .numerics import compute_amax, fake_quant
+from .numerics.mse import search_block_amax
+from .plan import Item
+
+
+def input_amax_for(item: Item, calib: dict) -> torch.Tensor | None:
+    if item.input is None or item.input.dynamic:
+        return None
+    return fused_input_amax(item.module, calib)
+
+
+def device_outputs(ctx, item: Item, w: torch.Tensor, output_format, calib, group_amax):
+    """Quantize one weight on its device; returns the format's output tensors (still on the device)."""
+    if item.stacked:
+        return [(item.name, fold_stack(ctx, item, w))]
+    amax = group_amax[item.group].to(w.device) if item.group else compute_amax(w, item.weight, item.name)
+    block_amax = None
+    if item.weight.scale_search == "mse":
+        amax, block_amax = search_block_amax(w, item.weight, amax, tick=ctx.monitor.tick if ctx.monitor else None)
+    return output_format.produce(item, w, amax, block_amax, input_amax_for(item, calib))
+
+
+def fold_stack(ctx, item: Item, w: torch.Tensor) -> torch.Tensor:
+    """Fake-quant every expert of a 3-D stack as its own [out, in] matrix (shared amax if the recipe says)."""
+    def matrix(e):
+        return w[e].t() if item.stacked == "in_out" else w[e]
+
+    shared = compute_amax(w.reshape(-1, w.shape[-1]), item.weight, item.name).amax() if item.share_stack else None
+    out = torch.empty_like(w)
+    for e in range(w.shape[0]):
+        m = matrix(e)
+        amax = shared if shared is not None else compute_amax(m, item.weight, f"{item.name}[{e}]")
+        block_amax = None
+        if item.weight.scale_search == "mse":
+                amax, block_amax = search_block_amax(m, item.weight, amax)
+        y = fake_quant(m, item.weight, amax, block_amax)
+        out[e] = y.t() if item.stacked == "in_out" else y
+        if ctx.monitor:
+            ctx.monitor.tick()
+    return out
+
+
+def quantize_item(ctx, item: Item, cpu_tensor: torch.Tensor, output_format, calib, group_amax):
+    """The outputs of one item on the host, in `outputs(item)` order (synchronous; used by verify)."""
+    if not item.quantized:
+        return [(item.name, cpu_tensor)]
+    outs = device_outputs(ctx, item, cpu_tensor.to(ctx.device), output_format, calib, group_amax)
+    return [(n, t.to("cpu")) for n, t in outs]
