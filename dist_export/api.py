@@ -67,10 +67,11 @@ def export(model=None, out_dir: str = "out", recipe: str | Recipe = "fp8-block",
     Returns a summary dict (on every rank; rank 0's includes every rank's numbers).
     """
     if model is not None and not isinstance(model, str):
-        from .sources.memory import export_in_memory
+        from .sources.memory import in_memory_source
 
-        return export_in_memory(model, out_dir, recipe=recipe, format=format, calib=calib, overwrite=overwrite,
-                                device=device, max_shard_size=max_shard_size, ctx=ctx, verify=verify, fault=fault)
+        with in_memory_source(model, recipe, calib) as (source, side, calib):
+            return run_export(source, side, out_dir, recipe=recipe, format=format, calib=calib, overwrite=overwrite,
+                              device=device, max_shard_size=max_shard_size, ctx=ctx, verify=verify, fault=fault)
 
     def open_source():
         src_dir = resolve_model(model)

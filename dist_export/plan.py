@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 
 from .layout import shard_filename
+from .ownership import lpt
 from .storage.header import ST_ITEMSIZE, TensorMeta
 from .numerics import QuantSpec
 from .recipe import InputSpec, Recipe
@@ -289,13 +290,7 @@ def plan_shards(ordered: list[tuple[Item, list[OutSpec]]], max_shard_bytes: int)
 
 def assign_owners(costs: list[float], world_size: int) -> list[int]:
     """Longest-processing-time-first: biggest shard to the least loaded rank; ties broken by index."""
-    load = [0.0] * world_size
-    owners = [0] * len(costs)
-    for idx in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        rank = min(range(world_size), key=lambda r: (load[r], r))
-        owners[idx] = rank
-        load[rank] += costs[idx]
-    return owners
+    return lpt(costs, world_size)
 
 
 def build_plan(tensors: dict[str, TensorMeta], recipe: Recipe, output_format, world_size: int,

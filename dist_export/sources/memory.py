@@ -8,6 +8,7 @@ touched, and the export runs under `torch.no_grad()`.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -143,11 +144,10 @@ def _resolve(model, key: str) -> torch.Tensor:
                      f"(offloaded weights must come with their weights_map); cannot export it")
 
 
-def export_in_memory(model, out_dir: str, recipe="fp8-block", format="vllm-fq", calib=None, overwrite=False,
-                     device=None, max_shard_size="1GB", ctx=None, verify=True, fault=None) -> dict:
-    """Export an in-memory transformers model (see module docstring); returns the run summary."""
-    from ..api import run_export
-
+@contextlib.contextmanager
+def in_memory_source(model, recipe, calib):
+    """(source, side-file folder, calibration path) for an in-memory model, under `torch.no_grad()`; the side
+    folder (generation config, the model's own input amax as a calibration file) is removed on exit."""
     with torch.no_grad():
         source = MemorySource(model)
         side = tempfile.mkdtemp(prefix="dist_export_side_")
@@ -163,7 +163,6 @@ def export_in_memory(model, out_dir: str, recipe="fp8-block", format="vllm-fq", 
                 calib = os.path.join(side, "calibration.safetensors")
                 save_calibration(calib, source.calibration, rec, model_signature(source.tensors))
                 log.info("using %d input amax values calibrated in the model", len(source.calibration))
-            return run_export(source, side, out_dir, recipe=recipe, format=format, calib=calib, overwrite=overwrite,
-                              device=device, max_shard_size=max_shard_size, ctx=ctx, verify=verify, fault=fault)
+            yield source, side, calib
         finally:
             shutil.rmtree(side, ignore_errors=True)
