@@ -1,0 +1,50 @@
+"""Test helpers for the user-facing features: a local Hugging Face cache built from a folder, a small word-level
+tokenizer (optionally with a chat template), and running the CLI in a pseudo-terminal."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def make_tokenizer(folder: str, words: int = 200, chat_template: bool = True):
+    """A WordLevel tokenizer over w0..w{words-1} plus role markers, saved into `folder`; returns it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = ["[UNK]", "[PAD]", "<|user|>", "<|assistant|>", "<|system|>", *[f"w{i}" for i in range(words)]]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
+    if chat_template:
+        fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(folder)
+    return fast
+
+
+def make_hub_cache(cache_dir: str, repo_id: str, src: str, commit: str = "c0ffee" * 6 + "beef",
+                   ref: str = "main") -> str:
+    """Lay `src` out as huggingface_hub's cache does (blobs named by content hash, snapshot files as relative
+    links to them, refs/<ref> holding the commit); returns the snapshot folder."""
+    repo = os.path.join(cache_dir, "models--" + repo_id.replace("/", "--"))
+    snap = os.path.join(repo, "snapshots", commit)
+    os.makedirs(os.path.join(repo, "blobs"), exist_ok=True)
+    os.makedirs(os.path.join(repo, "refs"), exist_ok=True)
+    for dirpath, _, files in os.walk(src):
+        for name in files:
+            full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, src)
+            with open(full, "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()
+            blob = os.path.join(repo, "blobs", digest)
+            if not os.path.exists(blob):
+                shutil.copyfile(full, blob)
+            link = os.path.join(snap, rel)
+            os.makedirs(os.path.dirname(link), exist_ok=True)
+            os.symlink(os.path.relpath(blob, os.path.dirname(link)), link)
+    with open(os.path.join(repo, "refs", ref), "w") as f:
+        f.write(commit)
+    return snap
