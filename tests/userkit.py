@@ -48,3 +48,39 @@ def make_hub_cache(cache_dir: str, repo_id: str, src: str, commit: str = "c0ffee
     with open(os.path.join(repo, "refs", ref), "w") as f:
         f.write(commit)
     return snap
+
+
+def run_in_pty(args, env=None, timeout=240, cols=160) -> tuple[int, str]:
+    """Run `python -m dist_export ARGS` with stdin/stdout/stderr on a pseudo-terminal; (exit code, all output)."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, cols, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "dist_export", *args], stdin=slave, stdout=slave, stderr=slave,
+                            env={**os.environ, **(env or {})}, cwd=repo, close_fds=True)
+    os.close(slave)
+    chunks = []
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], timeout)
+            if not ready:
+                proc.kill()
+                raise AssertionError(f"dist-export {' '.join(args)} produced no output for {timeout} s")
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the last writer closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(master)
+        proc.wait(timeout=60)
+    return proc.returncode, b"".join(chunks).decode(errors="replace")
