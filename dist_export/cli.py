@@ -16,39 +16,62 @@ from . import __version__
 log = logging.getLogger("dist_export")
 
 
+def _recipe_help() -> str:
+    from .recipe import available_recipes
+
+    return (f"one of {', '.join(available_recipes())}, a ModelOpt / llm-compressor name of one "
+            f"(`dist-export recipes`), or a .yaml path")
+
+
+def _formats() -> list[str]:
+    from .output_formats import output_format_names
+
+    return output_format_names()
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _add_export(sub):
     p = sub.add_parser("export", help="quantize and export a checkpoint (run under torchrun for several ranks)")
     p.add_argument("--model", default=None, help="HF checkpoint folder or synthetic:<arch>-<preset> "
                                                  "(default: synthetic:llama-tiny)")
-    p.add_argument("--recipe", default="fp8-block", help="recipe name in configs/ or a .yaml path")
+    p.add_argument("--recipe", default="fp8-block", metavar="RECIPE", help=_recipe_help())
     p.add_argument("--out", required=True, help="output folder (new or empty)")
-    p.add_argument("--format", default="vllm-fq", help="vllm-fq | fp8-block | modelopt")
+    p.add_argument("--format", default="vllm-fq", choices=_formats(), help="output format")
     p.add_argument("--calib", default=None, help="calibration file from `dist-export calibrate`")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
     p.add_argument("--resume", action="store_true", help="finish an interrupted export, reusing checked shards")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
-    p.add_argument("--max-shard-size", default="1GB", help="largest output file (default 1GB)")
+    p.add_argument("--max-shard-size", default="1GB", help="largest output file")
     p.add_argument("--hang-timeout", type=float, default=45.0, help="seconds without progress before a rank "
-                                                                    "counts as hung (default 45)")
+                                                                    "counts as hung")
     p.add_argument("--dead-timeout", type=float, default=20.0, help="seconds without heartbeat before a rank "
-                                                                    "counts as dead (default 20)")
+                                                                    "counts as dead")
     p.add_argument("--no-verify", action="store_true", help="skip the structural check after writing")
     p.add_argument("--summary-json", default=None, help="write the run summary (timings, bytes, RSS) here")
     p.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
-                   help="start N ranks on this machine (one per GPU) without torchrun; default 1")
+                   help="start N ranks on this machine (one per GPU) without torchrun")
 
 
 def _add_calibrate(sub):
     p = sub.add_parser("calibrate", help="max-calibrate activation amax for a recipe's static input quantizers")
     p.add_argument("--model", default=None)
-    p.add_argument("--recipe", required=True)
+    p.add_argument("--recipe", required=True, metavar="RECIPE", help=_recipe_help())
     p.add_argument("--out", required=True, help="calibration file to write (.safetensors)")
     p.add_argument("--data", default=None, help="text or JSONL file; default: seeded random token ids")
-    p.add_argument("--num-samples", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-samples", type=_positive_int, default=16, help="calibration samples")
+    p.add_argument("--seq-len", type=_positive_int, default=128, help="tokens per sample (longer ones are cut)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --data-less random token ids")
     p.add_argument("--device-map", default=None, help='e.g. "auto" or "cpu" (transformers device_map)')
-    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--trust-remote-code", action="store_true", help="let transformers import the model's own code")
 
 
 def _add_make_model(sub):
@@ -57,10 +80,10 @@ def _add_make_model(sub):
     p = sub.add_parser("make-model", help="write a synthetic HF checkpoint with deterministic random weights")
     p.add_argument("--arch", required=True, choices=sorted(ARCHS))
     p.add_argument("--preset", default="tiny", help="tiny, small, or a real model's shape (e.g. qwen3-8b)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--max-shard-size", default="4GB")
+    p.add_argument("--out", required=True, help="folder to write the checkpoint into")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="weight dtype")
+    p.add_argument("--max-shard-size", default="4GB", help="largest safetensors file")
 
 
 def _add_verify(sub):
@@ -73,20 +96,64 @@ def _add_verify(sub):
 def _add_plan(sub):
     p = sub.add_parser("plan", help="print the shard layout and per-rank balance for a world size (no writes)")
     p.add_argument("--model", default=None)
-    p.add_argument("--recipe", default="fp8-block")
-    p.add_argument("--format", default="vllm-fq")
-    p.add_argument("--world-size", type=int, default=8, help="simulated world size (ignored under torchrun)")
-    p.add_argument("--max-shard-size", default="1GB")
+    p.add_argument("--recipe", default="fp8-block", metavar="RECIPE", help=_recipe_help())
+    p.add_argument("--format", default="vllm-fq", choices=_formats(), help="output format")
+    p.add_argument("--world-size", type=_positive_int, default=8, help="simulated world size (ignored under torchrun)")
+    p.add_argument("--max-shard-size", default="1GB", help="largest output file")
     p.add_argument("--metadata-only", action="store_true",
                    help="for synthetic:... models: plan from the shapes alone, without generating the weights")
 
 
+def _add_recipes(sub):
+    sub.add_parser("recipes", help="list the recipes with their ModelOpt and llm-compressor names",
+                   description="List the packaged recipes; each one also answers to the ModelOpt and llm-compressor "
+                               "names shown (same quantization).")
+
+
+EXAMPLES = """examples:
+  dist-export export --model org/name --recipe fp8-block --out out/fp8       # Hub id (HF cache, HF_HUB_OFFLINE)
+  dist-export export --model models/q3moe --recipe FP8_DYNAMIC --out out/q3  # a ModelOpt / llm-compressor name
+  dist-export export --nproc-per-node 8 --model /models/Qwen3-8B --recipe nvfp4-w4a16 --out out/q8
+  dist-export recipes                                                         # every recipe and its aliases
+"""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The default in every --help line that has one (not for flags and unset options), examples kept as written."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if "default" in text or any(default is v for v in (None, False, argparse.SUPPRESS)) or not action.option_strings:
+            return text
+        return f"{text} (default: {default})" if text else f"default: {default}"
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage mistake is one line on stderr, in the same form as every other error, and exit code 2."""
+
+    def error(self, message):
+        rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+        self.exit(2, f"[rank {rank}] error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dist-export", description="Export quantized HF LLMs on every GPU at once.")
+    parser = _Parser(prog="dist-export", description="Export quantized HF LLMs on every GPU at once.",
+                                     epilog=EXAMPLES, formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"dist_export {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="INFO logs on every rank")
+    verbose = _Parser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="INFO logs on every rank (before or after the command)")
+    parser.add_argument("-v", "--verbose", action="store_true", default=False, help="INFO logs on every rank")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_export, _add_calibrate, _add_make_model, _add_verify, _add_plan):
+    real_add_parser = sub.add_parser
+
+    def add_parser(name, **kw):  # every command takes -v, shows defaults, and the examples
+        kw.setdefault("epilog", EXAMPLES)
+        return real_add_parser(name, parents=[verbose], formatter_class=_HelpFormatter, **kw)
+
+    sub.add_parser = add_parser
+    for add in (_add_export, _add_calibrate, _add_make_model, _add_verify, _add_plan, _add_recipes):
         add(sub)
     return parser
 
@@ -187,6 +254,14 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_recipes(args) -> int:
+    from .recipe import load_recipe, packaged_recipes
+    from .recipe_names import recipes_listing
+
+    print("\n".join(recipes_listing({n: load_recipe(n).description for n in packaged_recipes()})))
+    return 0
+
+
 def _one_line(e: BaseException, args) -> str:
     """One line for the user; disk errors get the remedy that fits them."""
     import errno
@@ -205,7 +280,7 @@ def _one_line(e: BaseException, args) -> str:
 
 
 COMMANDS = {"export": cmd_export, "calibrate": cmd_calibrate, "make-model": cmd_make_model, "verify": cmd_verify,
-            "plan": cmd_plan}
+            "plan": cmd_plan, "recipes": cmd_recipes}
 
 
 def main(argv=None) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from importlib import resources
@@ -17,6 +18,8 @@ from importlib import resources
 import yaml
 
 from .numerics import QuantSpec
+
+log = logging.getLogger(__name__)
 
 
 DEFAULT_EXCLUDE = (
@@ -216,10 +219,18 @@ def resolve_recipe_path(name_or_path: str):
     """A recipe file path, or the packaged recipe of that name."""
     if os.path.isfile(name_or_path):
         return name_or_path
-    found = packaged_recipes().get(name_or_path)
+    packaged = packaged_recipes()
+    found = packaged.get(name_or_path)
     if found is not None:
         return found
-    raise ValueError(f"unknown recipe {name_or_path!r}; valid recipes: {available_recipes()} or a path to a .yaml file")
+    from .recipe_names import resolve_alias
+
+    ours = resolve_alias(name_or_path, sorted(packaged))  # a ModelOpt / llm-compressor name, or a near miss
+    if ours is not None:
+        log.info("recipe %s is our %s (same quantization)", name_or_path, ours)
+        return packaged[ours]
+    raise ValueError(f"unknown recipe {name_or_path!r}; valid recipes: {available_recipes()} (or their ModelOpt / "
+                     f"llm-compressor names, `dist-export recipes` lists them) or a path to a .yaml file")
 
 
 def load_recipe(name_or_path: str) -> Recipe:

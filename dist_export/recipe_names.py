@@ -82,3 +82,21 @@ def resolve_alias(name: str, known: list[str]) -> str | None:
 
 def equivalents_of(recipe: str) -> dict[str, tuple[str, ...]]:
     return EQUIVALENTS.get(recipe, {"modelopt": (), "llm-compressor": ()})
+
+
+def recipes_listing(recipes: dict[str, str]) -> list[str]:
+    """`dist-export recipes`: one block per recipe of ours (`{name: description}`): name, description, the
+    ModelOpt and llm-compressor names it answers to; then the near misses and what to pass instead."""
+    lines = []
+    for name, description in sorted(recipes.items()):
+        eq = equivalents_of(name)
+        lines.append(f"{name}")
+        lines.append(f"    {description}")
+        lines.append(f"    ModelOpt: {', '.join(eq['modelopt']) or '-'}   llm-compressor: "
+                     f"{', '.join(eq['llm-compressor']) or '-'}")
+    near = [(k, v) for k, v in NEAR_MISSES.items() if v[0] in recipes]
+    if near:
+        lines.append("")
+        lines.append("names of other tools with different semantics (refused; closest recipe here):")
+        lines += [f"    {k:<36} -> {ours}" for k, (ours, _) in near]
+    return lines

@@ -405,5 +405,5 @@ def test_output_folder_not_empty(tmp_path):
 def test_unknown_output_format(tmp_path):
     out = tmp_path / "out"
     proc = export(out, "--format", "no-such-format")
-    line = check(proc, out, names=("--format 'no-such-format'",), remedy=("valid",))
+    line = check(proc, out, names=("--format: invalid choice: 'no-such-format'",), remedy=("choose from",))
     assert "'vllm-fq'" in line and "'fp8-block'" in line, f"valid formats not listed: {line!r}"

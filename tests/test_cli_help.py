@@ -1,0 +1,60 @@
+"""The CLI in the ecosystem's conventions (issue 18): choices and defaults in --help, examples, `recipes` with the
+ModelOpt / llm-compressor names, those names accepted by --recipe, a near miss refused naming ours, -v after the
+command, `plan --world-size 0` refused in one line."""
+from __future__ import annotations
+
+import pytest
+
+from dist_export.cli import build_parser, main
+from dist_export.recipe import available_recipes, load_recipe, resolve_recipe_path
+
+
+def _help(capsys, *args) -> str:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*args, "--help"])
+    return capsys.readouterr().out
+
+
+def test_export_help_lists_choices_defaults_and_examples(capsys):
+    text = " ".join(_help(capsys, "export").split())
+    assert "{fp8-block,modelopt,vllm-fq}" in text and "(default: vllm-fq)" in text
+    assert "(default: fp8-block)" in text and "nvfp4-w4a16" in text
+    assert "(default: 1GB)" in text and "examples:" in text
+
+
+def test_verbose_is_accepted_after_the_command():
+    assert build_parser().parse_args(["plan", "-v"]).verbose is True
+    assert build_parser().parse_args(["-v", "plan"]).verbose is True
+    assert build_parser().parse_args(["plan"]).verbose is False
+
+
+def test_recipes_lists_every_recipe_with_the_other_tools_names(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    for name in available_recipes():
+        assert f"\n{name}\n" in f"\n{out}"
+    assert "FP8_DYNAMIC" in out and "NVFP4_DEFAULT_CFG" in out and "W4A16_NVFP4" in out
+
+
+@pytest.mark.parametrize("alias, ours", [("FP8_DEFAULT_CFG", "fp8"), ("fp8_pc_pt", "fp8-pc-pt"),
+                                         ("FP8_DYNAMIC", "fp8-pc-pt"), ("NVFP4_DEFAULT_CFG", "nvfp4"),
+                                         ("W4A16_NVFP4", "nvfp4-w4a16"), ("NVFP4A16", "nvfp4-w4a16"),
+                                         ("W4A16", "int4-w4a16"), ("FP8_BLOCK", "fp8-block")])
+def test_other_tools_names_load_our_recipe(alias, ours):
+    assert load_recipe(alias).name == ours
+    assert resolve_recipe_path(alias) == resolve_recipe_path(ours)
+
+
+def test_a_name_with_other_semantics_is_one_line_naming_ours(capsys):
+    assert main(["plan", "--model", "synthetic:llama-tiny", "--metadata-only", "--recipe", "nvfp4_mse"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "W4A4" in err[0] and "--recipe nvfp4-mse" in err[0]
+
+
+def test_plan_world_size_zero_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["plan", "--world-size", "0"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("[rank 0] error: dist-export plan: argument --world-size: expected a "
+                                               "positive integer, got '0'")
