@@ -261,3 +261,82 @@ def test_modelopt_restores_state(exports, recipe):
         logits = model(ids).logits
     assert logits.shape == (1, ids.shape[1], model.config.vocab_size)
     assert torch.isfinite(logits).all()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The quantize config matches vLLM's fused module names (ModelOpt's own matching, test-only dependency)
+# ------------------------------------------------------------------------------------------------------------
+_VLLM_LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+
+
+def _vllm_named_model(hidden: int = 64) -> torch.nn.Module:
+    """Plain Linears under the module names vLLM gives llama-tiny's fused layers (2 layers), plus lm_head."""
+    root = torch.nn.Module()
+    root.model = torch.nn.Module()
+    root.model.layers = torch.nn.ModuleList()
+    for _ in range(2):
+        layer = torch.nn.Module()
+        layer.self_attn, layer.mlp = torch.nn.Module(), torch.nn.Module()
+        for path in _VLLM_LINEARS:
+            parent, name = path.split(".")
+            setattr(getattr(layer, parent), name, torch.nn.Linear(hidden, hidden, bias=False))
+        root.model.layers.append(layer)
+    root.lm_head = torch.nn.Linear(hidden, 256, bias=False)
+    return root.to(MODEL_DTYPE)
+
+
+def _fp8_reference(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    """formats.md section 5, FP8 E4M3 with the given amax (broadcast)."""
+    a = amax.float()
+    a = torch.where(a <= 2**-24, torch.ones_like(a), a)
+    inv = 1.0 / (448.0 / a)
+    return (x.float() * (448.0 / a)).clamp(-448, 448).to(torch.float8_e4m3fn).float() * inv
+
+
+@pytest.mark.parametrize("recipe", ("fp8", "fp8-pc-pt"))
+def test_quant_cfg_enables_vllm_fused_modules(exports, recipe):
+    """ModelOpt's convert with the file's quant_cfg, on vLLM's module names: every fused Linear's input quantizer
+    is enabled (so the worker keeps its saved state, dynamic ones included), lm_head's is off, and a dynamic
+    per-token quantizer quantizes each row with its own amax (formats.md), not the tensor's."""
+    pytest.importorskip("modelopt")
+    from modelopt.torch.opt.conversion import ModeloptStateManager
+    from modelopt.torch.quantization.conversion import convert_to_quantized_model
+
+    out, _ = exports(recipe)
+    state = torch.load(os.path.join(out, STATE_FILE), weights_only=True, map_location="cpu")
+    config = state["modelopt_state_dict"][0][1]["config"]
+    assert config["quant_cfg"][1]["quantizer_name"] == "*input_quantizer", config["quant_cfg"][:2]
+    model = _vllm_named_model()
+    ModeloptStateManager(model=model, init_state=True)
+    convert_to_quantized_model(model, config)
+    dynamic = recipe in DYNAMIC_RECIPES
+    for i in range(2):
+        for path in _VLLM_LINEARS:
+            q = model.get_submodule(f"model.layers.{i}.{path}").input_quantizer
+            assert q.is_enabled, f"layers.{i}.{path}.input_quantizer disabled by the file's quant_cfg"
+            assert bool(q._dynamic) is dynamic and q.num_bits == (4, 3), (path, q)
+            assert not model.get_submodule(f"model.layers.{i}.{path}").weight_quantizer.is_enabled
+    assert not model.lm_head.input_quantizer.is_enabled
+    if dynamic:
+        q = model.model.layers[0].self_attn.qkv_proj.input_quantizer
+        x = torch.randn(6, 64) * torch.logspace(-2, 1, 6).view(-1, 1)
+        x = x.to(MODEL_DTYPE)
+        with torch.no_grad():
+            got = q(x).float()
+        per_token = _fp8_reference(x, x.float().abs().amax(dim=-1, keepdim=True)).to(MODEL_DTYPE).float()
+        per_tensor = _fp8_reference(x, x.float().abs().amax()).to(MODEL_DTYPE).float()
+        assert not torch.equal(per_token, per_tensor)
+        assert torch.equal(got, per_token), (got - per_token).abs().max()
+
+
+def test_vllm_fq_warns_where_cpu_worker_cannot_run(tmp_path, synthetic_cache, caplog):
+    """fp8-block's dynamic block activations cannot run in ModelOpt 0.47's worker on CPU: the export says so."""
+    import logging
+
+    from dist_export.api import export
+    from dist_export.sources.synthetic import ensure_synthetic
+
+    with caplog.at_level(logging.WARNING, logger="dist_export.output_formats.vllm_fq"):
+        export(ensure_synthetic(MODEL), str(tmp_path / "out"), recipe="fp8-block", format="vllm-fq")
+    lines = [r.getMessage() for r in caplog.records if "serve this export on a GPU" in r.getMessage()]
+    assert len(lines) == 1 and "scale_bits" in lines[0] and "groups of 128" in lines[0], lines

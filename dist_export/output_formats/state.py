@@ -8,8 +8,18 @@ quantizer's properties is ModelOpt 0.47's (`quantizer_state`), filled from our r
     quantizer, as ModelOpt's own export writes them;
   * static input quantizers carry their calibrated amax (0-d, model dtype) in `modelopt_state_weights`.
 Names are in checkpoint key space (per-expert names for MoE), the names vLLM's loader maps.
+
+The quantize config is in ModelOpt's own shape: everything off, one wildcard `*input_quantizer` entry for the
+most common input quantizer, then per-module entries (exclusions and other specs) under both the Hugging Face
+name and the name vLLM gives the fused module (`qkv_proj`, `gate_up_proj`, `experts*w13_`/`w2_`). The worker
+converts vLLM's model with this config and then drops the saved state of every quantizer the config left
+disabled unless it declares buffers, so a config that named only Hugging Face modules left vLLM's fused modules
+(and every dynamic quantizer on them) disabled. Runs on rank 0 at commit.
 """
 from __future__ import annotations
+
+import re
+from collections import Counter
 
 import torch
 
@@ -65,6 +75,71 @@ def input_quantizer_config(spec) -> dict:
     return cfg
 
 
+# Hugging Face module name -> the name of the same quantizer in vLLM's fused module (ModelOpt's worker rules).
+_VLLM_FUSED = (
+    (re.compile(r"\.experts\.\d+\.(?:gate|up)_proj$"), ".experts*w13_"),
+    (re.compile(r"\.experts\.\d+\.down_proj$"), ".experts*w2_"),
+    (re.compile(r"\.[qkv]_proj$"), ".qkv_proj."),
+    (re.compile(r"\.(?:gate|up)_proj$"), ".gate_up_proj."),
+)
+
+
+def input_quantizer_patterns(module: str) -> list[str]:
+    """quant_cfg patterns naming `module`'s input quantizer in the HF model and in vLLM's fused model."""
+    patterns = [f"*{module}.input_quantizer"]
+    for regex, fused in _VLLM_FUSED:
+        if regex.search(module):
+            patterns.append("*" + regex.sub(fused, module) + "input_quantizer")
+            break
+    return patterns
+
+
+def _cfg_key(cfg: dict | None) -> str:
+    return repr(cfg)  # configs come from one builder, so equal configs have equal key order
+
+
+def build_quant_cfg(plan) -> list[dict]:
+    """ModelOpt-shaped quant_cfg: all off, the most common input spec as `*input_quantizer`, then overrides."""
+    per_module = {item.module: (input_quantizer_config(item.input) if item.input is not None else None)
+                  for item in plan.items.values() if item.quantized}
+    from . import unquantized_linear_modules
+
+    for module in unquantized_linear_modules(plan):
+        per_module.setdefault(module, None)
+    counts = Counter(_cfg_key(c) for m, c in per_module.items() if c is not None)
+    quant_cfg: list[dict] = [{"quantizer_name": "*", "parent_class": None, "cfg": None, "enable": False}]
+    default = counts.most_common(1)[0][0] if counts else None
+    if default is not None:
+        cfg = next(c for c in per_module.values() if c is not None and _cfg_key(c) == default)
+        quant_cfg.append({"quantizer_name": "*input_quantizer", "parent_class": None, "cfg": cfg, "enable": True})
+    quant_cfg.append({"quantizer_name": "*lm_head*", "parent_class": None, "cfg": None, "enable": False})
+    seen = set()
+    for module in sorted(per_module):
+        cfg = per_module[module]
+        if default is not None and cfg is not None and _cfg_key(cfg) == default:
+            continue
+        for pattern in input_quantizer_patterns(module):
+            if pattern in seen:
+                continue
+            seen.add(pattern)
+            quant_cfg.append({"quantizer_name": pattern, "parent_class": None, "cfg": cfg,
+                              "enable": cfg is not None})
+    return quant_cfg
+
+
+# Input quantizers ModelOpt 0.47's fake quant cannot run on CPU (measured; formats.md section 2).
+def cpu_unsupported_reason(spec) -> str | None:
+    """Why ModelOpt 0.47's vLLM worker cannot run this input quantizer on a CPU device, or None."""
+    if spec is None:
+        return None
+    if spec.fmt == "nvfp4":
+        return "NVFP4 activation fake quant asserts a CUDA amax in ModelOpt 0.47 (needs a GPU)"
+    if spec.granularity == "group":
+        return (f"dynamic FP8 block activation quant (groups of {spec.block_size}) asserts on `scale_bits` in "
+                f"ModelOpt 0.47's _dynamic_block_quantize_forward on CPU (needs a GPU)")
+    return None
+
+
 def _model_dtype(plan) -> torch.dtype:
     from ..storage.header import ST_TO_DTYPE
 
@@ -78,7 +153,6 @@ def build_vllm_fq_state(plan, recipe, calib: dict[str, torch.Tensor]) -> dict:
     dtype = _model_dtype(plan)
     qstate: dict[str, dict] = {}
     weights: dict[str, dict] = {}
-    quant_cfg: list[dict] = [{"quantizer_name": "*", "parent_class": None, "cfg": None, "enable": False}]
     for item in sorted((i for i in plan.items.values() if i.quantized), key=lambda i: i.module):
         in_name = input_quantizer_name(item.module)
         qstate[in_name] = input_quantizer_properties(item.input, dtype)
@@ -88,10 +162,7 @@ def build_vllm_fq_state(plan, recipe, calib: dict[str, torch.Tensor]) -> dict:
             entry["_amax"] = calib[in_name].to(dtype).reshape(()).clone()
         weights[in_name] = entry
         weights[f"{item.module}.output_quantizer"] = {}
-        if item.input is not None:
-            quant_cfg.append({"quantizer_name": in_name, "parent_class": None,
-                              "cfg": input_quantizer_config(item.input), "enable": True})
-    quantize_config = {"quant_cfg": quant_cfg, "algorithm": "max"}
+    quantize_config = {"quant_cfg": build_quant_cfg(plan), "algorithm": "max"}
     return {
         "modelopt_state_dict": [
             ("quantize", {"config": quantize_config, "metadata": {"quantizer_state": qstate}}),
