@@ -84,6 +84,9 @@ def _add_make_model(sub):
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="weight dtype")
     p.add_argument("--max-shard-size", default="4GB", help="largest safetensors file")
+    p.add_argument("--source-format", default=None, choices=["fp8-block", "mxfp4", "compressed-tensors"],
+                   help="write the checkpoint already quantized (FP8 128x128 blocks, gpt-oss MXFP4 experts, or "
+                        "compressed-tensors W8A16), as such models ship; default: the preset's own")
 
 
 def _add_verify(sub):
@@ -187,7 +190,7 @@ def cmd_make_model(args) -> int:
     from .sources.synthetic import make_model
 
     make_model(args.arch, args.preset, args.out, seed=args.seed, dtype=args.dtype,
-               max_shard_size=parse_size(args.max_shard_size))
+               max_shard_size=parse_size(args.max_shard_size), source_format=args.source_format)
     return 0
 
 

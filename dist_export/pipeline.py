@@ -22,6 +22,7 @@ import torch
 from .layout import staged_path
 from .plan import Item
 from .quantize import device_outputs
+from .sources.quantized import EncodedTensor
 from .storage.shard_file import ShardWriter
 
 _DONE = object()
@@ -258,9 +259,10 @@ class _Arrival:
 
 
 def _arrive(ctx, shard, item, cpu_tensor, in_idx, in_ring, must_wait: bool) -> _Arrival:
-    """Upload a quantized item (releasing its pinned buffer once the copy is done); a copied item that must
-    wait behind others leaves the ring too (a private copy), so the reader never starves."""
-    if item.quantized:
+    """Upload a quantized item or an encoded source weight (decoded on the device; the pinned buffer is released
+    once the copy is done); a copied item that must wait behind others leaves the ring too (a private copy), so
+    the reader never starves."""
+    if item.quantized or isinstance(cpu_tensor, EncodedTensor):
         w = cpu_tensor.to(ctx.device, non_blocking=in_idx is not None)
         if in_idx is not None:  # the reader may refill this buffer once the upload has completed
             uploaded = torch.cuda.Event()
@@ -279,10 +281,12 @@ def _item_jobs(ctx, arrival: _Arrival, in_ring, out_ring, acquire_out, copy_stre
     """Jobs for the writer: copies go straight through; quantized items run on the device and come back
     through pinned buffers on the copy stream (the main thread goes on with the next item meanwhile)."""
     item, in_idx = arrival.item, arrival.in_idx
-    if not item.quantized:
+    if not item.quantized and arrival.tensor.device.type == "cpu":
         release = (lambda: in_ring.release(in_idx)) if in_idx is not None else None
         return [_Job(item.name, arrival.tensor, release=release)]
-    outs = device_outputs(ctx, item, arrival.tensor, output_format, calib, group_amax)
+    # a copied item whose source weight was decoded on the device comes back like a quantized output
+    outs = (device_outputs(ctx, item, arrival.tensor, output_format, calib, group_amax) if item.quantized
+            else [(item.name, arrival.tensor)])
     if copy_stream is None:
         return [_Job(n, t.to("cpu")) for n, t in outs]
     jobs = []

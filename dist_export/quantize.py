@@ -53,7 +53,7 @@ def fold_stack(ctx, item: Item, w: torch.Tensor) -> torch.Tensor:
 
 def quantize_item(ctx, item: Item, cpu_tensor: torch.Tensor, output_format, calib, group_amax):
     """The outputs of one item on the host, in `outputs(item)` order (synchronous; used by verify)."""
-    if not item.quantized:
-        return [(item.name, cpu_tensor)]
+    if not item.quantized:  # an encoded source weight decodes on the device and comes back
+        return [(item.name, cpu_tensor if isinstance(cpu_tensor, torch.Tensor) else cpu_tensor.to(ctx.device).cpu())]
     outs = device_outputs(ctx, item, cpu_tensor.to(ctx.device), output_format, calib, group_amax)
     return [(n, t.to("cpu")) for n, t in outs]

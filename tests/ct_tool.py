@@ -34,7 +34,7 @@ def run_ct(script: str, *args: str, timeout: int = 300) -> str:
     python = ct_python()
     if python is None:
         pytest.skip("compressed-tensors is not installed (set DIST_EXPORT_CT_PYTHON to a Python that has it)")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run([python, "-c", script, *args], capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
         raise AssertionError(f"compressed-tensors script failed:\n{proc.stdout}\n{proc.stderr[-4000:]}")

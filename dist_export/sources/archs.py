@@ -40,6 +40,13 @@ ARCHS = {
                      num_attention_heads=4, num_key_value_heads=4, q_lora_rank=48, kv_lora_rank=32,
                      qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16, n_group=1, topk_group=1,
                      vocab_size=256, max_position_embeddings=256, tie_word_embeddings=False),
+        # DeepSeek-V3's shapes with 2 layers (one dense, one MoE with all 256 experts), FP8 blocks as it ships
+        "deepseek-v3-2l": dict(hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+                               n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8,
+                               first_k_dense_replace=1, num_hidden_layers=2, num_attention_heads=128,
+                               num_key_value_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_rope_head_dim=64,
+                               qk_nope_head_dim=128, v_head_dim=128, n_group=8, topk_group=4, vocab_size=129280,
+                               max_position_embeddings=163840, rms_norm_eps=1e-6, tie_word_embeddings=False),
     }),
     "gpt-oss": ("GptOssConfig", {
         # experts stacked in 3-D tensors [E, in, out] with biases, as GPT-OSS checkpoints store them
@@ -55,6 +62,17 @@ ARCHS = {
                   "num_local_experts": 4, "num_experts_per_tok": 2, "tie_word_embeddings": False},
     }),
 }
+
+
+# Presets that ship already quantized, as the real models do (make-model --source-format overrides)
+PRESET_SOURCE_FORMATS = {
+    ("deepseek-v3", "tiny-fp8"): "fp8-block",
+    ("deepseek-v3", "deepseek-v3-2l"): "fp8-block",
+    ("gpt-oss", "tiny-mxfp4"): "mxfp4",
+}
+for (_arch, _preset), _fmt in PRESET_SOURCE_FORMATS.items():
+    if _preset.startswith("tiny-"):  # the tiny shape, stored quantized
+        ARCHS[_arch][1][_preset] = ARCHS[_arch][1]["tiny"]
 
 
 def parse_synthetic(name: str) -> tuple[str, str]:

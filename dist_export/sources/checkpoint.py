@@ -2,7 +2,9 @@
 Hugging Face safetensors folder, then one tensor at a time.
 
 Everything here is safe to run on every rank: it reads headers and the owned tensors' bytes only.
-Names from an index cannot escape the folder.
+Names from an index cannot escape the folder. An already-quantized source (FP8 blocks, MXFP4,
+compressed-tensors; see `quantized.py`) is seen as the weights it encodes: `tensors` holds their decoded names,
+dtypes and shapes, `read` returns their stored parts, which decode on the device they are moved to.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch
 from ..layout import INDEX_NAME, SINGLE_NAME
 from ..storage.header import CorruptFileError, TensorMeta, file_tensor_metas
 from ..storage.reader import read_tensor, safe_join
+from .quantized import EncodedMeta, EncodedTensor, aligned, map_source
 
 
 class SourceCheckpoint:
@@ -31,16 +34,21 @@ class SourceCheckpoint:
             raise FileNotFoundError(f"{folder} has no config.json; it is not a Hugging Face checkpoint folder: pass a "
                                     f"folder that holds config.json and the safetensors files")
         self.files = self._list_files()
-        self.tensors: dict[str, TensorMeta] = {}
+        self.stored: dict[str, TensorMeta] = {}
         for file in self.files:
             for meta in file_tensor_metas(folder, file):
-                if meta.name in self.tensors:
-                    other = self.tensors[meta.name].file
+                if meta.name in self.stored:
+                    other = self.stored[meta.name].file
                     raise CorruptFileError(
                         f"tensor {meta.name!r} appears in both {other} and {file}; remove the duplicate from the source"
                     )
-                self.tensors[meta.name] = meta
+                self.stored[meta.name] = meta
         self._check_index_against_headers()
+        with open(self.config_path) as f:
+            self._config = json.load(f)
+        mapping = map_source(self._config, self.stored, lambda m: read_tensor(self.folder, m))
+        self.tensors: dict[str, TensorMeta | EncodedMeta] = mapping.tensors
+        self.quant_method = mapping.method  # the source's quant_method, None for a plain checkpoint
 
     def _list_files(self) -> list[str]:
         index_path = os.path.join(self.folder, INDEX_NAME)
@@ -68,11 +76,11 @@ class SourceCheckpoint:
             return
         weight_map = self.index["weight_map"]
         for name, file in weight_map.items():
-            meta = self.tensors.get(name)
+            meta = self.stored.get(name)
             if meta is None or meta.file != file:
                 raise CorruptFileError(f"{INDEX_NAME} says {name!r} is in {file}, but that file's header has no "
                                        f"such tensor: fix the index or re-download the checkpoint")
-        extra = sorted(set(self.tensors) - set(weight_map))
+        extra = sorted(set(self.stored) - set(weight_map))
         if extra:
             raise CorruptFileError(f"{len(extra)} tensors are in shard files but not in {INDEX_NAME}, e.g. "
                                    f"{extra[0]!r}: fix the index or re-download the checkpoint")
@@ -82,8 +90,21 @@ class SourceCheckpoint:
         return os.path.join(self.folder, "config.json")
 
     def load_config(self) -> dict:
-        with open(self.config_path) as f:
-            return json.load(f)
+        """The config of the model as exported: a quantized source's `quantization_config` is consumed with
+        its scales (the output describes only its own quantization)."""
+        config = json.loads(json.dumps(self._config))
+        if self.quant_method is not None:
+            config.pop("quantization_config", None)
+        return config
 
-    def read(self, meta: TensorMeta, out: torch.Tensor | None = None) -> torch.Tensor:
-        return read_tensor(self.folder, meta, out)
+    def read(self, meta, out: torch.Tensor | None = None):
+        """One tensor (a view into `out` when given), or an encoded weight's parts (`EncodedTensor`, packed
+        into `out` at aligned offsets; `meta.nbytes` must fit)."""
+        if not isinstance(meta, EncodedMeta):
+            return read_tensor(self.folder, meta, out)
+        parts, pos = {}, 0
+        for role, part in meta.parts:
+            buf = None if out is None else out[pos: pos + part.nbytes]
+            parts[role] = read_tensor(self.folder, part, buf)
+            pos += aligned(part.nbytes)
+        return EncodedTensor(meta, parts)

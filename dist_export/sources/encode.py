@@ -78,17 +78,25 @@ def encode_ct_w8a16(w: torch.Tensor) -> dict[str, torch.Tensor]:
 @dataclass(frozen=True)
 class SourceFormat:
     """A synthetic source layout: which tensors it stores quantized (`selects(name, shape)`), how (`encode`
-    returns {stored-name suffix: tensor}, replacing the weight's own suffix `strip`), and its config."""
+    returns {stored-name suffix: tensor}, replacing the weight's own suffix `strip`), the stored layout from
+    metadata alone (`layout(shape, dtype)`: [(suffix, safetensors dtype, shape)], in `encode` order), and the
+    `quantization_config` (given the 2-D weights it left unquantized)."""
 
     name: str
     selects: Callable[[str, tuple[int, ...]], bool]
     strip: str
     encode: Callable[[torch.Tensor], dict[str, torch.Tensor]]
+    layout: Callable[[tuple[int, ...], str], list[tuple[str, str, tuple[int, ...]]]]
     config: Callable[[list[str]], dict]
 
+    def _base(self, name: str) -> str:
+        return name[: -len(self.strip)] if self.strip else name
+
     def stored(self, name: str, w: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        base = name[: -len(self.strip)] if self.strip else name
-        return [(base + suffix, t) for suffix, t in self.encode(w).items()]
+        return [(self._base(name) + suffix, t) for suffix, t in self.encode(w).items()]
+
+    def stored_layout(self, name: str, shape: tuple[int, ...], dtype: str) -> list[tuple[str, str, tuple]]:
+        return [(self._base(name) + suffix, st, s) for suffix, st, s in self.layout(tuple(shape), dtype)]
 
 
 _NOT_LINEAR = re.compile(r"(embed|lm_head|norm|\.mlp\.gate\.|router)")
@@ -118,10 +126,32 @@ def _ct_config(skipped):
             "ignore": sorted(skipped), "kv_cache_scheme": None, "sparsity_config": {}, "transform_config": {}}
 
 
+def _fp8_layout(shape, dtype):
+    return [("", "F8_E4M3", shape), ("_scale_inv", "F32", (-(-shape[0] // FP8_BLOCK), -(-shape[1] // FP8_BLOCK)))]
+
+
+def _mxfp4_layout(shape, dtype):
+    e, n_in, n_out = shape
+    return [("_blocks", "U8", (e, n_out, n_in // MX_BLOCK, MX_BLOCK // 2)), ("_scales", "U8", (e, n_out, n_in // MX_BLOCK))]
+
+
+def _ct_layout(shape, dtype):
+    return [("weight_packed", "I32", (shape[0], -(-shape[1] // 4))), ("weight_scale", dtype, (shape[0], 1)),
+            ("weight_shape", "I64", (2,))]
+
+
+def _fp8_encode(w):
+    e = encode_fp8_block(w)
+    return {"": e["weight"], "_scale_inv": e["weight_scale_inv"]}
+
+
+def _is_gpt_oss_stack(name: str, shape) -> bool:
+    return re.search(r"\.experts\.(gate_up_proj|down_proj)$", name) is not None and len(shape) == 3
+
+
 SOURCE_FORMATS = {
-    "fp8-block": SourceFormat("fp8-block", _is_linear, "", lambda w: {
-        f"{k[len('weight'):]}": v for k, v in encode_fp8_block(w).items()}, _fp8_config),
-    "mxfp4": SourceFormat("mxfp4", lambda n, s: re.search(r"\.experts\.(gate_up_proj|down_proj)$", n) is not None
-                          and len(s) == 3, "", encode_gpt_oss_mxfp4, _mxfp4_config),
-    "compressed-tensors": SourceFormat("compressed-tensors", _is_linear, "weight", encode_ct_w8a16, _ct_config),
+    "fp8-block": SourceFormat("fp8-block", _is_linear, "", _fp8_encode, _fp8_layout, _fp8_config),
+    "mxfp4": SourceFormat("mxfp4", _is_gpt_oss_stack, "", encode_gpt_oss_mxfp4, _mxfp4_layout, _mxfp4_config),
+    "compressed-tensors": SourceFormat("compressed-tensors", _is_linear, "weight", encode_ct_w8a16, _ct_layout,
+                                       _ct_config),
 }

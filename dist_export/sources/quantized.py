@@ -28,13 +28,15 @@ QUANTIZED_SUFFIXES = ("weight_scale_inv", "weight_scale", "weight_packed", "weig
                       "weight_g_idx", "weight_global_scale", "input_scale", "input_global_scale", "_blocks",
                       "_scales", "activation_scale")
 DECODED_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+PART_ALIGN = 64  # byte alignment of each stored part inside one read buffer
 
 
 @dataclass(frozen=True)
 class EncodedMeta:
     """A weight the source stores quantized: the tensor it decodes to, and the stored tensors it is read from.
 
-    Quacks like `TensorMeta` where the planner looks (name, dtype, shape, numel); `nbytes` is the bytes read.
+    Quacks like `TensorMeta` where the planner looks (name, dtype, shape, numel); `nbytes` is the size of the
+    buffer its parts are read into (each part at a `PART_ALIGN` offset).
     """
 
     name: str
@@ -46,7 +48,7 @@ class EncodedMeta:
 
     @property
     def nbytes(self) -> int:
-        return sum(m.nbytes for _, m in self.parts)
+        return sum(aligned(m.nbytes) for _, m in self.parts)
 
     @property
     def numel(self) -> int:
@@ -63,6 +65,23 @@ class EncodedMeta:
     def decode(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         """The decoded weight, on the parts' device."""
         return get_codec(self.codec).decode(parts, dict(self.args), self.shape, self.torch_dtype)
+
+
+class EncodedTensor:
+    """The stored parts of one encoded weight, as read (host memory, possibly views into a reused buffer).
+
+    `.to(device)` moves the parts and decodes there, so callers that upload a plain tensor with `.to(device)`
+    get the decoded weight on the rank's device without knowing the source was quantized.
+    """
+
+    __slots__ = ("meta", "parts")
+
+    def __init__(self, meta: EncodedMeta, parts: dict[str, torch.Tensor]):
+        self.meta, self.parts = meta, parts
+
+    def to(self, device, non_blocking: bool = False) -> torch.Tensor:
+        moved = {role: t.to(device, non_blocking=non_blocking) for role, t in self.parts.items()}
+        return self.meta.decode(moved)
 
 
 @dataclass(frozen=True)
@@ -133,9 +152,13 @@ def _refuse_quantized_leftovers(rest: dict[str, TensorMeta], method: str | None)
         if meta.dtype in QUANTIZED_DTYPES or name.endswith(QUANTIZED_SUFFIXES):
             how = (f"config.json has no quantization_config" if method is None
                    else f"the {method!r} source reader found no weight it belongs to")
-            raise ValueError(f"source tensor {name!r} ({meta.dtype} {list(meta.shape)}) holds quantized data but "
+            raise ValueError(f"source tensor {name!r} (dtype {meta.dtype} {list(meta.shape)}) holds quantized data but "
                              f"{how}; refusing to pass quantized bytes through as a weight: fix the checkpoint's "
-                             f"quantization_config or dequantize it first")
+                             f"quantization_config or convert the source to bf16 first")
+
+
+def aligned(nbytes: int) -> int:
+    return -(-nbytes // PART_ALIGN) * PART_ALIGN
 
 
 def _args(**kw) -> tuple:

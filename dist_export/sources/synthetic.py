@@ -18,9 +18,9 @@ import zlib
 
 import torch
 
-from .archs import ARCHS, parse_synthetic  # noqa: F401 - re-exported
+from .archs import ARCHS, PRESET_SOURCE_FORMATS, parse_synthetic  # noqa: F401 - re-exported
 from ..layout import INDEX_NAME, shard_filename
-from ..storage.header import DTYPE_TO_ST
+from ..storage.header import DTYPE_TO_ST, ST_ITEMSIZE
 from ..storage.shard_file import ShardWriter
 
 log = logging.getLogger(__name__)
@@ -61,21 +61,22 @@ def _tensor_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
 
 
-def generate_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype) -> torch.Tensor:
+def generate_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype, device: str = "cpu"
+                    ) -> torch.Tensor:
     """Deterministic weights with realistic structure: norms near 1, rows of different magnitude, and
     experts whose magnitudes differ by up to 16x (so shared vs per-expert amax matters)."""
-    gen = torch.Generator().manual_seed(_tensor_seed(seed, name))
+    gen = torch.Generator(device).manual_seed(_tensor_seed(seed, name))
     if len(shape) == 1:
-        w = 1.0 + 0.05 * torch.randn(shape, generator=gen)
+        w = 1.0 + 0.05 * torch.randn(shape, generator=gen, device=device)
         if name.endswith("bias"):
-            w = 0.02 * torch.randn(shape, generator=gen)
+            w = 0.02 * torch.randn(shape, generator=gen, device=device)
         return w.to(dtype)
-    w = torch.randn(shape, generator=gen) * 0.02
-    rows = torch.exp(torch.rand(shape[0], generator=gen) * 2.0 - 1.0)
+    w = torch.randn(shape, generator=gen, device=device) * 0.02
+    rows = torch.exp(torch.rand(shape[0], generator=gen, device=device) * 2.0 - 1.0)
     w *= rows.view(-1, *([1] * (len(shape) - 1)))
     stack = re.search(r"\.experts\.(gate_up_proj|down_proj)(_bias)?$", name)
     if stack:  # a stack (GPT-OSS): expert e is w[e]
-        w *= (2.0 ** (torch.arange(shape[0]) % 5 - 2.0)).view(-1, *([1] * (len(shape) - 1)))
+        w *= (2.0 ** (torch.arange(shape[0], device=device) % 5 - 2.0)).view(-1, *([1] * (len(shape) - 1)))
     elif ".experts." in name:
         expert = int(name.split(".experts.")[1].split(".")[0])
         w *= 2.0 ** ((expert % 5) - 2)
@@ -90,39 +91,69 @@ def plan_source_shards(tensors, dtype: torch.dtype, max_shard_bytes: int):
 
 
 def make_model(arch: str, preset: str, out: str, seed: int = 0, dtype: str = "bfloat16",
-               max_shard_size: int = 4 * 1024**3) -> str:
-    """Write a complete HF checkpoint folder for (arch, preset) into `out` (must not exist or be empty)."""
+               max_shard_size: int = 4 * 1024**3, source_format: str | None = None, device: str = "cpu") -> str:
+    """Write a complete HF checkpoint folder for (arch, preset) into `out` (must not exist or be empty).
+
+    `source_format` ("fp8-block", "mxfp4", "compressed-tensors"; default: the preset's own, see archs.py) writes
+    the checkpoint already quantized, as the real model ships: each selected weight is generated in `dtype`,
+    encoded (`encode.py`) and stored as its codes and scales, with the matching `quantization_config`.
+    `device` generates and encodes there (values then follow that device's random generator).
+    """
+    from .encode import SOURCE_FORMATS
+
     torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(dtype)
     if torch_dtype is None:
         raise ValueError(f"unsupported --dtype {dtype!r}; valid: bfloat16, float16, float32")
+    source_format = source_format or PRESET_SOURCE_FORMATS.get((arch, preset))
+    if source_format is not None and source_format not in SOURCE_FORMATS:
+        raise ValueError(f"unknown --source-format {source_format!r}; valid: {sorted(SOURCE_FORMATS)}")
+    fmt = SOURCE_FORMATS.get(source_format)
     config = build_config(arch, preset)
     config.dtype = dtype
     tensors = checkpoint_tensor_shapes(config)
+    st_dtype = DTYPE_TO_ST[torch_dtype]
+    entries = [(name, shape, fmt.stored_layout(name, shape, st_dtype) if fmt and fmt.selects(name, shape)
+                else [(name, st_dtype, shape)]) for name, shape in tensors]
+    if fmt and not any(len(layout) > 1 for _, _, layout in entries):
+        raise ValueError(f"--source-format {source_format} quantizes no tensor of {arch}-{preset} (it stores "
+                         f"{'gpt-oss expert stacks' if source_format == 'mxfp4' else 'Linear weights'}); pick "
+                         f"another format or arch")
     if os.path.exists(out) and os.listdir(out):
         raise ValueError(f"output folder {out} is not empty; choose a new folder")
     os.makedirs(out, exist_ok=True)
-    shards = plan_source_shards(tensors, torch_dtype, max_shard_size)
-    st_dtype = DTYPE_TO_ST[torch_dtype]
+    from ..plan import split_in_order
+
+    sizes = [sum(math.prod(s) * ST_ITEMSIZE[d] for _, d, s in layout) for _, _, layout in entries]
+    shards = split_in_order(entries, sizes, max_shard_size)
     weight_map, total = {}, 0
     for i, shard in enumerate(shards):
         fname = shard_filename(i, len(shards))
-        writer = ShardWriter(os.path.join(out, fname), [(n, st_dtype, s) for n, s in shard], {"format": "pt"})
-        for name, shape in shard:
-            t = generate_tensor(name, shape, seed, torch_dtype)
-            writer.write(name, t)
-            weight_map[name] = fname
-            total += t.numel() * t.element_size()
+        writer = ShardWriter(os.path.join(out, fname), [t for _, _, layout in shard for t in layout],
+                             {"format": "pt"})
+        for name, shape, layout in shard:
+            t = generate_tensor(name, shape, seed, torch_dtype, device)
+            stored = fmt.stored(name, t) if len(layout) > 1 else [(name, t)]
+            for sname, st in stored:
+                st = st.cpu()
+                writer.write(sname, st)
+                weight_map[sname] = fname
+                total += st.numel() * st.element_size()
         writer.finish()
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         with open(os.path.join(out, INDEX_NAME), "w") as f:
             json.dump(index, f, indent=2, sort_keys=True)
+    if fmt is not None:
+        plain = [n[: -len(".weight")] for n, shape, layout in entries
+                 if len(layout) == 1 and n.endswith(".weight") and len(shape) == 2]
+        config.quantization_config = fmt.config(plain)
     config.save_pretrained(out)
     from transformers import GenerationConfig
 
     # written by transformers itself, as save_pretrained of a real model would
     GenerationConfig.from_model_config(config).save_pretrained(out)
-    log.info("wrote synthetic %s-%s (%d tensors, %.1f MB) to %s", arch, preset, len(tensors), total / 1e6, out)
+    log.info("wrote synthetic %s-%s%s (%d tensors, %.1f MB) to %s", arch, preset,
+             f" ({source_format} source)" if fmt else "", len(weight_map), total / 1e6, out)
     return out
 
 

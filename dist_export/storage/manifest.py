@@ -27,10 +27,12 @@ def file_sha256(path: str, chunk: int = 16 * 1024 * 1024) -> str:
 
 
 def source_fingerprint(source) -> str:
-    """Every source tensor's name, file, dtype, shape and byte range, plus file sizes (no data read)."""
+    """Every stored source tensor's name, file, dtype, shape and byte range, plus file sizes (no data read);
+    a quantized source's codes and scales are stored tensors too (`source.stored`)."""
     h = hashlib.sha256()
-    for name in sorted(source.tensors):
-        m = source.tensors[name]
+    stored = getattr(source, "stored", None) or source.tensors
+    for name in sorted(stored):
+        m = stored[name]
         h.update(f"{name}|{m.file}|{m.dtype}|{m.shape}|{m.start}|{m.end}\n".encode())
     for f in getattr(source, "files", []):
         path = os.path.join(source.folder, f)
