@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-_CANDIDATES = (os.path.expanduser("~/.cache/dist_export-ci/venvs/ct/bin/python"), "/work/venvs/qs/bin/python")
+_CANDIDATES = (os.path.expanduser("~/.cache/dist_export-ci/venvs/ct/bin/python"), "/work/venvs/ct/bin/python",
+               "/work/venvs/qs/bin/python")
 
 
 def ct_python() -> str | None:

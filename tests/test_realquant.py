@@ -15,7 +15,12 @@ from numerics_reference import e2m1_code_values, unpack_e2m1_codes
 
 MODELS = ["synthetic:llama-tiny", "synthetic:qwen3-moe-tiny"]
 # (recipe, real format)
-CASES = [("fp8-block", "fp8-block"), ("fp8", "modelopt"), ("nvfp4", "modelopt"), ("mixed-fp8-nvfp4", "modelopt")]
+CASES = [("fp8-block", "fp8-block"), ("fp8", "modelopt"), ("nvfp4", "modelopt"), ("mixed-fp8-nvfp4", "modelopt"),
+         ("fp8-pc-pt", "modelopt"), ("nvfp4-w4a16", "modelopt")]
+
+
+MODELOPT_ALGO = {"fp8": "FP8", "nvfp4": "NVFP4", "mixed-fp8-nvfp4": "MIXED_PRECISION",
+                 "fp8-pc-pt": "FP8_PER_CHANNEL_PER_TOKEN", "nvfp4-w4a16": "W4A16_NVFP4"}
 
 
 def _expand(scale: torch.Tensor, rows: int, cols: int, shape) -> torch.Tensor:
@@ -33,8 +38,9 @@ def dequantize_independently(tensors: dict[str, torch.Tensor], config: dict) -> 
             b0, b1 = config["quantization_config"]["weight_block_size"]
             inv = tensors[f"{module}.weight_scale_inv"]
             out[name] = w.float() * _expand(inv, b0, b1, w.shape)
-        elif w.dtype == torch.float8_e4m3fn:  # ModelOpt FP8 per tensor
-            out[name] = w.float() * tensors[f"{module}.weight_scale"]
+        elif w.dtype == torch.float8_e4m3fn:  # ModelOpt FP8: per tensor [] or per output channel [N]
+            scale = tensors[f"{module}.weight_scale"]
+            out[name] = w.float() * (scale.reshape(-1, 1) if scale.dim() == 1 else scale)
         elif w.dtype == torch.uint8:  # ModelOpt NVFP4: low nibble = even column
             values = e2m1_code_values(unpack_e2m1_codes(w))
             scale = tensors[f"{module}.weight_scale"].float() * tensors[f"{module}.weight_scale_2"]
@@ -98,10 +104,13 @@ def test_real_quant_dequantizes_to_fake_quant(model, recipe, fmt, tmp_path):
             assert qc["weight_block_size"] == [128, 128] and qc["fmt"] == "e4m3"
             assert "lm_head" in qc["ignored_layers"] and qc["ignored_layers"] == qc["modules_to_not_convert"]
         else:
-            assert qc["quant_method"] == "modelopt" and "lm_head" in qc["exclude_modules"]
+            # config.json as current vLLM reads it (`ignore`, config_groups); hf_quant_config.json ModelOpt's record
+            assert qc["quant_method"] == "modelopt" and "lm_head" in qc["ignore"] and "exclude_modules" not in qc
+            assert qc["config_groups"] and all(g["targets"] for g in qc["config_groups"].values())
             with open(os.path.join(real, "hf_quant_config.json")) as f:
                 hf = json.load(f)
-            assert hf["quantization"]["quant_algo"] == qc["quant_algo"]
+            assert hf["quantization"]["quant_algo"] == qc["quant_algo"] == MODELOPT_ALGO[recipe]
+            assert hf["quantization"]["exclude_modules"] == qc["ignore"]
             if recipe == "mixed-fp8-nvfp4":
                 layers = qc["quantized_layers"]
                 assert layers["model.layers.0.self_attn.q_proj"]["quant_algo"] == "FP8"
@@ -109,8 +118,11 @@ def test_real_quant_dequantizes_to_fake_quant(model, recipe, fmt, tmp_path):
                 assert mlp and all(layers[k]["quant_algo"] == "NVFP4" for k in mlp)
             # fused groups agree: input scales of q/k/v and gate/up, NVFP4 weight_scale_2
             for layer in ("model.layers.0", "model.layers.1"):
-                qkv = [tensors[f"{layer}.self_attn.{p}.input_scale"] for p in ("q_proj", "k_proj", "v_proj")]
-                assert all(torch.equal(qkv[0], t) for t in qkv)
+                has_input = MODELOPT_ALGO[recipe] in ("FP8", "NVFP4", "MIXED_PRECISION")
+                assert (f"{layer}.self_attn.q_proj.input_scale" in tensors) == has_input
+                if has_input:
+                    qkv = [tensors[f"{layer}.self_attn.{p}.input_scale"] for p in ("q_proj", "k_proj", "v_proj")]
+                    assert all(torch.equal(qkv[0], t) for t in qkv)
                 if f"{layer}.self_attn.q_proj.weight_scale_2" in tensors:
                     ws2 = [tensors[f"{layer}.self_attn.{p}.weight_scale_2"] for p in ("q_proj", "k_proj", "v_proj")]
                     assert all(torch.equal(ws2[0], t) for t in ws2)
@@ -150,10 +162,10 @@ def test_real_formats_refuse_what_they_cannot_describe(tmp_path):
     src = model_dir("synthetic:llama-tiny")
     with pytest.raises(ValueError, match="fp8-block stores only FP8 128x128"):
         export(src, str(tmp_path / "a"), recipe="mixed-fp8block-nvfp4", format="fp8-block")
-    with pytest.raises(ValueError, match="modelopt stores FP8 per-tensor and NVFP4"):
+    with pytest.raises(ValueError, match="modelopt stores FP8 per tensor with static FP8 inputs"):
         export(src, str(tmp_path / "b"), recipe="int4-w4a16", format="modelopt")
-    with pytest.raises(ValueError, match="needs a static"):
-        export(src, str(tmp_path / "c"), recipe="nvfp4-w4a16", format="modelopt")
+    with pytest.raises(ValueError, match="fp8-pc-pt, nvfp4 or nvfp4-w4a16"):
+        export(src, str(tmp_path / "c"), recipe="fp8-block", format="modelopt")
     assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
 
 

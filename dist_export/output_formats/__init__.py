@@ -56,7 +56,7 @@ def output_format_names() -> list[str]:
 
 
 def _load_builtin() -> None:
-    from . import fp8_block, modelopt, vllm_fq  # noqa: F401  (register on import)
+    from . import compressed_tensors, fp8_block, modelopt, vllm_fq  # noqa: F401  (register on import)
 
 
 def refuse_expert_stacks(items, format_name: str) -> None:
