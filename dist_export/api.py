@@ -48,14 +48,12 @@ def parse_size(text) -> int:
         raise ValueError(f"cannot parse size {text!r}; use e.g. 500MB, 2GB or a byte count") from None
 
 
-def resolve_model(model: str | None) -> str:
-    model = model or DEFAULT_MODEL
-    if model.startswith("synthetic:"):
-        return ensure_synthetic(model)
-    if not os.path.isdir(model):
-        raise FileNotFoundError(f"model folder {model} does not exist; pass a local Hugging Face checkpoint "
-                                f"folder or synthetic:<arch>-<preset>")
-    return model
+def resolve_model(model: str | None, revision: str | None = None) -> str:
+    """The local folder of `model`: a folder, a Hub id (HF cache first, `revision`, offline mode respected),
+    `synthetic:<arch>-<preset>`, or, for None, the demo model announced with a warning (sources/hub.py)."""
+    from .sources.hub import resolve_model as resolve
+
+    return resolve(model, revision).path
 
 
 def export(model=None, out_dir: str = "out", recipe: str | Recipe = "fp8-block", format: str = "vllm-fq",

@@ -39,10 +39,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
+MODEL_HELP = ("a checkpoint folder, a Hugging Face Hub id org/name (from the HF cache first; HF_HUB_OFFLINE=1 "
+              "never downloads; only safetensors and side files are fetched) or synthetic:<arch>-<preset>; "
+              "without it the built-in demo model synthetic:llama-tiny (random weights), with a warning")
+
+
+def _add_model(p):
+    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--revision", default=None, help="branch, tag or commit of a Hub id (default: main)")
+
+
 def _add_export(sub):
     p = sub.add_parser("export", help="quantize and export a checkpoint (run under torchrun for several ranks)")
-    p.add_argument("--model", default=None, help="HF checkpoint folder or synthetic:<arch>-<preset> "
-                                                 "(default: synthetic:llama-tiny)")
+    _add_model(p)
     p.add_argument("--recipe", default="fp8-block", metavar="RECIPE", help=_recipe_help())
     p.add_argument("--out", required=True, help="output folder (new or empty)")
     p.add_argument("--format", default="vllm-fq", choices=_formats(), help="output format")
@@ -63,7 +72,7 @@ def _add_export(sub):
 
 def _add_calibrate(sub):
     p = sub.add_parser("calibrate", help="max-calibrate activation amax for a recipe's static input quantizers")
-    p.add_argument("--model", default=None)
+    _add_model(p)
     p.add_argument("--recipe", required=True, metavar="RECIPE", help=_recipe_help())
     p.add_argument("--out", required=True, help="calibration file to write (.safetensors)")
     p.add_argument("--data", default=None, help="text or JSONL file; default: seeded random token ids")
@@ -98,7 +107,7 @@ def _add_verify(sub):
 
 def _add_plan(sub):
     p = sub.add_parser("plan", help="print the shard layout and per-rank balance for a world size (no writes)")
-    p.add_argument("--model", default=None)
+    _add_model(p)
     p.add_argument("--recipe", default="fp8-block", metavar="RECIPE", help=_recipe_help())
     p.add_argument("--format", default="vllm-fq", choices=_formats(), help="output format")
     p.add_argument("--world-size", type=_positive_int, default=8, help="simulated world size (ignored under torchrun)")
@@ -162,9 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_export(args) -> int:
-    from .api import export
+    from .api import export, resolve_model
 
-    summary = export(args.model, args.out, recipe=args.recipe, format=args.format, calib=args.calib,
+    model = resolve_model(args.model, args.revision) if args.revision else args.model
+    summary = export(model, args.out, recipe=args.recipe, format=args.format, calib=args.calib,
                      overwrite=args.overwrite, resume=args.resume, device=args.device,
                      max_shard_size=args.max_shard_size, hang_timeout=args.hang_timeout,
                      dead_timeout=args.dead_timeout, verify=not args.no_verify)
@@ -179,7 +189,7 @@ def cmd_calibrate(args) -> int:
     from .calibration.run import calibrate
     from .recipe import load_recipe
 
-    calibrate(resolve_model(args.model), load_recipe(args.recipe), args.out, data=args.data,
+    calibrate(resolve_model(args.model, args.revision), load_recipe(args.recipe), args.out, data=args.data,
               num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed, device_map=args.device_map,
               trust_remote_code=args.trust_remote_code)
     return 0
@@ -232,7 +242,7 @@ def cmd_plan(args) -> int:
             else:
                 from .sources.checkpoint import SourceCheckpoint
 
-                tensors = SourceCheckpoint(resolve_model(args.model)).tensors
+                tensors = SourceCheckpoint(resolve_model(args.model, args.revision)).tensors
             plan = build_plan(tensors, load_recipe(args.recipe), get_output_format(args.format), world,
                               parse_size(args.max_shard_size))
             local["plan"] = plan

@@ -14,6 +14,10 @@ import shutil
 
 from .storage.atomic import write_atomic
 from .layout import INDEX_NAME, MANIFEST_DIR, RECORD_NAME, SINGLE_NAME
+from .layout import CONFIG_NAME
+from .sources.hub import source_root
+from .sources.side_files import list_side_files, missing_auto_map_code, side_file_path
+from .storage.manifest import file_sha256
 from .storage.reader import safe_join
 from .storage.header import read_header
 from .storage.outdir import fsync_dir
@@ -21,9 +25,6 @@ from .plan import ExportPlan
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json", "chat_template.jinja",
-                   "chat_template.json", "preprocessor_config.json", "processor_config.json")
 
 
 def check_written_shards(plan: ExportPlan, out_dir: str, staged) -> None:
@@ -40,30 +41,32 @@ def check_written_shards(plan: ExportPlan, out_dir: str, staged) -> None:
             raise RuntimeError(f"commit: shard {shard.filename} does not match the plan, e.g. {bad}")
 
 
-def _copy_side_files(src: str, out_dir: str, config: dict) -> dict:
-    for name in ["generation_config.json", *TOKENIZER_FILES]:
-        path = os.path.join(src, name)
-        if os.path.isfile(path):
-            shutil.copyfile(path, os.path.join(out_dir, name))
-            os.chmod(os.path.join(out_dir, name), 0o644)
-    auto_map = config.get("auto_map")
-    if auto_map:
-        refs = auto_map.values() if isinstance(auto_map, dict) else []
-        modules = set()
-        for ref in refs:
-            for r in ref if isinstance(ref, list) else [ref]:
-                if r and "." in r:
-                    modules.add(r.split("--")[-1].rsplit(".", 1)[0] + ".py")
-        missing = [m for m in modules if not os.path.isfile(os.path.join(src, m))]
-        if missing:
-            log.warning("config.json auto_map names %s, missing from the source: auto_map removed "
-                        "(vLLM raises on a dangling auto_map)", missing)
-            config = {k: v for k, v in config.items() if k != "auto_map"}
-        else:
-            for m in sorted(modules):
-                safe_join(src, m, "remote-code file")
-                shutil.copyfile(os.path.join(src, m), os.path.join(out_dir, m))
-    return config
+def _copy_side_files(src: str, out_dir: str, config: dict) -> tuple[dict, dict[str, str]]:
+    """Copy every side file of `src` (sources/side_files.py: tokenizer files of any kind, README, LICENSE,
+    auto_map code, ...; links must resolve inside the source root). Returns the config (its `auto_map` dropped
+    when the code it names is missing: vLLM raises on a dangling one) and {relative path: sha256} of what was
+    written, for the record (a later --overwrite removes exactly those files)."""
+    root = source_root(src)
+    written = {}
+    for rel in list_side_files(src, root):
+        real = side_file_path(src, rel, root)
+        dst = safe_join(out_dir, os.path.join(*rel.split("/")), "side file")
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        if os.path.islink(dst):
+            raise ValueError(f"{dst} is a link in the output folder; refusing to write through it: remove it")
+        shutil.copyfile(real, dst)
+        os.chmod(dst, 0o644)
+        written[rel] = file_sha256(dst)
+    missing = missing_auto_map_code(src)
+    if missing.get(CONFIG_NAME) and "auto_map" in config:
+        log.warning("config.json auto_map names %s, missing from the source: auto_map removed "
+                    "(vLLM raises on a dangling auto_map)", missing[CONFIG_NAME])
+        config = {k: v for k, v in config.items() if k != "auto_map"}
+    for name, files in missing.items():
+        if name != CONFIG_NAME:
+            log.warning("%s auto_map names %s, missing from the source: loading it with trust_remote_code will "
+                        "fail", name, files)
+    return config, written
 
 
 def commit_export(plan: ExportPlan, out_dir: str, source_dir: str | None, source_config: dict, recipe,
@@ -72,7 +75,7 @@ def commit_export(plan: ExportPlan, out_dir: str, source_dir: str | None, source
     check_written_shards(plan, out_dir, staged)
     config = output_format.update_config(source_config, plan, recipe)
     if source_dir is not None:
-        config = _copy_side_files(source_dir, out_dir, config)
+        config, record["side_files"] = _copy_side_files(source_dir, out_dir, config)
     elif "auto_map" in config:
         config = {k: v for k, v in config.items() if k != "auto_map"}
     write_atomic(os.path.join(out_dir, "config.json"), (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())

@@ -16,6 +16,7 @@ import torch
 from ..layout import INDEX_NAME, SINGLE_NAME
 from ..storage.header import CorruptFileError, TensorMeta, file_tensor_metas
 from ..storage.reader import read_tensor, safe_join
+from .hub import source_root
 from .quantized import EncodedMeta, EncodedTensor, aligned, map_source
 
 
@@ -61,7 +62,7 @@ class SourceCheckpoint:
                     raise CorruptFileError(f"{INDEX_NAME} in {self.folder} is not a valid index") from None
             files = sorted(set(weight_map.values()))
             for file in files:
-                path = safe_join(self.folder, file, f"file named by {INDEX_NAME}")
+                path = safe_join(self.folder, file, f"file named by {INDEX_NAME}", root=source_root(self.folder))
                 if not os.path.isfile(path):
                     raise FileNotFoundError(f"{INDEX_NAME} names {file}, which is missing from {self.folder}: restore "
                                         f"or re-download that file")

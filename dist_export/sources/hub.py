@@ -131,6 +131,18 @@ def resolve_hub_id(repo_id: str, revision: str | None = None) -> ResolvedModel:
     return ResolvedModel(path, root, "hub", shown)
 
 
+def source_root(folder: str) -> str:
+    """The folder every file of `folder` must resolve into: a Hub cache snapshot (`models--org--name/snapshots/
+    <commit>`, whose files link into `blobs/`) is confined to its repository folder, any other folder to itself."""
+    real = os.path.abspath(folder)
+    parent = os.path.dirname(real)
+    repo = os.path.dirname(parent)
+    if os.path.basename(parent) == "snapshots" and os.path.basename(repo).startswith("models--") \
+            and os.path.isdir(os.path.join(repo, "blobs")):
+        return repo
+    return folder
+
+
 def _has_weights(path: str) -> bool:
     return any(os.path.isfile(os.path.join(path, n)) for n in ("model.safetensors", "model.safetensors.index.json"))
 

@@ -75,6 +75,7 @@ def prepare_output_dir(out_dir: str, overwrite: bool, resume: bool) -> OutputLoc
     try:
         stale = [os.path.join(out_dir, INDEX_NAME), os.path.join(out_dir, SINGLE_NAME)]
         if overwrite and not resume:
+            stale += previous_side_files(out_dir)
             stale += [p for pat in OWN_PATTERNS for p in glob.glob(os.path.join(out_dir, pat))]
             shutil.rmtree(os.path.join(out_dir, MANIFEST_DIR), ignore_errors=True)
         stale += glob.glob(os.path.join(out_dir, "*" + TMP_SUFFIX))
@@ -85,6 +86,28 @@ def prepare_output_dir(out_dir: str, overwrite: bool, resume: bool) -> OutputLoc
         lock.release()
         raise
     return lock
+
+
+def previous_side_files(out_dir: str) -> list[str]:
+    """Side files an earlier export wrote (its record's `side_files`, {relative path: sha256}) that are still
+    regular files (never a link) with the bytes we wrote: only those are ours to remove on --overwrite."""
+    import json
+
+    from .manifest import file_sha256
+
+    try:
+        with open(os.path.join(out_dir, RECORD_NAME)) as f:
+            listed = json.load(f).get("side_files") or {}
+    except (OSError, ValueError, AttributeError):
+        return []
+    out = []
+    for rel, digest in listed.items() if isinstance(listed, dict) else []:
+        if not isinstance(rel, str) or rel.startswith("/") or ".." in rel.split("/"):
+            continue
+        path = os.path.join(out_dir, *rel.split("/"))
+        if os.path.isfile(path) and not os.path.islink(path) and file_sha256(path) == digest:
+            out.append(path)
+    return out
 
 
 def remove_temporaries(out_dir: str) -> None:

@@ -12,13 +12,15 @@ import torch
 from .header import CorruptFileError, TensorMeta
 
 
-def safe_join(folder: str, name: str, what: str = "file") -> str:
-    """Join and refuse names that escape `folder` (absolute paths, `..`)."""
+def safe_join(folder: str, name: str, what: str = "file", root: str | None = None) -> str:
+    """Join and refuse names that escape `folder` (absolute paths, `..`) or whose real path lies outside `root`
+    (default `folder`; a Hub snapshot's files resolve into its repository's blobs/)."""
     if os.path.isabs(name) or name != os.path.normpath(name) or name.startswith(".."):
         raise ValueError(f"{what} {name!r} escapes the folder {folder}; refusing to read it: fix the "
                          f"index so every file lies inside the folder")
     path = os.path.join(folder, name)
-    if os.path.commonpath([os.path.realpath(folder), os.path.realpath(path)]) != os.path.realpath(folder):
+    limit = os.path.realpath(root or folder)
+    if os.path.commonpath([limit, os.path.realpath(path)]) != limit:
         raise ValueError(f"{what} {name!r} escapes the folder {folder}; refusing to read it: fix the "
                          f"index so every file lies inside the folder")
     return path
