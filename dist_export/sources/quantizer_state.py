@@ -1,0 +1,279 @@
+"""The quantizer-state file and the recipe a model's quantizers make (plan stage, every rank; torch only).
+
+A state file (`dist_export.save_quantizer_state`) is plain data that `torch.load(weights_only=True)` reads
+without ModelOpt: `weights` (per quantized checkpoint tensor: our format, granularity, block size, the
+calibrated amax in our layout, a pre-quant scale to fold), `activations` (every other quantizer: ModelOpt's
+properties and buffers, in checkpoint names), ModelOpt's `modes` and version, the model `signature` (names,
+dtypes, shapes) and a sampled `fingerprints` entry per tensor. `quantizer_recipe` turns it into the export's
+recipe (one exact rule per quantized module) and calibration (`QuantizerValues`).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from ..numerics import QuantSpec
+from ..recipe import InputSpec, Recipe, Rule
+
+STATE_FORMAT = "dist_export-quantizer-state-1"
+FINGERPRINT_SAMPLES = 4096
+_FMT = {(4, 3): "fp8", 8: "int8", 4: "int4", (2, 1): "nvfp4"}
+
+
+def _bits(value):
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+# ---------------------------------------------------------------------------------- fingerprints
+
+
+def _sample_step(numel: int) -> int:
+    return max(1, numel // FINGERPRINT_SAMPLES)
+
+
+def _fingerprint(sample: torch.Tensor, shape: tuple[int, ...]) -> str:
+    h = hashlib.sha256(f"{sample.dtype}|{tuple(shape)}|".encode())
+    h.update(sample.contiguous().view(torch.uint8).numpy().tobytes() if sample.numel() else b"")
+    return h.hexdigest()[:32]
+
+
+def tensor_fingerprint(t: torch.Tensor) -> str:
+    """sha256 of dtype, shape and an even sample of at most 4096 elements (on any device; the values decide)."""
+    flat = t.detach().reshape(-1)
+    return _fingerprint(flat[::_sample_step(flat.numel())][:FINGERPRINT_SAMPLES].cpu(), tuple(t.shape))
+
+
+def file_fingerprint(folder: str, meta) -> str:
+    """`tensor_fingerprint` of a checkpoint tensor, reading only the sampled elements (a memory map)."""
+    import numpy as np
+
+    itemsize = meta.nbytes // max(meta.numel, 1)
+    if meta.numel == 0:
+        return _fingerprint(torch.empty(0, dtype=meta.torch_dtype), meta.shape)
+    raw = np.memmap(os.path.join(folder, meta.file), dtype=f"V{itemsize}", mode="r", offset=meta.start,
+                    shape=(meta.numel,))
+    picked = np.ascontiguousarray(raw[::_sample_step(meta.numel)][:FINGERPRINT_SAMPLES]).view(np.uint8)
+    sample = torch.frombuffer(bytearray(picked.tobytes()), dtype=torch.uint8).view(meta.torch_dtype)
+    return _fingerprint(sample, meta.shape)
+
+
+def check_fingerprints(state: dict, folder: str, tensors, path: str) -> None:
+    """Refuse a folder whose weights differ from those the quantizer state was saved from (sampled reads)."""
+    for name in sorted(tensors):
+        want = state["fingerprints"].get(name)
+        if want is not None and file_fingerprint(folder, tensors[name]) != want:
+            raise ValueError(f"{name} in {folder} differs from the weights {path} was saved from; calibration "
+                             f"changed them in place (AWQ, SmoothQuant): save the calibrated model with "
+                             f"save_pretrained and export that folder")
+
+
+def _feed(h, value) -> None:
+    if isinstance(value, dict):
+        h.update(b"{")
+        for k in sorted(value, key=repr):
+            h.update(repr(k).encode() + b":")
+            _feed(h, value[k])
+        h.update(b"}")
+    elif isinstance(value, (list, tuple)):
+        h.update(b"[")
+        for v in value:
+            _feed(h, v)
+        h.update(b"]")
+    elif isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    else:
+        h.update(repr(value).encode())
+
+
+def state_digest(state: dict) -> str:
+    """Digest of a quantizer state's content (every value, every tensor's bytes), for run fingerprints."""
+    h = hashlib.sha256()
+    _feed(h, state)
+    return h.hexdigest()[:32]
+
+
+def save_state(state: dict, path: str) -> None:
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def load_state(path: str) -> dict:
+    """Read a quantizer-state file with torch alone (`weights_only=True`) and check its format."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"quantizer state file {path} does not exist; write it with "
+                                f"dist_export.save_quantizer_state(model, path)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
+        raise ValueError(f"quantizer state file {path} cannot be read ({type(e).__name__}: {e}); write it again "
+                         f"with dist_export.save_quantizer_state") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        fmt = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{path} is not a dist_export quantizer state file (format {fmt!r}, expected "
+                         f"{STATE_FORMAT!r}); write it with dist_export.save_quantizer_state(model, path)")
+    return state
+
+
+# ---------------------------------------------------------------------------------- the recipe they make
+
+
+def input_spec(record: dict | None):
+    """Our InputSpec for a ModelOpt input quantizer (None: disabled, or a kind our plans do not name; its
+    ModelOpt record still goes into the state file unchanged)."""
+    if record is None:
+        return None
+    p = record["properties"]
+    if p.get("_disabled", True):
+        return None
+    bits, bs, dynamic = _bits(p.get("_num_bits")), p.get("_block_sizes"), bool(p.get("_dynamic"))
+    amax = record["buffers"].get("_amax")
+    static_tensor = not dynamic and amax is not None and amax.numel() == 1
+    if bits == (2, 1) and bs and bs.get(-1) == 16 and amax is not None and amax.numel() == 1:
+        return InputSpec("nvfp4", "group", 16)
+    if bits in ((4, 3), 8) and bs is None and p.get("_axis") is None and static_tensor:
+        return InputSpec(_FMT[bits])
+    if bits == (4, 3) and dynamic and (bs == {-1: None} or (bs is None and p.get("_axis") is not None)):
+        return InputSpec("fp8", "token", dynamic=True)
+    return None
+
+
+@dataclass(frozen=True)
+class QuantizerRecipe(Recipe):
+    """A recipe made of a model's own quantizers: one exact rule per quantized module, every other tensor
+    copied (dict look-ups, no patterns: models with many experts stay fast)."""
+
+    modules: dict = field(default_factory=dict, compare=False, repr=False)
+    digest: str = ""
+
+    def excluded_by(self, module: str) -> str | None:
+        return None if module in self.modules else "no enabled weight quantizer"
+
+    def rule_for(self, module: str):
+        return self.modules.get(module)
+
+    @property
+    def exclude_patterns(self) -> tuple[str, ...]:
+        return ()
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(r.input is not None and r.input.needs_calibration for r in self.modules.values())
+
+    def to_dict(self) -> dict:
+        def spec(r):
+            w, i = r.weight, r.input
+            return {"weight": [w.fmt, w.granularity, w.block_size],
+                    "input": None if i is None else [i.fmt, i.granularity, i.block_size, i.dynamic]}
+
+        return {"name": self.name, "description": self.description, "quantizer_state": self.digest,
+                "modules": {m: spec(r) for m, r in sorted(self.modules.items())}}
+
+
+def quantizer_recipe(state: dict):
+    """(recipe, values) of a quantizer state: the recipe names every quantized module's formats; the values
+    hold the calibrated numbers (`QuantizerValues`)."""
+    modules = {}
+    for name, e in state["weights"].items():
+        module = name[: -len(".weight")] if name.endswith(".weight") else name
+        inp = input_spec(state["activations"].get(f"{module}.input_quantizer"))
+        modules[module] = Rule((module,), QuantSpec(e["format"], e["granularity"], e["block_size"]), inp)
+    digest = state_digest({k: v for k, v in state.items() if k != "fingerprints"})
+    recipe = QuantizerRecipe(name="modelopt-quantizers", rules=(), default_exclude=False,
+                           description=f"the model's own ModelOpt {state.get('modelopt_version', '')} quantizers",
+                           modules=modules, digest=digest)
+    return recipe, QuantizerValues.from_state(state)
+
+
+class QuantizerValues(dict):
+    """The calibrated values of a quantizer state, as the export's calibration: the mapping holds every static
+    input quantizer's 0-d float32 amax (checkpoint quantizer paths, as a calibration file does); `weights`
+    holds, per quantized tensor, (amax in our layout, pre-quant scale to fold or None); `activations` the
+    ModelOpt records for the state file."""
+
+    weights: dict
+    activations: dict
+    modes: list
+    version: str
+
+    @classmethod
+    def from_state(cls, state: dict) -> "QuantizerValues":
+        values = cls()
+        for path, rec in state["activations"].items():
+            amax = rec["buffers"].get("_amax")
+            if path.endswith(".input_quantizer") and amax is not None and amax.numel() == 1 \
+                    and not rec["properties"].get("_disabled", True):
+                values[path] = amax.detach().float().reshape(())
+        values.weights = {n: (e["amax"], e["pre_quant_scale"]) for n, e in state["weights"].items()}
+        values.activations = state["activations"]
+        values.modes = state.get("modes", [])
+        values.version = state.get("modelopt_version", "")
+        return values
+
+
+def check_recipe_agrees(recipe, qrecipe, values, tensors) -> None:
+    """A recipe given together with a quantized model must describe the model's own quantizers; the first
+    module (natural order) where they differ stops the export."""
+    from ..plan import classify_tensors, plan_groups
+
+    theirs, _ = classify_tensors(tensors, recipe)
+    mine = {i.name: i for i in classify_tensors(tensors, qrecipe)[0]}
+
+    def describe(item) -> str:
+        if not item.quantized:
+            return "not quantized"
+        w, i = item.weight, item.input
+        inp = "no input quantizer" if i is None else f"input {i.fmt}/{i.granularity}{' dynamic' if i.dynamic else ''}"
+        return f"weight {w.fmt}/{w.granularity}{'' if w.block_size is None else f'/{w.block_size}'}, {inp}"
+
+    for item in theirs:
+        own = mine[item.name]
+        if describe(item) != describe(own):
+            raise ValueError(f"recipe {recipe.name!r} disagrees with the model's quantizers at {own.module or item.name}: "
+                             f"the recipe says {describe(item)}, the model has {describe(own)}; pass recipe=None to "
+                             f"export the model's own quantizers")
+    for group, members in sorted(plan_groups(theirs, recipe.share_weight_amax).items()):
+        amax = [values.weights[m][0] for m in members]
+        if any(not torch.equal(a, amax[0]) for a in amax[1:]):
+            raise ValueError(f"recipe {recipe.name!r} shares one weight amax over {list(members)}, but the model's "
+                             f"quantizers hold different amax for them; pass recipe=None to export the model's own "
+                             f"quantizers")
+
+
+class FingerprintCheckedSource:
+    """A source whose every read is checked against the fingerprints the quantizer state was saved with (on
+    the rank that reads it, from the host copy it reads anyway)."""
+
+    def __init__(self, source, fingerprints: dict[str, str], state_path: str):
+        self._source = source
+        self._fingerprints = fingerprints
+        self._state_path = state_path
+
+    def __getattr__(self, name):
+        return getattr(self._source, name)
+
+    def read(self, meta, out=None):
+        t = self._source.read(meta, out=out)
+        want = self._fingerprints.get(meta.name)
+        if want is not None and tensor_fingerprint(t) != want:
+            folder = getattr(self._source, "folder", "the model folder")
+            raise ValueError(f"{meta.name} in {folder} differs from the weights {self._state_path} was saved from; "
+                             f"calibration changed them in place (AWQ, SmoothQuant): save the calibrated model with "
+                             f"save_pretrained and pass that folder as --model")
+        return t
+
+
+def check_signature(state: dict, tensors, path: str, folder: str) -> None:
+    from ..calibration.file import model_signature
+
+    if state.get("signature") != model_signature(tensors):
+        names = sorted(set(state.get("fingerprints", {})) ^ set(tensors))
+        hint = f" (e.g. {names[0]!r} is in only one of them)" if names else " (names agree; dtypes or shapes differ)"
+        raise ValueError(f"quantizer state {path} was saved from another model than {folder}{hint}; pass the "
+                         f"checkpoint folder the quantized model was loaded from")

@@ -1,0 +1,352 @@
+"""The model's own ModelOpt quantizers as the export's recipe (plan stage).
+
+Runs in the user's process only (`save_quantizer_state`, `export(model)` of a ModelOpt-quantized model); the
+ranks of a `--quantizer-state` export read the plain-data file it writes (`quantizer_state.py`, torch alone).
+Quantizers are recognised by their class's module (`modelopt.*`) and read through their attributes; ModelOpt
+itself is imported only to read the model's mode list (`modelopt_modes`), i.e. only for a model it quantized.
+
+`read_quantizers(model)` turns every quantizer into plain data in checkpoint key space:
+  * enabled weight quantizers -> our `QuantSpec` and the quantizer's calibrated amax in our amax layout
+    (per tensor [], per channel [out, 1], per group [out, ceil(in/g)], 2-D blocks [ceil(out/b), ceil(in/b)],
+    NVFP4: the global amax). A fused-experts quantizer covers one expert's [2I, H] gate_up matrix: its amax is
+    split by rows into the gate and up tensors. A pre-quant scale on a *disabled* input quantizer (weight-only
+    AWQ) is folded after the fake quant, as ModelOpt's exporter does: `(fq(W) * s[None, :]).to(W.dtype)`;
+  * every other quantizer (input, output, KV-cache `*_bmm_quantizer`, fused experts' shared input quantizers,
+    expanded to each expert's names) keeps ModelOpt's own properties and buffers for the state file;
+  * a quantizer we cannot express (a custom backend, rotation, a bias, unsigned or narrow-range integers,
+    learned scales, two-stage W4A8, MX formats, static NVFP4 block scales) is refused by name.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..numerics import QuantSpec
+from .quantizer_state import _FMT, STATE_FORMAT, _bits, save_state
+
+
+def is_modelopt_quantizer(module) -> bool:
+    return type(module).__module__.startswith("modelopt.") and "Quantizer" in type(module).__name__
+
+
+def is_modelopt_quantized(model) -> bool:
+    return any(is_modelopt_quantizer(m) for m in model.modules())
+
+
+# ---------------------------------------------------------------------------------- weight quantizers
+
+
+def _refuse_unexpressible(q, where: str) -> None:
+    """A quantizer whose arithmetic our formats do not have: refused by name, never substituted."""
+    checks = (
+        (getattr(q, "backend", None) is not None, f"custom backend {getattr(q, 'backend', None)!r}"),
+        (bool(getattr(q, "_rotate", False)), "rotation"),
+        (getattr(q, "_bias", None) is not None, "a quantization bias"),
+        (bool(getattr(q, "_unsigned", False)), "unsigned integers"),
+        (bool(getattr(q, "_narrow_range", False)), "narrow-range integers"),
+        (bool(getattr(q, "_lsq", False)) or bool(getattr(q, "_learn_amax", False)), "learned scales"),
+        (not getattr(q, "_fake_quant", True), "real quantization (mtq.compress)"),
+        (bool(getattr(q, "_use_constant_amax", False)), "a constant amax"),
+        (type(q).__name__ not in ("TensorQuantizer", "StaticBlockScaleQuantizer"), f"a {type(q).__name__}"),
+    )
+    for bad, what in checks:
+        if bad:
+            raise ValueError(f"{where}: the quantizer uses {what}, which dist_export cannot reproduce; export this "
+                             f"model with ModelOpt's own exporter, or disable that quantizer")
+
+
+def weight_spec(q, shape: tuple[int, ...], where: str) -> QuantSpec:
+    """Our QuantSpec for an enabled weight quantizer acting on a matrix of `shape` [out, in]."""
+    _refuse_unexpressible(q, where)
+    bits = _bits(q._num_bits)
+    fmt = _FMT.get(bits)
+    bs = q._block_sizes
+    if fmt is None:
+        raise ValueError(f"{where}: num_bits {bits} has no dist_export format; supported: {sorted(map(str, _FMT))}")
+    if bs is not None and bs.get("scale_bits") == (8, 0):
+        raise ValueError(f"{where}: MX formats (scale_bits (8, 0)) are not supported; use NVFP4, FP8, INT8 or INT4")
+    if fmt == "nvfp4":
+        if bs is None or bs.get(-1) != 16 or bs.get("type") != "dynamic" or _bits(bs.get("scale_bits")) != (4, 3):
+            raise ValueError(f"{where}: NVFP4 needs block_sizes {{-1: 16, 'type': 'dynamic', 'scale_bits': (4, 3)}} "
+                             f"(static per-block NVFP4 scales, e.g. from algorithm 'mse', are not supported); got {bs}")
+        return QuantSpec("nvfp4", "group", 16)
+    if bs is not None:
+        if bs.get("type", "static") != "static" or any(k not in (-1, -2, 0, 1, "type") for k in bs):
+            raise ValueError(f"{where}: block_sizes {bs} are not supported; use static blocks along the last dim "
+                             f"({{-1: g}}) or FP8 2-D blocks ({{-1: b, -2: b}})")
+        last = bs.get(-1, bs.get(1))
+        first = bs.get(-2, bs.get(0))
+        if first is None:
+            return QuantSpec(fmt, "group", int(last))
+        if fmt != "fp8" or first != last:
+            raise ValueError(f"{where}: 2-D blocks {bs} are supported for FP8 square blocks only")
+        return QuantSpec(fmt, "block", int(last))
+    axis = q._axis
+    if axis is None:
+        return QuantSpec(fmt, "tensor")
+    if axis in (0, (0,), [0]) or (fmt != "nvfp4" and axis in (-2, (-2,)) and len(shape) == 2):
+        return QuantSpec(fmt, "channel")
+    raise ValueError(f"{where}: axis {axis} is not supported for weights; use axis 0 (per output channel) or None")
+
+
+def amax_in_our_layout(q, spec: QuantSpec, shape: tuple[int, ...], where: str) -> torch.Tensor:
+    """The quantizer's calibrated amax, float32, in the layout `numerics` takes for `spec` on `shape`."""
+    amax = getattr(q, "_amax", None)
+    if amax is None:
+        raise ValueError(f"{where}: the weight quantizer is enabled but has no calibrated amax; calibrate the model "
+                         f"(mtq.quantize with a forward loop) before exporting")
+    amax = amax.detach().float().cpu()
+    want = spec.amax_shape(shape) if spec.fmt != "nvfp4" else ()
+    if math.prod(want) != amax.numel():
+        raise ValueError(f"{where}: amax has {amax.numel()} values, {spec.fmt}/{spec.granularity} on a {list(shape)} "
+                         f"weight needs {math.prod(want)}")
+    if not torch.isfinite(amax).all() or (amax < 0).any():
+        raise ValueError(f"{where}: amax holds negative, NaN or inf values; calibrate the model again")
+    return amax.reshape(want).clone()
+
+
+def row_slice(amax: torch.Tensor, spec: QuantSpec, lo: int, hi: int, where: str) -> torch.Tensor:
+    """The amax of rows [lo, hi) of the quantized matrix (gate or up half of a fused gate_up expert)."""
+    if spec.granularity == "tensor" or spec.fmt == "nvfp4":
+        return amax.clone()
+    if spec.granularity in ("channel", "group"):
+        return amax[lo:hi].clone()
+    b = spec.block_size
+    if lo % b or (hi % b and hi != amax.shape[0] * b):
+        raise ValueError(f"{where}: 2-D blocks of {b} straddle the gate/up boundary at row {lo}; this fused expert "
+                         f"cannot be split into checkpoint tensors")
+    return amax[lo // b: -(-hi // b)].clone()
+
+
+# ---------------------------------------------------------------------------------- other quantizers
+
+
+def quantizer_record(q) -> dict:
+    """ModelOpt's properties and buffers of a non-weight quantizer, as plain data (for the state file)."""
+    props = q.get_modelopt_state()
+    buffers = {k: v.detach().cpu().clone() for k, v in q.state_dict().items()}
+    return {"properties": plain_data(props), "buffers": buffers}
+
+
+def plain_data(value):
+    """Dicts, lists, tuples, scalars, dtypes and tensors only (loads with `torch.load(weights_only=True)`);
+    a pydantic config becomes its dict; anything else is refused by type."""
+    if isinstance(value, dict):
+        return {k: plain_data(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain_data(v) for v in value]
+    if isinstance(value, tuple):  # torch.Size too
+        return tuple(plain_data(v) for v in value)
+    if value is None or isinstance(value, (str, int, float, bool, torch.dtype)):
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if hasattr(value, "model_dump"):
+        return plain_data(value.model_dump())
+    raise ValueError(f"quantizer state holds a {type(value).__name__} ({value!r}), which a weights_only state file "
+                     f"cannot carry")
+
+
+# ---------------------------------------------------------------------------------- the model's quantizers
+
+
+def _enabled(q) -> bool:
+    if isinstance(q, torch.nn.Module) and not hasattr(q, "_disabled"):  # containers (SequentialQuantizer)
+        return any(_enabled(sub) for sub in q.children())
+    return not q._disabled
+
+
+def _meta(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+
+class _Reader:
+    """Walks the model once; fills the plain-data tables of a quantizer state (checkpoint key space)."""
+
+    def __init__(self, model):
+        from .keymap import checkpoint_keys
+
+        self.model = model
+        self._keys = checkpoint_keys
+        self.weights: dict[str, dict] = {}
+        self.activations: dict[str, dict] = {}
+
+    def names(self, key: str, t: torch.Tensor) -> list[str]:
+        return self._keys(self.model, {key: _meta(t)})[key]
+
+    def module_path(self, module_name: str) -> str:
+        """A module's path in checkpoint key space (probe: the name its `.weight` would be saved under)."""
+        probe = f"{module_name}.weight"
+        out = self._keys(self.model, {probe: torch.empty(1, 1, device="meta")})[probe]
+        return out[0][: -len(".weight")] if len(out) == 1 and out[0].endswith(".weight") else module_name
+
+    def add_weight(self, name: str, where: str, spec: QuantSpec, amax: torch.Tensor, pqs) -> None:
+        if name in self.weights:
+            raise ValueError(f"{where}: tensor {name!r} has two weight quantizers")
+        self.weights[name] = {"quantizer": where, "format": spec.fmt, "granularity": spec.granularity,
+                              "block_size": spec.block_size, "amax": amax, "pre_quant_scale": pqs}
+
+    def linear(self, module_name: str, module, q) -> None:
+        where = f"{module_name}.weight_quantizer"
+        w = getattr(module, "weight", None)
+        if w is None or w.dim() != 2:
+            raise ValueError(f"{where}: enabled weight quantizer on a module without a 2-D weight "
+                             f"({type(module).__name__}); dist_export cannot place it")
+        names = self.names(f"{module_name}.weight", w)
+        if len(names) != 1:
+            raise ValueError(f"{where}: weight maps to {len(names)} checkpoint tensors; save the model and export "
+                             f"the folder with its quantizer state instead")
+        spec = weight_spec(q, tuple(w.shape), where)
+        amax = amax_in_our_layout(q, spec, tuple(w.shape), where)
+        self.add_weight(names[0], where, spec, amax, _folded_pre_quant_scale(module, module_name))
+
+    def fused_experts(self, module_name: str, module, attr: str, quantizers) -> None:
+        from .keymap import expert_slots
+
+        proj = attr[: -len("_weight_quantizers")]
+        w = getattr(module, proj, None)
+        where = f"{module_name}.{attr}"
+        if w is None or w.dim() != 3 or len(quantizers) != w.shape[0]:
+            raise ValueError(f"{where}: expected one quantizer per expert of a 3-D {proj!r} weight")
+        names = self.names(f"{module_name}.{proj}", w)
+        if names == [f"{module_name}.{proj}"]:
+            raise ValueError(f"{where}: quantized stacked experts that checkpoints keep stacked are not supported")
+        slots = expert_slots(names)
+        pqs = _folded_pre_quant_scale(module, module_name, f"{proj}_input_quantizer")
+        for e, q in enumerate(quantizers):
+            if not _enabled(q):
+                continue
+            qwhere = f"{where}.{e}"
+            shape = tuple(w.shape[1:])
+            spec = weight_spec(q, shape, qwhere)
+            amax = amax_in_our_layout(q, spec, shape, qwhere)
+            if proj == "gate_up_proj":
+                half = shape[0] // 2
+                self.add_weight(slots[(e, "gate")], qwhere, spec, row_slice(amax, spec, 0, half, qwhere), pqs)
+                self.add_weight(slots[(e, "up")], qwhere, spec, row_slice(amax, spec, half, 2 * half, qwhere), pqs)
+            else:
+                role = {"down_proj": "down", "up_proj": "up", "gate_proj": "gate"}.get(proj)
+                if role is None or (e, role) not in slots:
+                    raise ValueError(f"{where}: fused experts weight {proj!r} has no checkpoint names dist_export knows")
+                self.add_weight(slots[(e, role)], qwhere, spec, amax, pqs)
+
+    def fused_input(self, module_name: str, module, attr: str, q) -> None:
+        """A fused-experts shared quantizer (`gate_up_proj_input_quantizer`): one copy per expert's name."""
+        from .keymap import expert_slots
+
+        proj = attr[: -len("_input_quantizer")]
+        w = getattr(module, proj)
+        record = quantizer_record(q)
+        for (e, role), name in sorted(expert_slots(self.names(f"{module_name}.{proj}", w)).items()):
+            self.activations[f"{name[: -len('.weight')]}.input_quantizer"] = record
+
+    def other(self, module_name: str, attr: str, q) -> None:
+        self.activations[f"{self.module_path(module_name)}.{attr}"] = quantizer_record(q)
+
+
+def _folded_pre_quant_scale(module, module_name: str, attr: str = "input_quantizer"):
+    """The pre-quant scale ModelOpt's exporter folds into the weight: one on a disabled input quantizer."""
+    inp = getattr(module, attr, None)
+    pqs = getattr(inp, "_pre_quant_scale", None) if inp is not None else None
+    if pqs is None or _enabled(inp):
+        return None
+    return pqs.detach().cpu().clone()
+
+
+def read_quantizers(model) -> dict:
+    """{"weights": {checkpoint tensor: entry}, "activations": {checkpoint quantizer path: record}} of a
+    ModelOpt-quantized model (see the module docstring)."""
+    reader = _Reader(model)
+    for module_name, module in model.named_modules():
+        if module_name.endswith("_weight_quantizers"):
+            continue  # one per expert: read with the fused experts module that owns them
+        for attr, child in module.named_children():
+            if attr.endswith("_weight_quantizers") and isinstance(child, torch.nn.ModuleList):
+                if any(is_modelopt_quantizer(q) and _enabled(q) for q in child):
+                    reader.fused_experts(module_name, module, attr, child)
+                continue
+            if not is_modelopt_quantizer(child):
+                continue
+            if attr == "weight_quantizer":
+                if _enabled(child):
+                    reader.linear(module_name, module, child)
+            elif attr.endswith("weight_quantizer"):
+                if _enabled(child):
+                    raise ValueError(f"{module_name}.{attr}: enabled weight quantizer of an unknown kind; "
+                                     f"dist_export cannot place it")
+            elif attr.endswith("_input_quantizer") and attr != "input_quantizer" and hasattr(module,
+                                                                                           attr[: -len("_input_quantizer")]):
+                reader.fused_input(module_name, module, attr, child)
+            else:
+                _refuse_if_enabled_unexpressible(child, f"{module_name}.{attr}")
+                reader.other(module_name, attr, child)
+    return {"weights": reader.weights, "activations": reader.activations}
+
+
+def _refuse_if_enabled_unexpressible(q, where: str) -> None:
+    if _enabled(q) and (getattr(q, "backend", None) is not None or getattr(q, "_rotate", False)):
+        _refuse_unexpressible(q, where)
+
+
+def _awq_with_active_inputs(modes: list, activations: dict) -> str | None:
+    """ModelOpt's exporter re-smooths AWQ models whose input quantizers are enabled (W4A8 AWQ), averaging
+    pre-quant scales over shared-input groups and requantizing the weights; dist_export does not."""
+    algos = " ".join(str(cfg.get("method", cfg)) if isinstance(cfg, dict) else str(cfg) for _, cfg in modes)
+    if "awq" not in algos:
+        return None
+    for path, rec in sorted(activations.items()):
+        if not rec["properties"].get("_disabled", True) and "_pre_quant_scale" in rec["buffers"]:
+            return path
+    return None
+
+
+def modelopt_modes(model) -> tuple[list, str]:
+    """ModelOpt's own mode list [(mode, config)] and version of a quantized model (imports ModelOpt)."""
+    try:
+        import modelopt.torch.opt as mto
+    except ImportError:
+        raise ValueError("the model holds ModelOpt quantizers but ModelOpt is not importable here; install it "
+                         "with `pip install dist-export[modelopt]`") from None
+    state = mto.modelopt_state(model)
+    modes = [(mode, plain_data(entry.get("config", {}))) for mode, entry in state.get("modelopt_state_dict", [])]
+    return modes, str(state.get("modelopt_version", ""))
+
+
+def build_quantizer_state(model, source) -> dict:
+    """The whole quantizer state of a ModelOpt-quantized in-memory model (plain data; see `save`)."""
+    from ..calibration.file import model_signature
+
+    tables = read_quantizers(model)
+    modes, version = modelopt_modes(model)
+    bad = _awq_with_active_inputs(modes, tables["activations"])
+    if bad:
+        raise ValueError(f"{bad}: AWQ with enabled input quantizers (W4A8 AWQ) needs ModelOpt's re-smoothing at "
+                         f"export, which dist_export does not do; use INT4_AWQ_CFG (weight-only) or ModelOpt's exporter")
+    missing = sorted(set(tables["weights"]) - set(source.tensors))
+    if missing:
+        raise ValueError(f"quantized tensor {missing[0]!r} is not among the tensors the model saves (tied to "
+                         f"another?); untie it or disable its quantizer")
+    return {"format": STATE_FORMAT, "modelopt_version": version, "modes": modes, **tables,
+            "signature": model_signature(source.tensors),
+            "fingerprints": {name: source.fingerprint(meta) for name, meta in sorted(source.tensors.items())}}
+
+
+def save_quantizer_state(model, path: str) -> dict:
+    """Write a ModelOpt-quantized model's quantizer state to `path` (small; `torch.load(weights_only=True)`).
+
+    `dist-export export --model <the model's checkpoint folder> --quantizer-state path` then exports on every
+    rank what `dist_export.export(model, out)` exports in this process, byte for byte. The file records a
+    fingerprint of every tensor: a folder whose weights differ (calibration that rescales weights in place, as
+    AWQ and SmoothQuant do) is refused; save such a model with `save_pretrained` first and export that folder.
+    """
+    from .memory import MemorySource
+
+    with torch.no_grad():
+        source = MemorySource(model)
+        if not source.modelopt:
+            raise ValueError("the model has no ModelOpt quantizers (mtq.quantize was not applied): there is no "
+                             "quantizer state to save; pass a recipe to dist_export.export instead")
+        state = build_quantizer_state(model, source)
+    save_state(state, path)
+    return {"weights": len(state["weights"]), "activations": len(state["activations"])}
