@@ -5,6 +5,7 @@ it skip cleanly where there is none (`.ci/run` creates one under ~/.cache/dist_e
 """
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -15,12 +16,19 @@ _CANDIDATES = (os.path.expanduser("~/.cache/dist_export-ci/venvs/ct/bin/python")
                "/work/venvs/qs/bin/python")
 
 
+@functools.lru_cache(maxsize=None)
+def _has_ct(python: str) -> bool:
+    """A venv whose compressed-tensors install failed (CI goes on without it) is no candidate."""
+    proc = subprocess.run([python, "-c", "import compressed_tensors"], capture_output=True, timeout=120)
+    return proc.returncode == 0
+
+
 def ct_python() -> str | None:
     env = os.environ.get("DIST_EXPORT_CT_PYTHON")
     if env:
         return env
     for path in _CANDIDATES:
-        if os.path.exists(path):
+        if os.path.exists(path) and _has_ct(path):
             return path
     try:
         import compressed_tensors  # noqa: F401
