@@ -114,6 +114,11 @@ def _add_plan(sub):
     p.add_argument("--max-shard-size", default="1GB", help="largest output file")
     p.add_argument("--metadata-only", action="store_true",
                    help="for synthetic:... models: plan from the shapes alone, without generating the weights")
+    p.add_argument("--json", action="store_true",
+                   help="print per-rank items, cost and bytes with max/mean imbalance as JSON (today's shard "
+                        "ownership and the item-level projection of issue 17)")
+    p.add_argument("--nnodes", type=_positive_int, default=1, help="simulated node count for --json's item-level "
+                   "projection (world size = nnodes * ranks per node)")
 
 
 def _add_recipes(sub):
@@ -252,7 +257,11 @@ def cmd_plan(args) -> int:
         digests = ctx.step("plan", plan_step)
         if len(set(digests)) != 1:
             raise ExportError(f"ranks computed different plans: {sorted(set(digests))}")
-        if ctx.is_rank0:
+        if ctx.is_rank0 and args.json:
+            from .plan import plan_summary
+
+            print(json.dumps(plan_summary(local["plan"], get_output_format(args.format), args.nnodes), indent=1))
+        elif ctx.is_rank0:
             plan = local["plan"]
             print(f"{len(plan.items)} items, {len(plan.shards)} shards, {plan.total_size / 1e9:.3f} GB out, "
                   f"{len(plan.groups)} shared-amax groups, world size {world}"

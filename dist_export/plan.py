@@ -330,3 +330,31 @@ def rank_loads(plan: ExportPlan) -> list[dict]:
         d["bytes_in"] += sum(plan.items[n].meta.nbytes for n in s.items)
         d["cost"] += s.cost
     return loads
+
+
+def plan_summary(plan: ExportPlan, output_format, nnodes: int = 1) -> dict:
+    """`plan --json` body (rank 0 prints it): per-rank items/cost/bytes and max/mean for two assignments.
+
+    "executed": what an export runs today (whole shards per rank, `ShardPlan.owner`).
+    "item_level": the two-level item ownership of issue 17 (ownership.assign_items: shards to nodes, items of a
+    node's shards to its ranks, shared-amax group members kept on one rank). It is a projection: execution does
+    not use it yet (positioned multi-writer shard files are not wired)."""
+    from .ownership import assign_items, rank_summary
+
+    if plan.world_size % nnodes:
+        raise ValueError(f"world size {plan.world_size} is not a multiple of nnodes={nnodes}; "
+                         f"use a world size of nnodes * ranks per node")
+    per_shard = [[(plan.items[n], output_format.outputs(plan.items[n])) for n in s.items] for s in plan.shards]
+
+    def entry(rank, item, outs):
+        return (rank, item_cost(item, outs), item.meta.nbytes, sum(o.nbytes for o in outs))
+
+    executed = [entry(s.owner, i, o) for s, items in zip(plan.shards, per_shard) for i, o in items]
+    costs = [[item_cost(i, o) for i, o in items] for items in per_shard]
+    bundles = [[i.group for i, _ in items] for items in per_shard]
+    node_size = plan.world_size // nnodes
+    _, ranks = assign_items(costs, nnodes, node_size, bundles)
+    item_level = [entry(r, i, o) for items, rs in zip(per_shard, ranks) for (i, o), r in zip(items, rs)]
+    return {"world_size": plan.world_size, "nnodes": nnodes, "shards": len(plan.shards), "items": len(plan.items),
+            "executed": rank_summary(executed, plan.world_size, node_size),
+            "item_level": rank_summary(item_level, plan.world_size, node_size)}
