@@ -75,7 +75,9 @@ def main() -> int:
     ap.add_argument("--recipes", default="fp8-block,nvfp4-mse", help="cheap first, compute-heavy second")
     ap.add_argument("--format", default="vllm-fq")
     ap.add_argument("--device", default=None, choices=["cpu", "cuda"])
-    ap.add_argument("--no-baselines", action="store_true")
+    ap.add_argument("--no-baselines", action="store_true", help="same as --baselines none")
+    ap.add_argument("--baselines", default="threads,modelopt",
+                    help="comma list of the alternatives to run: threads, modelopt, or none")
     ap.add_argument("--launcher", default="builtin", choices=["builtin", "torchrun"],
                     help="how dist_export starts N>1 ranks: its own --nproc-per-node, or torchrun --standalone")
     ap.add_argument("--repeat", type=int, default=1, help="dist_export runs per (recipe, ranks); the report "
@@ -85,12 +87,17 @@ def main() -> int:
     ap.add_argument("--threads-per-rank", default="auto",
                     help="OMP/torch threads per rank: a number, or auto = 4 with GPUs, cpus // ranks on CPU")
     args = ap.parse_args()
+    baselines = set() if args.no_baselines else set(args.baselines.split(",")) - {"none", ""}
+    unknown = baselines - {"threads", "modelopt"}
+    if unknown:
+        ap.error(f"--baselines: unknown {sorted(unknown)}; valid: threads, modelopt, none")
 
     gpus = gpu_count() if args.device != "cpu" else 0
     ranks = [int(r) for r in args.ranks.split(",")] if args.ranks else (list(range(1, gpus + 1)) or [1, 2])
     os.makedirs(args.workdir, exist_ok=True)
     src = os.path.join(args.workdir, f"src-{args.arch}-{args.preset}")
-    results = {"machine": machine_info(), "model": f"{args.arch}-{args.preset}", "format": args.format,
+    results = {"machine": machine_info(), "git": os.environ.get("DIST_EXPORT_GIT", ""),
+               "model": f"{args.arch}-{args.preset}", "format": args.format,
                "command": " ".join([sys.executable, *sys.argv]), "runs": []}
 
     # (a) the source checkpoint
@@ -124,7 +131,7 @@ def main() -> int:
                 run["trial"] = trial
                 results["runs"].append(run)
                 print(json.dumps(run), flush=True)
-            if not args.no_baselines:
+            if "threads" in baselines:
                 out = os.path.join(args.workdir, f"thr-{recipe}-{n}")
                 dt, proc = sh([sys.executable, os.path.join(HERE, "threaded_baseline.py"), "--model", src,
                                "--recipe", recipe, "--out", out, "--gpus", str(n)], env=env, check=False)
@@ -132,7 +139,7 @@ def main() -> int:
                 results["runs"].append({"tool": "threads", "recipe": recipe, "ranks": n, "wall_seconds": dt, **rec})
                 print(json.dumps(results["runs"][-1]), flush=True)
                 shutil.rmtree(out, ignore_errors=True)
-        if not args.no_baselines and gpus:
+        if "modelopt" in baselines and gpus:
             out = os.path.join(args.workdir, f"modelopt-{recipe}")
             dt, proc = sh([sys.executable, os.path.join(HERE, "modelopt_baseline.py"), "--model", src, "--recipe",
                            recipe, "--out", out], check=False)

@@ -34,19 +34,21 @@ class PipelineGroups:
                 raise RuntimeError(f"shared-amax group {g!r}: {count} of {len(plan.groups[g])} members on rank, "
                                    f"and no amax measured before the pipeline")
         self.left = here
-        self.amax: dict[str, float] = {}
+        self.amax: dict[str, torch.Tensor] = {}
 
     def needs(self, item: Item) -> bool:
         return item.quantized and item.group is not None and item.group in self.left
 
     def add(self, item: Item, w: torch.Tensor) -> None:
-        """Fold one member's amax in (same max over members, as floats, as `merge_group_amax`)."""
+        """Fold one member's amax in (the same float32 max over members as `merge_group_amax`), kept on the
+        member's device: no host sync per member."""
         g = item.group
-        self.amax[g] = max(self.amax.get(g, 0.0), float(compute_amax(w, item.weight, item.name)))
+        a = compute_amax(w, item.weight, item.name).float()
+        self.amax[g] = a if g not in self.amax else torch.maximum(self.amax[g], a)
         self.left[g] -= 1
         if self.left[g] == 0:
             del self.left[g]
-            self.known[g] = torch.tensor(self.amax.pop(g), dtype=torch.float32)
+            self.known[g] = self.amax.pop(g)
 
     def ready(self, item: Item) -> bool:
         return not item.quantized or item.group is None or item.group in self.known

@@ -7,6 +7,11 @@ Host memory is bounded by the two queues, the pinned rings (`HostRing`) and `WRI
 shard; a shard never sits whole in memory. Each finished shard is fsynced, renamed and recorded in the resume
 manifest. Host buffers are allocated once per rank, not per item: a buffer goes back to its ring with an
 optional CUDA event, and the next user waits for that event before overwriting it.
+
+The main thread never waits for the GPU per item: uploads run on their own stream (the kernels of item N
+overlap the upload of item N+1 and the download of item N-1), shared amax stay on the device, and the
+NaN/inf refusal of an item is counted on the device and checked by the writer thread, which waits for the
+item's download anyway, before any byte of that item is written.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from .layout import staged_path
+from .numerics.blocks import deferred_finite_checks, raise_if_nonfinite
 from .plan import Item
 from .quantize import device_outputs
 from .sources.quantized import EncodedTensor
@@ -76,12 +82,13 @@ class _Worker(threading.Thread):
 
 class _Job:
     """One tensor on its way to the writer; `ready` (CUDA event) must complete before its bytes are read,
-    `release` runs after the write (returns a ring buffer)."""
+    `release` runs after the write (returns a ring buffer); `check` (names, host NaN/inf counts, CUDA event
+    after which the counts are on the host) refuses the item before its bytes are written."""
 
-    __slots__ = ("name", "tensor", "ready", "release")
+    __slots__ = ("name", "tensor", "ready", "release", "check")
 
-    def __init__(self, name, tensor, ready=None, release=None):
-        self.name, self.tensor, self.ready, self.release = name, tensor, ready, release
+    def __init__(self, name, tensor, ready=None, release=None, check=None):
+        self.name, self.tensor, self.ready, self.release, self.check = name, tensor, ready, release, check
 
 
 def run_pipeline(ctx, plan, source, output_format, out_dir, calib, groups, manifest, shards, result, fault):
@@ -137,6 +144,11 @@ def run_pipeline(ctx, plan, source, output_format, out_dir, calib, groups, manif
             if isinstance(job, _Job):
                 if job.ready is not None:
                     job.ready.synchronize()
+                if job.check is not None:
+                    names, counts, copied = job.check
+                    if copied is not None:
+                        copied.synchronize()
+                    raise_if_nonfinite(names, counts)
                 # returns at once; the pool writes the pieces and `release` returns the buffer when done
                 open_writer["w"].write_async(job.name, job.tensor, done=job.release)
                 result.bytes_written += job.tensor.numel() * job.tensor.element_size()
@@ -150,7 +162,7 @@ def run_pipeline(ctx, plan, source, output_format, out_dir, calib, groups, manif
                 finishing.append(finisher.submit(_finish_shard, open_writer.pop("w"), job[1]))
 
     threads = [_Worker(f"reader-rank{ctx.rank}", reader), _Worker(f"writer-rank{ctx.rank}", writer)]
-    out_ring = copy_stream = current = None
+    out_ring = copy_stream = upload_stream = current = None
 
     def emit(arrival: _Arrival) -> None:
         nonlocal current
@@ -172,6 +184,7 @@ def run_pipeline(ctx, plan, source, output_format, out_dir, calib, groups, manif
         threads[0].start()  # the reader fills the first buffers while the output side is set up
         out_ring = HostRing(3, ring_size_for(max_in), pinned=True) if cuda else None
         copy_stream = torch.cuda.Stream(ctx.device) if cuda else None
+        upload_stream = torch.cuda.Stream(ctx.device) if cuda else None
         threads[1].start()
         waiting: deque[_Arrival] = deque()
         while True:
@@ -182,9 +195,11 @@ def run_pipeline(ctx, plan, source, output_format, out_dir, calib, groups, manif
             item = plan.items[name]
             if fault is not None:
                 fault.maybe_fire(ctx.rank, name)
-            arrival = _arrive(ctx, shard, item, cpu_tensor, in_idx, in_ring, must_wait=bool(waiting))
+            arrival = _arrive(ctx, shard, item, cpu_tensor, in_idx, in_ring, upload_stream,
+                              must_wait=bool(waiting))
             if groups.needs(item):
-                groups.add(item, arrival.tensor)
+                with deferred_finite_checks(arrival.checks):
+                    groups.add(item, arrival.tensor)
             waiting.append(arrival)
             while waiting and groups.ready(waiting[0].item):
                 emit(waiting.popleft())
@@ -252,23 +267,41 @@ class _Arrival:
     """An item taken from the reader: its tensor is on the device (quantized items, uploaded at once so the
     host buffer goes back to the reader) or on the host (copied items; `in_idx` holds its ring buffer)."""
 
-    __slots__ = ("shard", "item", "tensor", "in_idx")
+    __slots__ = ("shard", "item", "tensor", "in_idx", "checks")
 
     def __init__(self, shard, item, tensor, in_idx):
         self.shard, self.item, self.tensor, self.in_idx = shard, item, tensor, in_idx
+        self.checks: list = []  # deferred NaN/inf counts (name, device tensor) of this item
 
 
-def _arrive(ctx, shard, item, cpu_tensor, in_idx, in_ring, must_wait: bool) -> _Arrival:
-    """Upload a quantized item or an encoded source weight (decoded on the device; the pinned buffer is released
-    once the copy is done); a copied item that must wait behind others leaves the ring too (a private copy), so
-    the reader never starves."""
-    if item.quantized or isinstance(cpu_tensor, EncodedTensor):
+def _upload(ctx, cpu_tensor, in_idx, in_ring, upload_stream) -> torch.Tensor:
+    """Copy a pinned ring buffer to the device on the upload stream; the compute stream waits for it on the
+    GPU (not the host), and the reader may refill the buffer once the copy has completed. An encoded source
+    weight is decoded on the compute stream, as before."""
+    if in_idx is None or upload_stream is None or isinstance(cpu_tensor, EncodedTensor):
         w = cpu_tensor.to(ctx.device, non_blocking=in_idx is not None)
         if in_idx is not None:  # the reader may refill this buffer once the upload has completed
             uploaded = torch.cuda.Event()
             uploaded.record()
             in_ring.release(in_idx, uploaded)
-        return _Arrival(shard, item, w, None)
+        return w
+    compute = torch.cuda.current_stream(ctx.device)
+    with torch.cuda.stream(upload_stream):
+        w = cpu_tensor.to(ctx.device, non_blocking=True)
+        uploaded = torch.cuda.Event()
+        uploaded.record(upload_stream)
+    compute.wait_event(uploaded)
+    w.record_stream(compute)  # allocated on the upload stream, used and freed on the compute stream
+    in_ring.release(in_idx, uploaded)
+    return w
+
+
+def _arrive(ctx, shard, item, cpu_tensor, in_idx, in_ring, upload_stream, must_wait: bool) -> _Arrival:
+    """Upload a quantized item or an encoded source weight (decoded on the device; the pinned buffer is released
+    once the copy is done); a copied item that must wait behind others leaves the ring too (a private copy), so
+    the reader never starves."""
+    if item.quantized or isinstance(cpu_tensor, EncodedTensor):
+        return _Arrival(shard, item, _upload(ctx, cpu_tensor, in_idx, in_ring, upload_stream), None)
     if must_wait and in_idx is not None:
         private = cpu_tensor.clone()
         in_ring.release(in_idx)
@@ -285,16 +318,19 @@ def _item_jobs(ctx, arrival: _Arrival, in_ring, out_ring, acquire_out, copy_stre
         release = (lambda: in_ring.release(in_idx)) if in_idx is not None else None
         return [_Job(item.name, arrival.tensor, release=release)]
     # a copied item whose source weight was decoded on the device comes back like a quantized output
-    outs = (device_outputs(ctx, item, arrival.tensor, output_format, calib, group_amax) if item.quantized
-            else [(item.name, arrival.tensor)])
+    with deferred_finite_checks(arrival.checks) as checks:
+        outs = (device_outputs(ctx, item, arrival.tensor, output_format, calib, group_amax) if item.quantized
+                else [(item.name, arrival.tensor)])
     if copy_stream is None:
-        return [_Job(n, t.to("cpu")) for n, t in outs]
+        check = _host_check(checks, None)
+        return [_Job(n, t.to("cpu"), check=check) for n, t in outs]
     jobs = []
     copy_stream.wait_stream(torch.cuda.current_stream(ctx.device))
+    check = _host_check(checks, copy_stream)
     for n, t in outs:
         nbytes = t.numel() * t.element_size()
         if not out_ring.fits(nbytes):
-            jobs.append(_Job(n, t.to("cpu")))
+            jobs.append(_Job(n, t.to("cpu"), check=check))
             continue
         idx = acquire_out()
         host = out_ring.view(idx, t.dtype, t.shape)
@@ -303,5 +339,23 @@ def _item_jobs(ctx, arrival: _Arrival, in_ring, out_ring, acquire_out, copy_stre
             t.record_stream(copy_stream)
             done = torch.cuda.Event()
             done.record(copy_stream)
-        jobs.append(_Job(n, host, ready=done, release=lambda i=idx: out_ring.release(i)))
+        jobs.append(_Job(n, host, ready=done, release=lambda i=idx: out_ring.release(i), check=check))
     return jobs
+
+
+def _host_check(checks, copy_stream):
+    """(names, NaN/inf counts on the host, event) of an item's deferred checks: downloaded into pinned memory
+    on the copy stream (complete once the event is), or at once without one."""
+    if not checks:
+        return None
+    names = [n for n, _ in checks]
+    counts = torch.stack([c for _, c in checks])
+    if copy_stream is None:
+        return names, counts.cpu(), None
+    host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
+    with torch.cuda.stream(copy_stream):
+        host.copy_(counts, non_blocking=True)
+        counts.record_stream(copy_stream)
+        copied = torch.cuda.Event()
+        copied.record(copy_stream)
+    return names, host, copied

@@ -262,11 +262,11 @@ def test_shape_does_not_fit_recipe(tmp_path):
     check(proc, out, names=(f"'{QWEIGHT}'", "95"), remedy=("exclude", "another recipe", "other format"))
 
 
-def _poison(tmp_path, value: float) -> str:
+def _poison(tmp_path, value: float, name: str = QWEIGHT) -> str:
     src = copy_model(tmp_path)
-    w = load_file(os.path.join(src, "model.safetensors"))[QWEIGHT].clone()
+    w = load_file(os.path.join(src, "model.safetensors"))[name].clone()
     w[3, 5] = value
-    rewrite_tensor(src, "model.safetensors", QWEIGHT, w)
+    rewrite_tensor(src, "model.safetensors", name, w)
     return src
 
 
@@ -280,6 +280,17 @@ def test_inf_weight(tmp_path):
     out = tmp_path / "out"
     proc = export(out, model=_poison(tmp_path, float("inf")))
     check(proc, out, names=(QWEIGHT, "1 inf"), remedy=("fix the source checkpoint",))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("recipe,name", [("fp8-block", QWEIGHT), ("nvfp4-mse", QWEIGHT),
+                                         ("nvfp4-mse", "model.layers.0.self_attn.k_proj.weight")])  # shared amax
+def test_nan_weight_on_gpu(tmp_path, recipe, name):
+    """On a GPU the NaN/inf counts stay on the device and the writer refuses the item: same line, nothing
+    written."""
+    out = tmp_path / "out"
+    proc = export(out, "--device", "cuda", model=_poison(tmp_path, float("nan"), name), recipe=recipe)
+    check(proc, out, names=(name, "1 NaN"), remedy=("fix the source checkpoint",))
 
 
 def test_index_file_name_escapes_folder(sharded_copy, tmp_path):

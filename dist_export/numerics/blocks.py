@@ -6,17 +6,51 @@ apply its formula elementwise, which gives exactly the per-block result (the for
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 
 from .spec import QuantSpec
 
+_DEFERRED = threading.local()
+
 
 def check_finite(w: torch.Tensor, name: str = "tensor") -> None:
-    """Refuse NaN/inf weights: a folded NaN would load silently and poison every output."""
+    """Refuse NaN/inf weights: a folded NaN would load silently and poison every output.
+
+    Inside `deferred_finite_checks()` (the pipeline's main thread) a CUDA tensor is not checked at once (that
+    would wait for the GPU): its NaN and inf counts are recorded, still on the device, and the caller refuses
+    the item with `raise_if_nonfinite` before any of its bytes are written."""
+    log = getattr(_DEFERRED, "log", None)
+    if log is not None and w.is_cuda:
+        log.append((name, torch.stack([torch.isnan(w).sum(), torch.isinf(w).sum()])))
+        return
     if not torch.isfinite(w).all():
-        n_nan = int(torch.isnan(w).sum())
-        n_inf = int(torch.isinf(w).sum())
-        raise ValueError(f"{name}: weight has {n_nan} NaN and {n_inf} inf values; fix the source checkpoint")
+        _refuse(name, int(torch.isnan(w).sum()), int(torch.isinf(w).sum()))
+
+
+def _refuse(name: str, n_nan: int, n_inf: int) -> None:
+    raise ValueError(f"{name}: weight has {n_nan} NaN and {n_inf} inf values; fix the source checkpoint")
+
+
+@contextlib.contextmanager
+def deferred_finite_checks(log: list | None = None):
+    """Collect check_finite's device-side counts in `log` (a new list if None) instead of syncing per tensor."""
+    log = [] if log is None else log
+    previous = getattr(_DEFERRED, "log", None)
+    _DEFERRED.log = log
+    try:
+        yield log
+    finally:
+        _DEFERRED.log = previous
+
+
+def raise_if_nonfinite(names: list[str], counts: torch.Tensor) -> None:
+    """counts [n, 2] (NaN, inf) on the host, one row per name, as recorded by `deferred_finite_checks`."""
+    for name, (n_nan, n_inf) in zip(names, counts.tolist()):
+        if n_nan or n_inf:
+            _refuse(name, int(n_nan), int(n_inf))
 
 
 def _pad_to(x: torch.Tensor, dim: int, multiple: int) -> torch.Tensor:

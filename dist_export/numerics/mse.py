@@ -11,10 +11,18 @@ a chunk's temporaries should stay in the core's own cache. Measured on the 2-cor
 int4-w4a16-mse, one thread): 256 MB chunks spent 4x more time in page faults (each temporary is mmapped and
 unmapped by the C allocator) than in arithmetic, 23.9 s -> 5.1 s with 16 MB; and two processes at once slowed
 each other 1.1-1.6x with 16 MB chunks (the shared L3) but not at all with 2 MB.
-CPU and GPU agree bit for bit when the argmin is unique: every fold is elementwise fp32 (identical on both),
-and the per-candidate error is summed in float64 from exactly representable terms, so the sums can differ only
-in the last ulp of float64, which changes the choice only if two candidates' errors agree to ~1e-16 relative
-(never observed; `tests/test_mse.py` and the GPU test compare both devices).
+On CUDA (Triton importable) the search runs in one kernel per weight (`kernels/search.py`) that reads each
+block once and keeps the candidates in registers; this torch code is the CPU path and the kernel's reference.
+Both give the same chosen amax bit for bit, ties included:
+  * every fold is the same elementwise float32 arithmetic (true divisions, no fused multiply-add);
+  * a candidate's error is the float64 sum of (fold - x)**2 over the block; each term is exact in float64
+    (the square of a float32 difference), and the sum is taken in one fixed order on both paths
+    (`pairwise.pairwise_sum`: adjacent pairs level by level over the block zero-padded to a power of two),
+    so the errors themselves are identical, not only close;
+  * ties go to the smallest candidate index k (the largest amax): torch.argmin returns the first minimum,
+    the kernel replaces its running best only on a strictly smaller error.
+`tests/test_kernels.py` checks this on random, ragged, all-zero, tiny and huge-range weights and on inputs
+built to tie.
 """
 from __future__ import annotations
 
@@ -24,6 +32,8 @@ from .blocks import _pad_to, reduce_abs_max
 from .constants import F8E4M3_MAX, F4E2M1_MAX, NVFP4_SQ_FLOOR
 from .integer import fake_quant_int_elementwise
 from .nvfp4 import global_scale, round_e2m1_magnitude
+from .pairwise import pairwise_sum
+from .registry import get_format, kernel_for
 from .spec import QuantSpec
 
 CHUNK_BYTES = {"cuda": 256 * 1024 * 1024, "cpu": 2 * 1024 * 1024}
@@ -69,6 +79,12 @@ def search_block_amax(w: torch.Tensor, spec: QuantSpec, amax: torch.Tensor, tick
     x = w.float()
     if x.dim() != 2:
         raise ValueError(f"MSE scale search needs a 2-D weight, got {tuple(x.shape)}")
+    kernel = kernel_for(get_format(spec.fmt), "search", w)
+    found = kernel(w, spec, amax.to(w.device)) if kernel is not None else None
+    if found is not None:
+        if tick is not None:
+            tick()
+        return found
     xb, bs = _blocks(x, spec)
     base = reduce_abs_max(x, "group", bs) if spec.fmt == "nvfp4" or spec.granularity != "group" else amax.float()
     gs = global_scale(amax.to(x.device)) if spec.fmt == "nvfp4" else None
@@ -79,7 +95,7 @@ def search_block_amax(w: torch.Tensor, spec: QuantSpec, amax: torch.Tensor, tick
     for r0 in range(0, x.shape[0], rows):
         blk, b = xb[r0:r0 + rows], base[r0:r0 + rows]
         cand = b.unsqueeze(0) * ratios  # [K, r, nb]
-        err = (_fold_candidates(blk, cand, spec, gs) - blk.unsqueeze(0)).double().square().sum(-1)
+        err = pairwise_sum((_fold_candidates(blk, cand, spec, gs) - blk.unsqueeze(0)).double().square())
         best = torch.argmin(err, dim=0, keepdim=True)  # first minimum on ties
         chosen[r0:r0 + rows] = torch.gather(cand, 0, best).squeeze(0)
         if tick is not None:

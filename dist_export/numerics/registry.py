@@ -5,6 +5,13 @@ Each format supplies pure tensor functions (no I/O, no process group):
   quantize(x, spec, amax, block_amax)   -> dict of real-quant tensors (qdata and scales), or None if the format
                                            has no real-quant layout here
   dequantize(tensors, spec, shape)      -> float32 values that must equal fake_quant bit for bit
+and optionally `kernels` (`kernels.formats.FormatKernels`): GPU kernels computing the same functions.
+
+Dispatch: for a CUDA tensor, with Triton importable and `DIST_EXPORT_KERNELS` not "0", `fake_quant`,
+`quantize` and the MSE search (`mse.search_block_amax`) run the format's kernel; a kernel that does not apply
+(returns None: not 2-D, an INT search block over 256, an odd NVFP4 width) and every CPU tensor take the torch
+functions, which stay the definition (the reference of the kernel tests). Both give the same bits
+(docs/kernels.md).
 """
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
+from . import kernels as _kernels
 from .blocks import check_finite
 from .spec import QuantSpec
 
@@ -23,6 +31,7 @@ class NumericFormat:
     fake_quant: Callable[..., torch.Tensor]
     quantize: Optional[Callable[..., dict]] = None
     dequantize: Optional[Callable[..., torch.Tensor]] = None
+    kernels: Optional[object] = None  # kernels.formats.FormatKernels, or None (torch path everywhere)
 
 
 _FORMATS: dict[str, NumericFormat] = {}
@@ -42,12 +51,22 @@ def get_format(name: str) -> NumericFormat:
         raise ValueError(f"unknown numeric format {name!r}; valid: {sorted(_FORMATS)}") from None
 
 
+def kernel_for(fmt: NumericFormat, op: str, w: torch.Tensor) -> Optional[Callable]:
+    """The format's GPU kernel for `op` ("fake_quant", "quantize", "search") if it should handle `w`, else None."""
+    fn = getattr(fmt.kernels, op, None) if fmt.kernels is not None else None
+    return fn if fn is not None and _kernels.enabled(w) else None
+
+
 def fake_quant(
     w: torch.Tensor, spec: QuantSpec, amax: torch.Tensor, block_amax: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Fold quantize+dequantize into `w`: fp32 math on w.float(), one RNE cast back to w.dtype."""
-    y = get_format(spec.fmt).fake_quant(w.float(), spec, amax.to(w.device), block_amax)
-    return y.to(w.dtype)
+    fmt = get_format(spec.fmt)
+    kernel = kernel_for(fmt, "fake_quant", w)
+    y = kernel(w, spec, amax.to(w.device), block_amax) if kernel is not None else None
+    if y is not None:
+        return y
+    return fmt.fake_quant(w.float(), spec, amax.to(w.device), block_amax).to(w.dtype)
 
 
 def fake_quant_f32(
@@ -64,6 +83,10 @@ def quantize(
     fmt = get_format(spec.fmt)
     if fmt.quantize is None:
         raise ValueError(f"{name}: format {spec.fmt!r} has no real-quant layout")
+    kernel = kernel_for(fmt, "quantize", w)
+    out = kernel(w, spec, amax.to(w.device), block_amax) if kernel is not None else None
+    if out is not None:
+        return out
     return fmt.quantize(w.float(), spec, amax.to(w.device), block_amax)
 
 

@@ -5,8 +5,9 @@ the same functions with the same float32 element arithmetic (true division throu
 multiply-add, E4M3/E2M1 rounding written out in integer and float operations) and so give the same bits.
 Each kernel reads a weight block once and keeps everything else (candidate scales, errors) in registers.
 
-Triton is imported lazily, only when a tensor is on CUDA (or under TRITON_INTERPRET=1 for the tests on a CPU):
-machines without Triton never import it. `DIST_EXPORT_KERNELS=0` turns the kernels off (the torch path runs).
+The registry dispatches to them for CUDA tensors only (`enabled`); CPU tensors always take the torch path, also
+under TRITON_INTERPRET=1 (the kernel tests call the kernels directly there). Triton is imported lazily, at the
+first CUDA tensor: machines without Triton never import it. `DIST_EXPORT_KERNELS=0` turns the kernels off.
 """
 from __future__ import annotations
 
@@ -31,9 +32,7 @@ def interpreting() -> bool:
 
 
 def enabled(t: torch.Tensor) -> bool:
-    """True when a kernel should handle tensor `t`: on CUDA (or interpreted), Triton importable, not turned off."""
-    if os.environ.get("DIST_EXPORT_KERNELS", "1") == "0":
-        return False
-    if not (t.is_cuda or interpreting()):
+    """True when a kernel should handle tensor `t`: on CUDA, Triton importable, not turned off."""
+    if not t.is_cuda or os.environ.get("DIST_EXPORT_KERNELS", "1") == "0":
         return False
     return _triton_imports()

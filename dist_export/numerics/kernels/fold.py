@@ -43,13 +43,14 @@ def _fp8_kernel(x_ptr, scale_ptr, inv_ptr, y_ptr, code_ptr, R, C, sx, sy, SSR, S
 
 
 @triton.jit
-def _int_kernel(x_ptr, amax_ptr, y_ptr, R, C, sx, sy, SSR, SSC, MAXB, MINB, BR: tl.constexpr, BC: tl.constexpr,
+def _int_kernel(x_ptr, scale_ptr, y_ptr, R, C, sx, sy, SSR, SSC, MAXB, MINB, BR: tl.constexpr, BC: tl.constexpr,
                 BF16: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr):
+    """scale per block from `int_scales` (0 marks a zero block): one division per element, not two."""
     r, c, m = _tile(tl.program_id(0), tl.program_id(1), R, C, TR, TC)
     x = tl.load(x_ptr + r.to(tl.int64) * sx + c, mask=m, other=0.0).to(tl.float32)
-    a = tl.load(amax_ptr + (r // BR) * SSR + (c // BC) * SSC, mask=m, other=1.0)
-    zero = a <= 5.960464477539063e-08  # 2**-24
-    scale = div_rn(MAXB + tl.zeros_like(a), tl.where(zero, 1.0, a))
+    s = tl.load(scale_ptr + (r // BR) * SSR + (c // BC) * SSC, mask=m, other=1.0)
+    zero = s == 0.0
+    scale = tl.where(zero, MAXB, s)
     y = div_rn(tl.minimum(tl.maximum(rint(x * scale), MINB), MAXB), scale)
     y = tl.where(zero, 0.0, y)
     store_cast(y_ptr, r.to(tl.int64) * sy + c, y, m, BF16)
@@ -141,11 +142,20 @@ def encode_fp8(x, granularity, block, scale):
     return codes.view(torch.float8_e4m3fn)
 
 
+def int_scales(amax, maxb):
+    """float32(maxb) / amax per block by torch's true division (the reference's `scale`), 0 where the amax is
+    at most 2**-24 (the fold gives zeros there)."""
+    a = amax.float()
+    zero = a <= 5.960464477539063e-08
+    scale = torch.full_like(a, maxb) / torch.where(zero, torch.ones_like(a), a)
+    return torch.where(zero, torch.zeros_like(scale), scale).contiguous()
+
+
 def fold_int(x, granularity, block, amax, maxb, minb, out_dtype):
     r, c = x.shape
     br, bc, ssr, ssc = _block_map(granularity, block, x.shape, amax)
     y, ya, bf16 = _out(r, c, out_dtype, x.device)
-    _int_kernel[_grid(r, c)](x, amax.float().contiguous(), ya, r, c, x.stride(0), y.stride(0), ssr, ssc,
+    _int_kernel[_grid(r, c)](x, int_scales(amax, maxb), ya, r, c, x.stride(0), y.stride(0), ssr, ssc,
                              float(maxb), float(minb), BR=br, BC=bc, BF16=bf16, TR=TILE_R, TC=TILE_C, **_OPTS)
     return y
 

@@ -24,7 +24,12 @@ class FormatKernels:
 
 
 def _two_d(w: torch.Tensor) -> bool:
+    """The kernels take 2-D weights whose rows are contiguous (a transposed expert matrix is copied first)."""
     return w.dim() == 2 and w.numel() > 0
+
+
+def _rows(w: torch.Tensor) -> torch.Tensor:
+    return w if w.stride(-1) == 1 else w.contiguous()
 
 
 # ---- FP8 E4M3 (tensor, channel, 2-D block) ----
@@ -32,6 +37,7 @@ def _two_d(w: torch.Tensor) -> bool:
 def fp8_fake_quant(w, spec, amax, block_amax=None):
     if not _two_d(w):
         return None
+    w = _rows(w)
     from ..fp8 import choose_fp8_inv_scale
     from .fold import fold_fp8
 
@@ -42,6 +48,7 @@ def fp8_fake_quant(w, spec, amax, block_amax=None):
 def fp8_quantize(w, spec, amax, block_amax=None):
     if not _two_d(w):
         return None
+    w = _rows(w)
     from ..fp8 import choose_fp8_inv_scale
     from .fold import encode_fp8
 
@@ -57,6 +64,7 @@ FP8 = FormatKernels(fake_quant=fp8_fake_quant, quantize=fp8_quantize)
 def int_fake_quant(w, spec, amax, block_amax=None):
     if not _two_d(w):
         return None
+    w = _rows(w)
     from ..integer import int_range
     from .fold import fold_int
 
@@ -89,6 +97,7 @@ INT = FormatKernels(fake_quant=int_fake_quant, search=int_search)
 def nvfp4_fake_quant(w, spec, amax, block_amax=None):
     if not _two_d(w):
         return None
+    w = _rows(w)
     from ..nvfp4 import global_scale
     from .fold import fold_nvfp4
 
@@ -98,6 +107,7 @@ def nvfp4_fake_quant(w, spec, amax, block_amax=None):
 def nvfp4_quantize(w, spec, amax, block_amax=None):
     if not _two_d(w) or w.shape[-1] % 2:
         return None  # the torch path gives the refusal for an odd width
+    w = _rows(w)
     from ..nvfp4 import global_scale
     from .fold import encode_nvfp4
 
