@@ -322,11 +322,12 @@ def _item_jobs(ctx, arrival: _Arrival, in_ring, out_ring, acquire_out, copy_stre
         outs = (device_outputs(ctx, item, arrival.tensor, output_format, calib, group_amax) if item.quantized
                 else [(item.name, arrival.tensor)])
     if copy_stream is None:
-        check = _host_check(checks, None)
+        check = _host_check(checks, _stacked(checks), None)
         return [_Job(n, t.to("cpu"), check=check) for n, t in outs]
     jobs = []
+    counts = _stacked(checks)  # on the compute stream, before the copy stream's wait below
     copy_stream.wait_stream(torch.cuda.current_stream(ctx.device))
-    check = _host_check(checks, copy_stream)
+    check = _host_check(checks, counts, copy_stream)
     for n, t in outs:
         nbytes = t.numel() * t.element_size()
         if not out_ring.fits(nbytes):
@@ -343,13 +344,17 @@ def _item_jobs(ctx, arrival: _Arrival, in_ring, out_ring, acquire_out, copy_stre
     return jobs
 
 
-def _host_check(checks, copy_stream):
-    """(names, NaN/inf counts on the host, event) of an item's deferred checks: downloaded into pinned memory
-    on the copy stream (complete once the event is), or at once without one."""
+def _stacked(checks):
+    return torch.stack([c for _, c in checks]) if checks else None
+
+
+def _host_check(checks, counts, copy_stream):
+    """(names, NaN/inf counts on the host, event) of an item's deferred checks (`counts`: `_stacked`, queued on
+    the compute stream before the copy stream waited for it): downloaded into pinned memory on the copy
+    stream (complete once the event is), or at once without one."""
     if not checks:
         return None
     names = [n for n, _ in checks]
-    counts = torch.stack([c for _, c in checks])
     if copy_stream is None:
         return names, counts.cpu(), None
     host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
