@@ -309,3 +309,24 @@ def test_experts_stored_as_numbered_weights_are_each_quantized(tmp_path):
     state = torch.load(tmp_path / "out" / "vllm_fq_modelopt_state.pth", weights_only=True)
     assert "model.layers.0.mlp.experts.0.input_quantizer" in state["modelopt_state_weights"]
     assert json.load(open(tmp_path / "out" / "config.json"))
+
+
+def test_make_model_writes_a_real_tokenizer_and_exports_carry_it(tmp_path, synthetic_cache):
+    """make-model's tokenizer loads with transformers' AutoTokenizer, round-trips text with ids inside the model's
+    vocabulary and bos/eos as config.json names them; an export copies its files byte for byte."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from dist_export.api import export
+    from dist_export.sources.synthetic import ensure_synthetic
+
+    src = ensure_synthetic("synthetic:llama-tiny")
+    tok = AutoTokenizer.from_pretrained(src)
+    config = AutoConfig.from_pretrained(src)
+    ids = tok("The lazy dog, 42 times!")["input_ids"]
+    assert len(ids) > 3 and max(ids) < config.vocab_size
+    assert tok.decode(ids, skip_special_tokens=True) == "The lazy dog, 42 times!"
+    assert (tok.bos_token_id, tok.eos_token_id) == (config.bos_token_id, config.eos_token_id) == (1, 2)
+    out = tmp_path / "out"
+    export(src, str(out), recipe="int8-w8a16", format="vllm-fq")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == open(os.path.join(src, name), "rb").read(), name

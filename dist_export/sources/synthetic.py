@@ -147,7 +147,9 @@ def make_model(arch: str, preset: str, out: str, seed: int = 0, dtype: str = "bf
         plain = [n[: -len(".weight")] for n, shape, layout in entries
                  if len(layout) == 1 and n.endswith(".weight") and len(shape) == 2]
         config.quantization_config = fmt.config(plain)
+    _set_special_token_ids(config)
     config.save_pretrained(out)
+    write_tokenizer(out, config.vocab_size)
     from transformers import GenerationConfig
 
     # written by transformers itself, as save_pretrained of a real model would
@@ -155,6 +157,41 @@ def make_model(arch: str, preset: str, out: str, seed: int = 0, dtype: str = "bf
     log.info("wrote synthetic %s-%s%s (%d tensors, %.1f MB) to %s", arch, preset,
              f" ({source_format} source)" if fmt else "", len(weight_map), total / 1e6, out)
     return out
+
+
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2
+_TOKENIZER_TEXT = ("The quick brown fox jumps over the lazy dog. A synthetic model has a small real tokenizer, "
+                   "built here from this text, so that its exports can be served and prompted.")
+
+
+def _set_special_token_ids(config) -> None:
+    """bos/eos ids of the tokenizer `write_tokenizer` builds, where the preset names none."""
+    if getattr(config, "bos_token_id", None) is None:
+        config.bos_token_id = 1
+    if getattr(config, "eos_token_id", None) is None:
+        config.eos_token_id = 2
+
+
+def write_tokenizer(out: str, vocab_size: int) -> None:
+    """A small byte-pair tokenizer trained locally (tokenizers library, deterministic, no download) on a fixed
+    text: printable ASCII plus merges, at most `vocab_size` ids, saved as transformers' fast tokenizer files."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS[0]))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    alphabet = list(string.ascii_letters + string.digits + string.punctuation + " ") + ["\u2581"]
+    trainer = trainers.BpeTrainer(vocab_size=min(vocab_size, 512), special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=alphabet, show_progress=False)
+    tok.train_from_iterator([_TOKENIZER_TEXT], trainer)
+    if tok.get_vocab_size() > vocab_size:
+        raise ValueError(f"synthetic tokenizer has {tok.get_vocab_size()} ids, more than vocab_size {vocab_size}")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=SPECIAL_TOKENS[0], bos_token=SPECIAL_TOKENS[1],
+                                   eos_token=SPECIAL_TOKENS[2], pad_token=SPECIAL_TOKENS[2])
+    fast.save_pretrained(out)
 
 
 def synthetic_metadata(name: str, dtype: str = "bfloat16", max_shard_size: int = 4 * 1024**3) -> dict:
@@ -188,7 +225,7 @@ def ensure_synthetic(name: str, seed: int = 0, dtype: str = "bfloat16") -> str:
     os.makedirs(root, exist_ok=True)
     import transformers
 
-    final = os.path.join(root, f"{arch}-{preset}-seed{seed}-{dtype}-tf{transformers.__version__}")
+    final = os.path.join(root, f"{arch}-{preset}-seed{seed}-{dtype}-tf{transformers.__version__}-tok1")
     if os.path.isfile(os.path.join(final, "config.json")):
         return final
     with open(final + ".lock", "w") as lock:
