@@ -23,6 +23,7 @@ from .sources.checkpoint import SourceCheckpoint
 from .storage.manifest import Manifest, file_sha256, run_fingerprint
 from .runtime.monitor import start_monitor
 from .storage.outdir import check_output_dir, prepare_output_dir, remove_temporaries
+from .ownership import measured_summary
 from .plan import build_plan, rank_loads
 from .recipe import Recipe, load_recipe
 from .sources.synthetic import ensure_synthetic
@@ -203,12 +204,14 @@ def _summary(results, wall: float, out_dir: str) -> dict:
     written = sum(r["bytes_written"] for r in ranks)
     return {"out_dir": out_dir, "wall_seconds": wall, "bytes_read": sum(r["bytes_read"] for r in ranks),
             "bytes_written": written, "gb_per_s": written / wall / 1e9 if wall > 0 else 0.0,
-            "slowest_rank": slowest["rank"], "ranks": ranks}
+            "slowest_rank": slowest["rank"], "ranks": ranks,
+            "seconds_balance": measured_summary([r["seconds"] for r in ranks])}  # max/mean of measured seconds
 
 
 def _log_summary(s: dict) -> None:
     log.info("done in %.2f s: wrote %.3f GB (%.2f GB/s), read %.3f GB; slowest rank %d", s["wall_seconds"],
              s["bytes_written"] / 1e9, s["gb_per_s"], s["bytes_read"] / 1e9, s["slowest_rank"])
+    log.info("  rank seconds max/mean %.3f", s["seconds_balance"]["imbalance"])
     log.info("  seconds: %s", ", ".join(f"{k} {v:.2f}" for k, v in s["stage_seconds"].items() if v is not None))
     for r in s["ranks"]:
         log.info("  rank %d: %d items, read %.3f GB, wrote %.3f GB in %.2f s, peak RSS %.2f GB, peak GPU %.2f GB",

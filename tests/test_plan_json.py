@@ -41,3 +41,12 @@ def test_two_nodes_keep_each_shard_on_one_node():
     d = _plan_json("synthetic:qwen3-qwen3-8b", "--nnodes", "2")
     assert [r["node"] for r in d["item_level"]["ranks"]] == [0] * 4 + [1] * 4
     assert d["item_level"]["imbalance"] <= 1.05
+
+
+def test_run_summary_has_measured_seconds_per_rank_and_max_mean(tmp_path):
+    from dist_export.api import export
+
+    s = export("synthetic:qwen3-moe-tiny", str(tmp_path / "out"), recipe="fp8-block")
+    b = s["seconds_balance"]
+    assert b["seconds"] == [r["seconds"] for r in s["ranks"]] and len(b["seconds"]) == 1
+    assert b["imbalance"] == pytest.approx(1.0) and b["slowest_rank"] == 0
