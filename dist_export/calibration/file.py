@@ -30,10 +30,16 @@ def input_quantizer_name(module: str) -> str:
     return f"{module}.input_quantizer"
 
 
-def save_calibration(path: str, amax: dict[str, torch.Tensor], recipe, signature: str) -> None:
+def save_calibration(path: str, amax: dict[str, torch.Tensor], recipe, signature: str,
+                     data: dict | None = None) -> None:
+    """`data`: how the samples were chosen (calibration/data.py's record), kept as JSON in the metadata."""
     tensors = {k: v.detach().float().reshape(()).cpu().contiguous() for k, v in sorted(amax.items())}
     meta = {"format": CALIB_FORMAT, "recipe": recipe.name, "recipe_fingerprint": recipe.fingerprint,
             "model_signature": signature}
+    if data is not None:
+        import json
+
+        meta["data"] = json.dumps(data, sort_keys=True)
     tmp = path + ".tmp"
     save_file(tensors, tmp, metadata=meta)
     os.chmod(tmp, 0o644)

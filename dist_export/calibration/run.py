@@ -8,12 +8,12 @@ max over routed experts (explicit and logged: serving engines apply one input sc
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 
 import torch
 
+from .data import CalibrationData, load_samples, random_token_samples
 from .file import input_quantizer_name, model_signature, save_calibration
 from ..sources.checkpoint import SourceCheckpoint
 from ..sources.keymap import checkpoint_keys, expert_slots
@@ -23,24 +23,22 @@ log = logging.getLogger(__name__)
 _EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|w1|w3|down_proj|w2)$")
 
 
-def calibration_batches(model_dir: str, vocab_size: int, data: str | None, num_samples: int, seq_len: int, seed: int):
-    """Token id batches: from a text/JSONL file with the model's tokenizer, or seeded random ids."""
+def calibration_samples(model_dir: str, vocab_size: int, data: str | None, num_samples: int, seq_len: int,
+                        seed: int) -> CalibrationData:
+    """Samples (token id lists) and the record of how they were chosen (calibration/data.py): a text, JSONL
+    (`text` or chat `messages`) file or dataset folder read with the model's tokenizer, or, without `data`,
+    seeded random ids, announced as fit for tests only."""
     if data is None:
-        gen = torch.Generator().manual_seed(seed)
-        return [torch.randint(0, vocab_size, (1, seq_len), generator=gen) for _ in range(num_samples)]
+        log.warning("no --data: calibrating on %d RANDOM token sequences (fine for tests, not for real scales); "
+                    "pass --data FILE.jsonl|FILE.txt|DATASET_FOLDER", num_samples)
+        return random_token_samples(vocab_size, num_samples, seq_len, seed)
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(model_dir)
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"--data needs the model's tokenizer, which failed to load from {model_dir}: {e}") from None
-    with open(data) as f:
-        lines = [ln.strip() for ln in f if ln.strip()]
-    if data.endswith(".jsonl"):
-        lines = [json.loads(ln).get("text", "") for ln in lines]
-    if not lines:
-        raise ValueError(f"calibration data {data} holds no text")
-    return [tok(t, return_tensors="pt", truncation=True, max_length=seq_len)["input_ids"] for t in lines[:num_samples]]
+    return load_samples(data, tok, num_samples, seq_len)
 
 
 class _AmaxRecorder:
@@ -98,6 +96,11 @@ def calibrate(model_dir: str, recipe, out: str, data: str | None = None, num_sam
               seed: int = 0, device_map: str | None = None, trust_remote_code: bool = False) -> dict:
     from transformers import AutoModelForCausalLM
 
+    from ..recipe import Recipe, load_recipe
+    from ..sources.hub import resolve_model
+
+    model_dir = resolve_model(model_dir).path if isinstance(model_dir, str) else model_dir
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     source = SourceCheckpoint(model_dir)
     items, _ = classify_tensors(source.tensors, recipe)
     targets = [i.module for i in items if i.quantized and i.input is not None and i.input.needs_calibration]
@@ -106,14 +109,15 @@ def calibrate(model_dir: str, recipe, out: str, data: str | None = None, num_sam
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", device_map=device_map,
                                                  trust_remote_code=trust_remote_code)
     model.eval()
+    chosen = calibration_samples(model_dir, model.config.vocab_size, data, num_samples, seq_len, seed)
     rec = _AmaxRecorder()
     plain, expert_modules = _memory_targets(model, set(targets))
     handles = _hook_linears(model, plain, rec) + _hook_fused_experts(model, expert_modules, rec)
     device = next(model.parameters()).device
     try:
         with torch.no_grad():
-            for ids in calibration_batches(model_dir, model.config.vocab_size, data, num_samples, seq_len, seed):
-                model(ids.to(device))
+            for ids in chosen.samples:
+                model(torch.tensor([ids], dtype=torch.long, device=device))
     finally:
         for h in handles:
             h.remove()
@@ -122,8 +126,9 @@ def calibrate(model_dir: str, recipe, out: str, data: str | None = None, num_sam
     if missing:
         raise RuntimeError(f"calibration saw no input for {len(missing)} modules, e.g. {missing[0]!r}; "
                            f"they are not Linear modules of the loaded model")
-    save_calibration(out, rec.amax, recipe, model_signature(source.tensors))
-    log.info("calibrated %d input quantizers on %d samples -> %s", len(rec.amax), num_samples, out)
+    save_calibration(out, rec.amax, recipe, model_signature(source.tensors), data=chosen.record)
+    log.info("calibrated %d input quantizers on %d samples (%s) -> %s", len(rec.amax), len(chosen.samples),
+             chosen.record.get("kind"), out)
     return rec.amax
 
 
