@@ -61,10 +61,11 @@ class TensorMeta:
         return ST_TO_DTYPE[self.dtype]
 
 
-def read_header(path: str) -> tuple[dict, dict[str, dict]]:
-    """(metadata, {name: {"dtype", "shape", "data_offsets"}}) of a safetensors file; validates the layout."""
+def read_header(path: str, label: str | None = None) -> tuple[dict, dict[str, dict]]:
+    """(metadata, {name: {"dtype", "shape", "data_offsets"}}) of a safetensors file; validates the layout.
+    Messages name the file as `label` (default: its base name)."""
     size = os.path.getsize(path)
-    name = os.path.basename(path)
+    name = label or os.path.basename(path)
     with open(path, "rb") as f:
         raw_len = f.read(8)
         if len(raw_len) < 8:
@@ -79,23 +80,40 @@ def read_header(path: str) -> tuple[dict, dict[str, dict]]:
             raise CorruptFileError(f"{name}: header is not valid JSON ({e}); the file is corrupt: re-download or "
                                   f"restore it") from None
     if not isinstance(header, dict):
-        raise CorruptFileError(f"{name}: header is not a JSON object; file is corrupt")
+        raise CorruptFileError(f"{name}: header is not a JSON object; the file is corrupt: re-download or restore it")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise CorruptFileError(f"{name}: __metadata__ is not an object; the file is corrupt: re-download or restore it")
     _check_layout(name, header, data_size=size - 8 - n)
     return metadata, header
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _entry(name: str, key: str, info) -> tuple[str, list[int], int, int]:
+    """(dtype, shape, begin, end) of one header entry, checked for types before any arithmetic."""
+    fix = "the header is corrupt: re-download or restore the file"
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        raise CorruptFileError(f"{name}: header entry {key!r} is malformed (needs dtype, shape, data_offsets); {fix}")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in ST_ITEMSIZE:
+        raise CorruptFileError(f"{name}: tensor {key!r} has unsupported dtype {dtype!r}; valid: "
+                               f"{sorted(ST_ITEMSIZE)}: re-download or convert the file")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise CorruptFileError(f"{name}: tensor {key!r} has shape {shape!r}, not a list of non-negative integers; {fix}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+        raise CorruptFileError(f"{name}: tensor {key!r} has data_offsets {offsets!r}, not two integers; {fix}")
+    return dtype, shape, offsets[0], offsets[1]
 
 
 def _check_layout(name: str, header: dict, data_size: int) -> None:
     """Every tensor's byte range matches dtype*shape, ranges tile the data area exactly (no gaps, no overlap)."""
     spans = []
     for key, info in header.items():
-        try:
-            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CorruptFileError(f"{name}: header entry {key!r} is malformed") from None
-        if dtype not in ST_ITEMSIZE:
-            raise CorruptFileError(f"{name}: tensor {key!r} has unsupported dtype {dtype!r}")
-        numel = math.prod(int(d) for d in shape)
+        dtype, shape, begin, end = _entry(name, key, info)
+        numel = math.prod(shape)
         if end - begin != numel * ST_ITEMSIZE[dtype] or begin < 0:
             raise CorruptFileError(
                 f"{name}: tensor {key!r} declares {end - begin} bytes but {dtype}{list(shape)} needs "
@@ -115,11 +133,12 @@ def _check_layout(name: str, header: dict, data_size: int) -> None:
         )
 
 
-def file_tensor_metas(folder: str, file: str) -> list[TensorMeta]:
-    path = os.path.join(folder, file)
+def file_tensor_metas(folder: str, file: str, path: str | None = None) -> list[TensorMeta]:
+    """Every tensor of `file` in `folder` (read from `path` when given: the resolved, checked file)."""
+    path = path or os.path.join(folder, file)
+    _, header = read_header(path, file)
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
-    _, header = read_header(path)
     base = 8 + n
     return [
         TensorMeta(key, file, info["dtype"], tuple(int(d) for d in info["shape"]),

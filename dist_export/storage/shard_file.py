@@ -5,7 +5,8 @@ A shard never sits whole in memory: each tensor is written as soon as it is prod
 offsets make the pieces independent. Why: with one writer thread a rank exported fp8-block at 1.2 GB/s
 (16.4 GB in 13.6 s on 2x H200) while two ranks together reached 1.86 GB/s on the same disk; with the pool one
 rank took 11.9-12.3 s (docs/benchmarks.md, runs 3 and 4). The file is
-created under a temporary name with mode 0644; `finish` waits for the pieces, fsyncs and renames it.
+created under a private temporary name (mode 0644, never through a link: see `atomic.py`); `finish` waits for the
+pieces, fsyncs and renames it.
 
 The sha256 runs on its own thread over the same bytes in file order (hashlib releases the GIL), alongside the
 writes. After each piece the kernel is asked to start writing it to disk (`posix_fadvise(DONTNEED)` starts
@@ -23,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from .atomic import create_private, discard, rename_into_place
 from .header import DTYPE_TO_ST, encode_header
 
 PIECE = 64 * 1024 * 1024
@@ -34,9 +36,8 @@ class ShardWriter:
     can reuse its buffer. `max_in_flight` bytes at most are queued; `finish` waits for all of them."""
 
     def __init__(self, final_path: str, tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str],
-                 pool: ThreadPoolExecutor | None = None, max_in_flight: int = 1 << 30):
+                 pool: ThreadPoolExecutor | None = None, max_in_flight: int = 1 << 30, tmp_dir: str | None = None):
         self.final_path = final_path
-        self.tmp_path = final_path + ".tmp"
         self.expected = [(name, dtype, tuple(shape)) for name, dtype, shape in tensors]
         self._next = 0
         header, starts = encode_header(self.expected, metadata)
@@ -48,8 +49,7 @@ class ShardWriter:
         self._in_flight: deque = deque()  # (futures, nbytes), oldest first
         self._in_flight_bytes = 0
         self.max_in_flight = max_in_flight
-        self._fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.fchmod(self._fd, 0o644)  # whatever the umask: loaders run as other users
+        self._fd, self.tmp_path = create_private(final_path, tmp_dir)
         self._submit(memoryview(header), 0, None)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -91,19 +91,22 @@ class ShardWriter:
                 f.result()
             self._in_flight_bytes -= nbytes
 
-    def finish(self, rename_to: str | None = None) -> str:
-        """Wait for every write, fsync and rename; returns the sha256 of the file bytes."""
+    def finish(self, rename_to: str | None = None, before_rename=None) -> str:
+        """Wait for every write, fsync and rename; returns the sha256 of the file bytes. `before_rename(sha256,
+        size)` runs after the fsync and before the rename (a record of the file exists before the file does)."""
         if self._next != len(self.expected):
             raise RuntimeError(f"shard {self.final_path}: {len(self.expected) - self._next} tensors not written")
         try:
             self._drain(0)
+            self._shutdown()
+            os.fsync(self._fd)
+            if before_rename is not None:
+                before_rename(self._sha.hexdigest(), os.fstat(self._fd).st_size)
         except BaseException:
             self.abort()
             raise
-        self._shutdown()
-        os.fsync(self._fd)
         os.close(self._fd)
-        os.replace(self.tmp_path, rename_to or self.final_path)
+        rename_into_place(self.tmp_path, rename_to or self.final_path)
         return self._sha.hexdigest()
 
     def abort(self) -> None:
@@ -117,8 +120,7 @@ class ShardWriter:
             os.close(self._fd)
         except OSError:
             pass
-        if os.path.exists(self.tmp_path):
-            os.unlink(self.tmp_path)
+        discard(self.tmp_path)
 
     def _shutdown(self) -> None:
         self._hasher.shutdown()
