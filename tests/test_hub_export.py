@@ -33,6 +33,8 @@ def hub(tmp_path_factory):
     make_hub_cache(cache, "acme/q3", src, commit="a" * 40)
     bare = str(base / "bare")
     make_model("llama", "tiny", bare, seed=1)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # a revision with no side files but configs
+        os.remove(os.path.join(bare, name))
     make_hub_cache(cache, "acme/q3", bare, commit="b" * 40, ref="bare")
     return {"HF_HUB_CACHE": cache, "HF_HUB_OFFLINE": "1"}
 
