@@ -85,3 +85,15 @@ def test_malformed_header_entries_are_corrupt_file_errors(tmp_path, entry):
 def test_metadata_not_an_object_is_refused(tmp_path):
     with pytest.raises(CorruptFileError, match="__metadata__"):
         read_header(_raw(tmp_path, {"__metadata__": [1]}))
+
+
+def test_a_killed_runs_hidden_temporary_is_removed_by_the_next_prepare(tmp_path):
+    from dist_export.storage.outdir import prepare_output_dir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    left = out / ".model.safetensors.0123456789ab.tmp"  # what a SIGKILLed writer leaves
+    left.write_bytes(b"partial")
+    lock = prepare_output_dir(str(out), overwrite=False, resume=True)
+    lock.release()
+    assert not left.exists()

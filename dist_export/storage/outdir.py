@@ -78,7 +78,7 @@ def prepare_output_dir(out_dir: str, overwrite: bool, resume: bool) -> OutputLoc
             stale += previous_side_files(out_dir)
             stale += [p for pat in OWN_PATTERNS for p in glob.glob(os.path.join(out_dir, pat))]
             shutil.rmtree(os.path.join(out_dir, MANIFEST_DIR), ignore_errors=True)
-        stale += glob.glob(os.path.join(out_dir, "*" + TMP_SUFFIX))
+        stale += _temporaries(out_dir)
         for path in sorted(set(stale)):
             if os.path.isfile(path):
                 os.unlink(path)
@@ -110,8 +110,14 @@ def previous_side_files(out_dir: str) -> list[str]:
     return out
 
 
+def _temporaries(out_dir: str, sub: tuple[str, ...] = ()) -> list[str]:
+    """Temporaries left in `out_dir` (also the hidden `.NAME.<random>.tmp` ones atomic.py creates; glob's `*`
+    skips names starting with a dot)."""
+    return [p for pat in ("*" + TMP_SUFFIX, ".*" + TMP_SUFFIX) for p in glob.glob(os.path.join(out_dir, *sub, pat))]
+
+
 def remove_temporaries(out_dir: str) -> None:
-    for path in glob.glob(os.path.join(out_dir, "*" + TMP_SUFFIX)) + glob.glob(os.path.join(out_dir, MANIFEST_DIR, "*", "*" + TMP_SUFFIX)):
+    for path in _temporaries(out_dir) + _temporaries(out_dir, (MANIFEST_DIR, "*")):
         try:
             os.unlink(path)
         except FileNotFoundError:
