@@ -1,52 +1,39 @@
-"""Python API: `export(...)` runs plan -> execute -> commit on every rank of the current launch.
+"""Python API and the one orchestrator: `export(...)` runs plan -> prepare -> execute -> commit -> verify on every
+rank of the current launch.
 
     import dist_export
     dist_export.export("synthetic:llama-tiny", "out/", recipe="fp8-block", format="vllm-fq")
 
-Under torchrun each process calls the same function; the ranks find each other from the environment.
+Under torchrun, Slurm or `--nproc-per-node` each process calls the same function; the ranks find each other from
+the environment. Every cross-rank step goes through `DistContext` (`agree`, `local_step`, `on_rank0`), so a failure
+on one rank is the same one-line error on all of them.
 """
 from __future__ import annotations
 
 import logging
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 from . import __version__
 from .calibration.file import load_calibration, model_signature, required_input_quantizers
 from .commit import commit_export
-from .runtime.dist import DistContext, ExportError, init_distributed
 from .execute import execute_rank, reusable_shards
 from .groups import groups_to_measure_first, measure_group_amax, merge_group_amax
 from .layout import staged_path
+from .options import DEFAULT_MODEL, ExportOptions, parse_size
+from .output_formats import get_output_format
+from .plan import ExportPlan, build_plan, rank_loads
+from .recipe import Recipe, load_recipe
+from .runtime.dist import DistContext, init_distributed
+from .runtime.monitor import start_monitor
 from .sources.checkpoint import SourceCheckpoint
 from .storage.manifest import Manifest, file_sha256, run_fingerprint
-from .runtime.monitor import start_monitor
 from .storage.outdir import check_output_dir, prepare_output_dir, remove_temporaries
 from .ownership import measured_summary
-from .plan import build_plan, rank_loads
-from .recipe import Recipe, load_recipe
-from .sources.synthetic import ensure_synthetic
-from .output_formats import get_output_format
 
+__all__ = ["export", "ExportOptions", "OpenedSource", "plan_inputs", "resolve_model", "parse_size"]
 log = logging.getLogger(__name__)
-DEFAULT_MODEL = "synthetic:llama-tiny"
-
-
-def parse_size(text) -> int:
-    if isinstance(text, int):
-        return text
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    t = str(text).strip().upper()
-    for u in sorted(units, key=len, reverse=True):
-        if t.endswith(u):
-            return int(float(t[: -len(u)]) * units[u])
-    if t.endswith("B"):
-        t = t[:-1]
-    try:
-        return int(t)
-    except ValueError:
-        raise ValueError(f"cannot parse size {text!r}; use e.g. 500MB, 2GB or a byte count") from None
 
 
 def resolve_model(model: str | None, revision: str | None = None) -> str:
@@ -57,49 +44,72 @@ def resolve_model(model: str | None, revision: str | None = None) -> str:
     return resolve(model, revision).path
 
 
-def export(model=None, out_dir: str = "out", recipe: str | Recipe = "fp8-block", format: str = "vllm-fq",
-           calib: str | None = None, overwrite: bool = False, resume: bool = False, device: str | None = None,
-           max_shard_size="1GB", ctx: DistContext | None = None, fault=None, hang_timeout: float = 45.0,
-           dead_timeout: float = 20.0, verify: bool = True) -> dict:
-    """Export `model` (a folder, `synthetic:<arch>-<preset>`, or an in-memory transformers model) to `out_dir`.
+def export(model=None, out_dir: str = "out", *, ctx: DistContext | None = None, **options) -> dict:
+    """Export `model` to `out_dir` with the given options, on every rank of the launch.
 
-    Returns a summary dict (on every rank; rank 0's includes every rank's numbers).
+    Args:
+        model: a Hugging Face checkpoint folder, `synthetic:<arch>-<preset>`, or an in-memory transformers model
+            (on CPU, GPUs or dispatched with offload; never changed). None exports the built-in synthetic model.
+        out_dir: the output folder (new, empty, or an earlier export with `overwrite`/`resume`).
+        ctx: an existing `DistContext` (tests, embedding); by default one is made from the launcher's environment.
+        **options: the fields of `ExportOptions` (recipe, format, calib, overwrite, resume, device,
+            max_shard_size, hang_timeout, dead_timeout, verify, fault), keyword only.
+
+    Returns:
+        The run summary (every rank; rank 0's includes every rank's numbers).
     """
+    opts = ExportOptions.from_kwargs(options)
     if model is not None and not isinstance(model, str):
         from .sources.memory import in_memory_source
 
-        with in_memory_source(model, recipe, calib) as (source, side, calib):
-            return run_export(source, side, out_dir, recipe=recipe, format=format, calib=calib, overwrite=overwrite,
-                              device=device, max_shard_size=max_shard_size, ctx=ctx, verify=verify, fault=fault)
+        with in_memory_source(model, opts.recipe, opts.calib) as (source, side, calib):
+            opened = OpenedSource(side, source, "<in-memory model>")
+            return run_export(lambda: opened, out_dir, _replace(opts, calib=calib), ctx)
 
-    def open_source():
+    def open_folder():
         src_dir = resolve_model(model)
-        return src_dir, SourceCheckpoint(src_dir)
+        return OpenedSource(src_dir, SourceCheckpoint(src_dir), model or DEFAULT_MODEL)
 
-    open_source.display_name = model or DEFAULT_MODEL
-    return run_export(open_source, None, out_dir, recipe, format, calib, overwrite, resume, device, max_shard_size,
-                      ctx, fault, hang_timeout, dead_timeout, verify)
+    return run_export(open_folder, out_dir, opts, ctx)
 
 
-def run_export(source, side_dir, out_dir, recipe="fp8-block", format="vllm-fq", calib=None, overwrite=False,
-               resume=False, device=None, max_shard_size="1GB", ctx=None, fault=None, hang_timeout=45.0,
-               dead_timeout=20.0, verify=True) -> dict:
-    """Run the stages for `source`: a callable returning (side-file folder, source), or an object with
-    `.tensors`, `.read(meta)` and `.load_config()` whose side files (generation config, tokenizer) are in
-    `side_dir`."""
-    model = source if callable(source) else (lambda: (side_dir, source))
+@dataclass
+class OpenedSource:
+    side_dir: str | None  # where side files (config, tokenizer, generation config) come from
+    source: object        # `.tensors`, `.read(meta)`, `.load_config()`
+    display_name: str
+
+
+@dataclass
+class _Inputs:
+    """What every rank agreed on in the plan step."""
+    opened: OpenedSource
+    recipe: Recipe
+    output_format: object
+    plan: ExportPlan
+    calib: dict
+
+
+def _replace(opts: ExportOptions, **changes) -> ExportOptions:
+    from dataclasses import replace
+
+    return replace(opts, **changes)
+
+
+def run_export(open_source, out_dir: str, opts: ExportOptions, ctx: DistContext | None = None) -> dict:
+    """Run the stages for the source that `open_source()` returns (called inside the plan step on every rank)."""
     own_ctx = ctx is None
-    ctx = ctx or init_distributed(device)
+    ctx = ctx or init_distributed(opts.device)
+    fault = opts.fault
     if fault is None:
         from .runtime.faults import fault_from_env
 
         fault = fault_from_env()
     try:
-        monitor = start_monitor(ctx, hang_after=hang_timeout, dead_after=dead_timeout,
+        monitor = start_monitor(ctx, hang_after=opts.hang_timeout, dead_after=opts.dead_timeout,
                                 on_fail=lambda: remove_temporaries(out_dir))
         try:
-            summary = _export(ctx, model, out_dir, recipe, format, calib, overwrite, resume, max_shard_size, fault,
-                              verify)
+            summary = _export(ctx, open_source, out_dir, opts, fault)
             monitor.finish()
             return summary
         finally:
@@ -110,73 +120,62 @@ def run_export(source, side_dir, out_dir, recipe="fp8-block", format="vllm-fq", 
             ctx.close()
 
 
-def _export(ctx, model, out_dir, recipe, format, calib_path, overwrite, resume, max_shard_size, fault, verify):
-    t0 = time.monotonic()
-    # 1. Validate inputs and plan, on every rank, before any write.
-    def plan_step():
-        src_dir, source = model()
-        rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-        fmt = get_output_format(format)
-        check_output_dir(out_dir, overwrite, resume)
-        plan = build_plan(source.tensors, rec, fmt, ctx.world_size, parse_size(max_shard_size))
-        required = required_input_quantizers(plan)
-        if required and calib_path is None:
-            raise ValueError(f"recipe {rec.name!r} has static activation quantizers: calibrate first with "
-                             f"`dist-export calibrate --model {getattr(model, 'display_name', '<model>')} "
-                             f"--recipe {rec.name} "
-                             f"--out calib.safetensors`, then pass --calib calib.safetensors")
-        calib = load_calibration(calib_path, rec, model_signature(source.tensors), required) if calib_path else {}
-        local.update(src_dir=src_dir, rec=rec, fmt=fmt, source=source, plan=plan, calib=calib)
-        return plan.digest()
+def plan_inputs(open_source, out_dir: str | None, opts: ExportOptions, world_size: int) -> _Inputs:
+    """Validate every input and plan, before any write (every rank; `cli plan` runs it too, without a folder)."""
+    opened = open_source()
+    rec = opts.recipe if isinstance(opts.recipe, Recipe) else load_recipe(opts.recipe)
+    fmt = get_output_format(opts.format)
+    if out_dir is not None:
+        check_output_dir(out_dir, opts.overwrite, opts.resume)
+    plan = build_plan(opened.source.tensors, rec, fmt, world_size, opts.shard_bytes)
+    required = required_input_quantizers(plan)
+    if out_dir is None:
+        return _Inputs(opened, rec, fmt, plan, {})
+    if required and opts.calib is None:
+        raise ValueError(f"recipe {rec.name!r} has static activation quantizers: calibrate first with "
+                         f"`dist-export calibrate --model {opened.display_name} --recipe {rec.name} "
+                         f"--out calib.safetensors`, then pass --calib calib.safetensors")
+    calib = (load_calibration(opts.calib, rec, model_signature(opened.source.tensors), required)
+             if opts.calib else {})
+    return _Inputs(opened, rec, fmt, plan, calib)
 
-    local: dict = {}
-    digests = ctx.step("plan", plan_step)
-    if len(set(digests)) != 1:
-        raise ExportError(f"ranks computed different plans (digests {sorted(set(digests))}); check that every "
-                          f"rank sees the same source, recipe and dist_export version")
-    src_dir, rec, fmt, source, plan, calib = (local[k] for k in ("src_dir", "rec", "fmt", "source", "plan", "calib"))
+
+def _export(ctx: DistContext, open_source, out_dir: str, opts: ExportOptions, fault) -> dict:
+    t0 = time.monotonic()
+    # 1. Validate inputs and plan, on every rank, before any write; every rank must plan the same.
+    inputs = ctx.agree("plan", lambda: plan_inputs(open_source, out_dir, opts, ctx.world_size),
+                       lambda i: i.plan.digest())
+    plan, source, rec, fmt = inputs.plan, inputs.opened.source, inputs.recipe, inputs.output_format
     if ctx.monitor:
         ctx.monitor.set_totals(len(plan.items), plan.total_size)
     if ctx.is_rank0:
-        loads = rank_loads(plan)
-        log.info("plan: %d items, %d shards, %.2f GB out, %d groups; per-rank GB out: %s", len(plan.items),
-                 len(plan.shards), plan.total_size / 1e9, len(plan.groups),
-                 [round(d["bytes_out"] / 1e9, 3) for d in loads])
-    calib_sha = file_sha256(calib_path) if calib_path else None
-    manifest = Manifest(out_dir, run_fingerprint(source, rec, calib_sha, fmt.name, plan.layout_digest()), resume)
+        _log_plan(plan)
+    calib_sha = file_sha256(opts.calib) if opts.calib else None
+    manifest = Manifest(out_dir, run_fingerprint(source, rec, calib_sha, fmt.name, plan.layout_digest()),
+                        opts.resume)
 
     # 2. Rank 0 prepares the folder (lock, stale index, manifest check); the others wait for it.
     lock = None
 
     def prepare():
         nonlocal lock
-        if ctx.is_rank0:
-            lock = prepare_output_dir(out_dir, overwrite, resume)
-            manifest.check_and_write()
+        lock = prepare_output_dir(out_dir, opts.overwrite, opts.resume)
+        manifest.check_and_write()
 
     try:
-        ctx.step("prepare output folder", prepare)
-        # 3. Shared amax of the groups split over ranks (or partly finished), then every rank executes its
-        # shards; the pipeline measures every other group as its members pass through.
-        def measure_first():
-            local["reused"] = reusable_shards(ctx, plan, out_dir, manifest)
-            local["first"] = groups_to_measure_first(plan, ctx.rank, local["reused"]) if plan.groups else set()
-            return measure_group_amax(ctx, plan, source, local["first"])
-
-        parts = ctx.step("resume check and shared amax", measure_first)
-        group_amax = merge_group_amax(plan, parts, required=local["first"])
-        reused = local["reused"]
-        results = ctx.step("export", execute_rank, ctx, plan, source, fmt, out_dir, calib, group_amax, manifest,
-                           fault, reused=reused)
+        ctx.on_rank0("prepare output folder", prepare)
+        # 3. Shards an earlier run finished, the shared amax of groups split over ranks (or partly finished),
+        # then every rank executes its shards; the pipeline measures every other group as its members pass.
+        reused = ctx.local_step("resume check", reusable_shards, ctx, plan, out_dir, manifest)
+        first = groups_to_measure_first(plan, ctx.rank, reused) if plan.groups else set()
+        parts = ctx.step("shared amax", measure_group_amax, ctx, plan, source, first)
+        group_amax = merge_group_amax(plan, parts, required=first)
+        results = ctx.step("export", execute_rank, ctx, plan, source, fmt, out_dir, inputs.calib, group_amax,
+                           manifest, fault, reused=reused)
         # 4. Rank 0 checks and publishes; the index comes last.
-        # The record lets `verify --source` recompute everything; it names no path, so the same inputs give
-        # the same bytes wherever (and from whatever source object) they come.
-        record = {"dist_export": __version__, "recipe": rec.to_dict(), "format": fmt.name,
-                  "calibration": {k: float(v) for k, v in sorted(calib.items())},
-                  "source_signature": model_signature(source.tensors),
-                  "shards": {f: {"sha256": i["sha256"], "size": i["size"]} for r in results for f, i in r.shards.items()}}
-        ctx.step("commit", lambda: commit_export(plan, out_dir, src_dir, source.load_config(), rec, fmt, calib,
-                                                record, staged_path) if ctx.is_rank0 else None)
+        record = _record(inputs, results)
+        ctx.on_rank0("commit", commit_export, plan, out_dir, inputs.opened.side_dir, source.load_config(), rec,
+                     fmt, inputs.calib, record, staged_path)
     except BaseException:
         if ctx.is_rank0 and lock is not None:
             remove_temporaries(out_dir)
@@ -188,14 +187,34 @@ def _export(ctx, model, out_dir, recipe, format, calib_path, overwrite, resume, 
     summary["stage_seconds"] = dict(ctx.stage_seconds)  # start-up = interpreter and imports, then each stage
     if ctx.is_rank0:
         _log_summary(summary)
-        if verify:
-            from .verify import verify_export
-
-            report = verify_export(out_dir, quick=True)  # structure, scales, checksums; --source recomputes
-            if not report["ok"]:
-                raise RuntimeError(f"verify found defects in {out_dir}: {report['defects'][:3]}")
-            log.info("verify: %d tensors checked, no defects", report["tensors"])
+        if opts.verify:
+            _verify_published(out_dir)
     return summary
+
+
+def _record(inputs: _Inputs, results) -> dict:
+    """The record lets `verify --source` recompute everything; it names no path, so the same inputs give the same
+    bytes wherever (and from whatever source object) they come."""
+    return {"dist_export": __version__, "recipe": inputs.recipe.to_dict(), "format": inputs.output_format.name,
+            "calibration": {k: float(v) for k, v in sorted(inputs.calib.items())},
+            "source_signature": model_signature(inputs.opened.source.tensors),
+            "shards": {f: {"sha256": i["sha256"], "size": i["size"]} for r in results for f, i in r.shards.items()}}
+
+
+def _verify_published(out_dir: str) -> None:
+    from .verify import verify_export
+
+    report = verify_export(out_dir)  # structure, scales, checksums; `verify --source` recomputes
+    if not report["ok"]:
+        raise RuntimeError(f"verify found defects in {out_dir}: {report['defects'][:3]}")
+    log.info("verify: %d tensors checked, no defects", report["tensors"])
+
+
+def _log_plan(plan: ExportPlan) -> None:
+    loads = rank_loads(plan)
+    log.info("plan: %d items, %d shards, %.2f GB out, %d groups; per-rank GB out: %s", len(plan.items),
+             len(plan.shards), plan.total_size / 1e9, len(plan.groups),
+             [round(d["bytes_out"] / 1e9, 3) for d in loads])
 
 
 def _summary(results, wall: float, out_dir: str) -> dict:

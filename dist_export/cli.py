@@ -17,16 +17,16 @@ log = logging.getLogger("dist_export")
 
 
 def _recipe_help() -> str:
-    from .recipe import available_recipes
+    from .recipe_names import available_recipes
 
     return (f"one of {', '.join(available_recipes())}, a ModelOpt / llm-compressor name of one "
             f"(`dist-export recipes`), or a .yaml path")
 
 
 def _formats() -> list[str]:
-    from .output_formats import output_format_names
+    from .options import BUILTIN_OUTPUT_FORMATS
 
-    return output_format_names()
+    return sorted(BUILTIN_OUTPUT_FORMATS)
 
 
 def _positive_int(text: str) -> int:
@@ -50,20 +50,22 @@ def _add_model(p):
 
 
 def _add_export(sub):
+    from .options import DEFAULTS
+
     p = sub.add_parser("export", help="quantize and export a checkpoint (run under torchrun for several ranks)")
     _add_model(p)
-    p.add_argument("--recipe", default="fp8-block", metavar="RECIPE", help=_recipe_help())
+    p.add_argument("--recipe", default=DEFAULTS.recipe, metavar="RECIPE", help=_recipe_help())
     p.add_argument("--out", required=True, help="output folder (new or empty)")
-    p.add_argument("--format", default="vllm-fq", choices=_formats(), help="output format")
-    p.add_argument("--calib", default=None, help="calibration file from `dist-export calibrate`")
+    p.add_argument("--format", default=DEFAULTS.format, choices=_formats(), help="output format")
+    p.add_argument("--calib", default=DEFAULTS.calib, help="calibration file from `dist-export calibrate`")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
     p.add_argument("--resume", action="store_true", help="finish an interrupted export, reusing checked shards")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
-    p.add_argument("--max-shard-size", default="1GB", help="largest output file")
-    p.add_argument("--hang-timeout", type=float, default=45.0, help="seconds without progress before a rank "
-                                                                    "counts as hung")
-    p.add_argument("--dead-timeout", type=float, default=20.0, help="seconds without heartbeat before a rank "
-                                                                    "counts as dead")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=DEFAULTS.device, help="default: cuda if available")
+    p.add_argument("--max-shard-size", default=DEFAULTS.max_shard_size, help="largest output file")
+    p.add_argument("--hang-timeout", type=float, default=DEFAULTS.hang_timeout,
+                   help="seconds without progress before a rank counts as hung")
+    p.add_argument("--dead-timeout", type=float, default=DEFAULTS.dead_timeout,
+                   help="seconds without heartbeat before a rank counts as dead")
     p.add_argument("--no-verify", action="store_true", help="skip the structural check after writing")
     p.add_argument("--summary-json", default=None, help="write the run summary (timings, bytes, RSS) here")
     p.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
@@ -106,12 +108,14 @@ def _add_verify(sub):
 
 
 def _add_plan(sub):
+    from .options import DEFAULTS
+
     p = sub.add_parser("plan", help="print the shard layout and per-rank balance for a world size (no writes)")
     _add_model(p)
-    p.add_argument("--recipe", default="fp8-block", metavar="RECIPE", help=_recipe_help())
-    p.add_argument("--format", default="vllm-fq", choices=_formats(), help="output format")
+    p.add_argument("--recipe", default=DEFAULTS.recipe, metavar="RECIPE", help=_recipe_help())
+    p.add_argument("--format", default=DEFAULTS.format, choices=_formats(), help="output format")
     p.add_argument("--world-size", type=_positive_int, default=8, help="simulated world size (ignored under torchrun)")
-    p.add_argument("--max-shard-size", default="1GB", help="largest output file")
+    p.add_argument("--max-shard-size", default=DEFAULTS.max_shard_size, help="largest output file")
     p.add_argument("--metadata-only", action="store_true",
                    help="for synthetic:... models: plan from the shapes alone, without generating the weights")
     p.add_argument("--json", action="store_true",
@@ -177,13 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_export(args) -> int:
     from .api import export, resolve_model
+    from .runtime.dist import launcher_env
 
     model = resolve_model(args.model, args.revision) if args.revision else args.model
     summary = export(model, args.out, recipe=args.recipe, format=args.format, calib=args.calib,
                      overwrite=args.overwrite, resume=args.resume, device=args.device,
                      max_shard_size=args.max_shard_size, hang_timeout=args.hang_timeout,
                      dead_timeout=args.dead_timeout, verify=not args.no_verify)
-    if args.summary_json and int(os.environ.get("RANK", "0")) == 0:
+    layout = launcher_env()
+    if args.summary_json and (layout is None or layout["rank"] == 0):  # torchrun, Slurm or one process: rank 0
         with open(args.summary_json, "w") as f:
             json.dump(summary, f, indent=1)
     return 0
@@ -201,7 +207,7 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_make_model(args) -> int:
-    from .api import parse_size
+    from .options import parse_size
     from .sources.synthetic import make_model
 
     make_model(args.arch, args.preset, args.out, seed=args.seed, dtype=args.dtype,
@@ -230,42 +236,40 @@ def cmd_verify(args) -> int:
 def cmd_plan(args) -> int:
     """Plan only (no tensor data is read or written). Under torchrun every rank plans and the ranks check
     that they agree, as a real export does; otherwise --world-size is simulated."""
-    from .api import parse_size, resolve_model
-    from .runtime.dist import ExportError, init_distributed
-    from .plan import build_plan, rank_loads
-    from .recipe import load_recipe
-    from .output_formats import get_output_format
+    from .api import OpenedSource, plan_inputs, resolve_model
+    from .options import ExportOptions
+    from .plan import rank_loads
+    from .runtime.dist import init_distributed
 
     ctx = init_distributed("cpu")
     world = ctx.world_size if ctx.is_distributed else args.world_size
+    if world < 1:
+        raise ValueError(f"--world-size must be at least 1, got {world}")
+    opts = ExportOptions(recipe=args.recipe, format=args.format, max_shard_size=args.max_shard_size)
+
+    def open_source():
+        if args.model and args.model.startswith("synthetic:") and args.metadata_only:
+            from types import SimpleNamespace
+
+            from .sources.synthetic import synthetic_metadata
+
+            return OpenedSource(None, SimpleNamespace(tensors=synthetic_metadata(args.model)), args.model)
+        from .sources.checkpoint import SourceCheckpoint
+
+        src_dir = resolve_model(args.model, args.revision)
+        return OpenedSource(src_dir, SourceCheckpoint(src_dir), args.model)
+
     try:
-        def plan_step():
-            if args.model and args.model.startswith("synthetic:") and args.metadata_only:
-                from .sources.synthetic import synthetic_metadata
-
-                tensors = synthetic_metadata(args.model)
-            else:
-                from .sources.checkpoint import SourceCheckpoint
-
-                tensors = SourceCheckpoint(resolve_model(args.model, args.revision)).tensors
-            plan = build_plan(tensors, load_recipe(args.recipe), get_output_format(args.format), world,
-                              parse_size(args.max_shard_size))
-            local["plan"] = plan
-            return plan.digest()
-
-        local: dict = {}
-        digests = ctx.step("plan", plan_step)
-        if len(set(digests)) != 1:
-            raise ExportError(f"ranks computed different plans: {sorted(set(digests))}")
+        inputs = ctx.agree("plan", lambda: plan_inputs(open_source, None, opts, world), lambda i: i.plan.digest())
+        plan = inputs.plan
         if ctx.is_rank0 and args.json:
             from .plan import plan_summary
 
-            print(json.dumps(plan_summary(local["plan"], get_output_format(args.format), args.nnodes), indent=1))
+            print(json.dumps(plan_summary(plan, inputs.output_format, args.nnodes), indent=1))
         elif ctx.is_rank0:
-            plan = local["plan"]
             print(f"{len(plan.items)} items, {len(plan.shards)} shards, {plan.total_size / 1e9:.3f} GB out, "
                   f"{len(plan.groups)} shared-amax groups, world size {world}"
-                  + (f", {world} ranks agree on digest {digests[0][:12]}" if ctx.is_distributed else ""))
+                  + (f", {world} ranks agree on digest {plan.digest()[:12]}" if ctx.is_distributed else ""))
             loads = rank_loads(plan)
             mean_cost = sum(d["cost"] for d in loads) / len(loads)
             for d in loads:

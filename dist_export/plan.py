@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .layout import shard_filename
 from .ownership import lpt
@@ -76,7 +76,6 @@ class ExportPlan:
     excluded: tuple[tuple[str, str], ...]  # (module, pattern) of 2-D weights kept unquantized
     world_size: int
     format: str
-    extras: dict = field(default_factory=dict, compare=False)
 
     @property
     def single_file(self) -> bool:

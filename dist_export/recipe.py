@@ -18,6 +18,7 @@ from importlib import resources
 import yaml
 
 from .numerics import QuantSpec
+from .recipe_names import available_recipes, packaged_recipes  # noqa: F401  (torch-free, re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -202,17 +203,6 @@ def recipe_from_dict(data: dict, source: str = "<dict>") -> Recipe:
         description=str(data.get("description", "")),
         source=source,
     )
-
-
-def packaged_recipes() -> dict:
-    """{name: resource} of the recipes shipped inside the package (`dist_export/configs/*.yaml`), read through
-    `importlib.resources` so they are found from a wheel as from a checkout."""
-    folder = resources.files("dist_export") / "configs"
-    return {p.name[:-5]: p for p in folder.iterdir() if p.name.endswith(".yaml")}
-
-
-def available_recipes() -> list[str]:
-    return sorted(packaged_recipes())
 
 
 def resolve_recipe_path(name_or_path: str):

@@ -11,6 +11,8 @@ else. Compared against ModelOpt 0.47 `modelopt/torch/quantization/config.py` and
 """
 from __future__ import annotations
 
+from importlib import resources
+
 EQUIVALENTS: dict[str, dict[str, tuple[str, ...]]] = {
     "fp8": {"modelopt": ("FP8_DEFAULT_CFG", "fp8", "FP8"), "llm-compressor": ("FP8",)},
     "fp8-pc-pt": {"modelopt": ("FP8_PER_CHANNEL_PER_TOKEN_CFG", "fp8_pc_pt", "FP8_PER_CHANNEL_PER_TOKEN"),
@@ -100,3 +102,14 @@ def recipes_listing(recipes: dict[str, str]) -> list[str]:
         lines.append("names of other tools with different semantics (refused; closest recipe here):")
         lines += [f"    {k:<36} -> {ours}" for k, (ours, _) in near]
     return lines
+
+
+def packaged_recipes() -> dict:
+    """{name: resource} of the recipes shipped inside the package (`dist_export/configs/*.yaml`), read through
+    `importlib.resources` so they are found from a wheel as from a checkout (torch-free, for `--help`)."""
+    folder = resources.files("dist_export") / "configs"
+    return {p.name[:-5]: p for p in folder.iterdir() if p.name.endswith(".yaml")}
+
+
+def available_recipes() -> list[str]:
+    return sorted(packaged_recipes())

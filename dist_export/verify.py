@@ -210,7 +210,7 @@ def recompute_and_compare(out_dir: str, source_dir: str, record: dict, metas: di
     rep.extra["recomputed"] = len(expected_names)
 
 
-def verify_export(out_dir: str, source_dir: str | None = None, quick: bool = False) -> dict:
+def verify_export(out_dir: str, source_dir: str | None = None) -> dict:
     rep = Report()
     if not os.path.isdir(out_dir):
         rep.defect(f"{out_dir} does not exist")
@@ -233,7 +233,7 @@ def verify_export(out_dir: str, source_dir: str | None = None, quick: bool = Fal
     leftovers = [f for f in os.listdir(out_dir) if f.endswith((TMP_SUFFIX, STAGED_SUFFIX))]
     if leftovers:
         rep.defect(f"temporary files left behind: {leftovers[:3]}")
-    if source_dir is not None and not quick:
+    if source_dir is not None:
         if not record:
             rep.defect(f"--source needs {RECORD_NAME} (the recipe and calibration of the export)")
         else:

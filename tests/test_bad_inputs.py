@@ -128,7 +128,7 @@ def shard_files(folder: str) -> list[str]:
 def sharded_model(tmp_path_factory, synthetic_cache):
     """llama-tiny in several shards with an index: what `dist-export make-model --arch llama --preset tiny
     --max-shard-size 50KB` writes (made in-process, once per worker, to spare an interpreter start)."""
-    from dist_export.api import parse_size
+    from dist_export.options import parse_size
     from dist_export.sources.synthetic import make_model
 
     folder = str(tmp_path_factory.mktemp("sharded") / "llama-tiny-sharded")

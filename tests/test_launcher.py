@@ -86,7 +86,7 @@ def test_strip_option():
 
 def test_groups_measured_first_only_when_split_or_reused():
     """Only groups split over ranks, or with a member in a reused shard, are measured before the pipeline."""
-    from dist_export.api import parse_size
+    from dist_export.options import parse_size
     from dist_export.groups import groups_to_measure_first, split_groups
     from dist_export.sources.checkpoint import SourceCheckpoint
     from dist_export.plan import build_plan

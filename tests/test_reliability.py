@@ -113,7 +113,7 @@ def reference(tmp_path_factory):
 # --- 1. killed rank at a random item, then --resume -------------------------------------------------------
 
 def _kill_schedule():
-    from dist_export.api import parse_size
+    from dist_export.options import parse_size
     from dist_export.sources.checkpoint import SourceCheckpoint
     from dist_export.plan import build_plan
     from dist_export.recipe import load_recipe

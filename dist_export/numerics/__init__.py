@@ -1,18 +1,16 @@
 """Quantization numerics: pure tensor functions, bit-exact with formats.md section 5 on CPU and CUDA."""
 from . import fp8, integer, nvfp4  # noqa: F401  (registers the formats)
 from .blocks import check_finite, compute_amax, expand_to, reduce_abs_max
-from .registry import dequantize, fake_quant, fake_quant_f32, get_format, quantize
-from .spec import Granularity, QuantSpec
+from .registry import dequantize, fake_quant, get_format, quantize
+from .spec import QuantSpec
 
 __all__ = [
-    "Granularity",
     "QuantSpec",
     "check_finite",
     "compute_amax",
     "dequantize",
     "expand_to",
     "fake_quant",
-    "fake_quant_f32",
     "get_format",
     "quantize",
     "reduce_abs_max",

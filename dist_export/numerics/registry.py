@@ -69,13 +69,6 @@ def fake_quant(
     return fmt.fake_quant(w.float(), spec, amax.to(w.device), block_amax).to(w.dtype)
 
 
-def fake_quant_f32(
-    w: torch.Tensor, spec: QuantSpec, amax: torch.Tensor, block_amax: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Same as `fake_quant` but returns the float32 values before the final cast (for real-vs-fake checks)."""
-    return get_format(spec.fmt).fake_quant(w.float(), spec, amax.to(w.device), block_amax)
-
-
 def quantize(
     w: torch.Tensor, spec: QuantSpec, amax: torch.Tensor, block_amax: torch.Tensor | None = None, name: str = "tensor"
 ) -> dict:

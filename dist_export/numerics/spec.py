@@ -5,17 +5,7 @@ hashed, compared across ranks and written into plans and manifests.
 """
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
-
-
-class Granularity(str, enum.Enum):
-    """How many elements share one amax."""
-
-    TENSOR = "tensor"  # one amax for the whole tensor, shape []
-    CHANNEL = "channel"  # one amax per output row (axis 0), shape [out, 1]
-    GROUP = "group"  # groups of `block_size` along the last dim, shape [out, ceil(in/g)]
-    BLOCK = "block"  # square 2-D blocks of `block_size`, shape [ceil(out/b), ceil(in/b)]
 
 
 # Valid granularities per format; anything else is refused when a recipe is loaded.
@@ -33,7 +23,9 @@ class QuantSpec:
 
     Attributes:
         fmt: "fp8" (E4M3), "int8", "int4" or "nvfp4" (E2M1 values, E4M3 block scales of 16, fp32 global scale).
-        granularity: see `Granularity`. NVFP4 is always ("group", 16); its amax is the global tensor amax.
+        granularity: "tensor" (one amax), "channel" (one per output row), "group" (groups of
+            `block_size` along the last dim) or "block" (square 2-D blocks of `block_size`). NVFP4 is always
+            ("group", 16); its amax is the global tensor amax.
         block_size: group or block edge for "group"/"block", else None.
         scale_search: "max" (amax = max|W|) or "mse" (per-block search for the scale with least squared error).
         mse_candidates: number of candidate scales tried by the "mse" search.
@@ -66,20 +58,3 @@ class QuantSpec:
             raise ValueError(f"scale_search 'mse' is implemented for nvfp4, int4 and int8, not {self.fmt!r}")
         if self.mse_candidates < 1:
             raise ValueError(f"mse_candidates must be >= 1, got {self.mse_candidates}")
-
-    @property
-    def is_blocked_2d(self) -> bool:
-        return self.granularity == "block"
-
-    def amax_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        """Shape of the stored amax for a weight of `shape` (metadata only, used by planners)."""
-        if self.fmt == "nvfp4" and self.scale_search == "max":
-            return ()
-        if self.granularity == "tensor":
-            return ()
-        if self.granularity == "channel":
-            return (shape[0], 1)
-        b = self.block_size
-        if self.granularity == "group":
-            return (*shape[:-1], -(-shape[-1] // b))
-        return (-(-shape[0] // b), -(-shape[1] // b))

@@ -56,7 +56,15 @@ def output_format_names() -> list[str]:
 
 
 def _load_builtin() -> None:
-    from . import compressed_tensors, fp8_block, modelopt, vllm_fq  # noqa: F401  (register on import)
+    """Import the shipped formats (each registers itself); a module that registers another name is a bug."""
+    import importlib
+
+    from ..options import BUILTIN_OUTPUT_FORMATS
+
+    for name, module in BUILTIN_OUTPUT_FORMATS.items():
+        importlib.import_module(f"{__name__}.{module}")
+        if name not in _OUTPUT_FORMATS:
+            raise RuntimeError(f"output_formats/{module}.py did not register the output format {name!r}")
 
 
 def refuse_expert_stacks(items, format_name: str) -> None:

@@ -74,6 +74,27 @@ class DistContext:
         finally:
             self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + time.monotonic() - start
 
+    def agree(self, name: str, fn, digest_of):
+        """Run `fn` on every rank, check that every rank's `digest_of(result)` is the same and return this rank's
+        result (for a plan: every rank must have computed the same one)."""
+        local = []
+        digests = self.step(name, lambda: _keep(local, fn(), digest_of))
+        if len(set(digests)) != 1:
+            raise ExportError(f"{name}: ranks computed different results (digests {sorted(set(digests))}); check "
+                              f"that every rank sees the same source, recipe and dist_export version")
+        return local[0]
+
+    def local_step(self, name: str, fn, *args, **kwargs):
+        """Run `fn` on every rank and return this rank's result; a failure on any rank fails all of them."""
+        local = []
+        self.step(name, lambda: local.append(fn(*args, **kwargs)))
+        return local[0]
+
+    def on_rank0(self, name: str, fn, *args, **kwargs):
+        """Run `fn` on rank 0 only (the others wait for it); rank 0 gets its result, the others None."""
+        results = self.step(name, lambda: fn(*args, **kwargs) if self.is_rank0 else None)
+        return results[0] if self.is_rank0 else None
+
     def _step(self, name: str, fn, *args, **kwargs) -> list:
         if not self.is_distributed:
             return [fn(*args, **kwargs)]
@@ -105,6 +126,11 @@ class DistContext:
             self.owns_process_group = False
 
 
+def _keep(store: list, result, digest_of):
+    store.append(result)
+    return digest_of(result)
+
+
 def _slurm_head_node() -> str:
     nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
     if not nodelist:
@@ -116,18 +142,20 @@ def _slurm_head_node() -> str:
         return nodelist.split(",")[0]
 
 
-def launcher_env() -> dict[str, int] | None:
-    """Rank layout from torchrun (RANK/WORLD_SIZE/LOCAL_RANK) or, without torchrun, from Slurm's
-    one-task-per-GPU variables; None for a plain single process."""
+def launcher_env() -> dict | None:
+    """Rank layout and rendezvous address from torchrun (RANK/WORLD_SIZE/LOCAL_RANK) or, without torchrun, from
+    Slurm's one-task-per-GPU variables; None for a plain single process. Reads the environment, never writes it."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
+        # `dist-export export --nproc-per-node N` names a file store; torchrun uses MASTER_ADDR/PORT
         return {"rank": int(env["RANK"]), "world_size": int(env["WORLD_SIZE"]),
-                "local_rank": int(env.get("LOCAL_RANK", 0))}
+                "local_rank": int(env.get("LOCAL_RANK", 0)),
+                "init_method": env.get("DIST_EXPORT_RENDEZVOUS", "env://")}
     if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
-        env.setdefault("MASTER_ADDR", _slurm_head_node())
-        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        addr = env.get("MASTER_ADDR") or _slurm_head_node()
+        port = env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
         return {"rank": int(env["SLURM_PROCID"]), "world_size": int(env["SLURM_NTASKS"]),
-                "local_rank": int(env.get("SLURM_LOCALID", 0))}
+                "local_rank": int(env.get("SLURM_LOCALID", 0)), "init_method": f"tcp://{addr}:{port}"}
     return None
 
 
@@ -177,9 +205,7 @@ def init_distributed(
             dist.init_process_group("gloo", store=store, rank=layout["rank"], world_size=layout["world_size"],
                                     timeout=timeout)
         else:
-            # `dist-export export --nproc-per-node N` names a file store; torchrun and Slurm use MASTER_ADDR/PORT
-            init_method = os.environ.get("DIST_EXPORT_RENDEZVOUS", "env://")
-            dist.init_process_group("gloo", init_method=init_method, rank=layout["rank"],
+            dist.init_process_group("gloo", init_method=layout["init_method"], rank=layout["rank"],
                                     world_size=layout["world_size"], timeout=timeout)
         owns = True
     ctx = DistContext(layout["rank"], layout["world_size"], layout["local_rank"], owns_process_group=owns,

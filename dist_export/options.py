@@ -1,0 +1,96 @@
+"""Export options: every default of `export()` and `dist-export export`, once.
+
+Read by `api.py` (the orchestrator, on every rank) and `cli.py` (flag defaults and help). A new export option is a
+field here plus its CLI flag; nothing else repeats its default.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+DEFAULT_MODEL = "synthetic:llama-tiny"
+# Output formats shipped with dist_export: --format name -> module of dist_export/output_formats that registers
+# it (imported on first use). Kept here, free of torch, so `--help` and the launcher parent stay light.
+BUILTIN_OUTPUT_FORMATS = {"vllm-fq": "vllm_fq", "fp8-block": "fp8_block", "modelopt": "modelopt",
+                          "compressed-tensors": "compressed_tensors"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportOptions:
+    """What to export and how; the same options for a checkpoint folder and an in-memory model.
+
+    Attributes:
+        recipe: recipe name (see `dist-export recipes` / `dist_export/configs`), a .yaml path or a `Recipe`.
+        format: output format name (`vllm-fq`, `fp8-block`, `modelopt`, ...).
+        calib: calibration file from `dist-export calibrate` (static activation recipes need one).
+        overwrite: replace an earlier export in the output folder (only files an export wrote).
+        resume: finish an interrupted export, reusing shards whose checksums match the record.
+        device: "cpu" or "cuda"; None picks cuda when one is visible.
+        max_shard_size: largest output file, as bytes or text such as "500MB" or "1GB".
+        hang_timeout: seconds without progress before a rank counts as hung.
+        dead_timeout: seconds without a heartbeat before a rank counts as dead.
+        verify: run the structural check of the folder after writing.
+        fault: test hook, a `runtime.faults.Fault` (None reads DIST_EXPORT_FAULT from the environment).
+    """
+
+    recipe: object = "fp8-block"
+    format: str = "vllm-fq"
+    calib: str | None = None
+    overwrite: bool = False
+    resume: bool = False
+    device: str | None = None
+    max_shard_size: object = "1GB"
+    hang_timeout: float = 45.0
+    dead_timeout: float = 20.0
+    verify: bool = True
+    fault: object = None
+
+    def __post_init__(self):
+        if self.overwrite and self.resume:
+            raise ValueError("--overwrite and --resume exclude each other: --resume keeps finished shards, "
+                             "--overwrite replaces them; pass one")
+        if self.device not in (None, "cpu", "cuda"):
+            raise ValueError(f"device {self.device!r} is not one of 'cpu', 'cuda' (or None for automatic)")
+        for name in ("hang_timeout", "dead_timeout"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        parse_size(self.max_shard_size)  # a bad size is refused before anything starts
+
+    @property
+    def shard_bytes(self) -> int:
+        return parse_size(self.max_shard_size)
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict) -> "ExportOptions":
+        """Options from `export(**kwargs)`; an unknown name is one line listing the valid ones."""
+        valid = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - valid)
+        if unknown:
+            raise TypeError(f"export() got unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
+        return cls(**kwargs)
+
+
+def parse_size(text) -> int:
+    """Bytes from an int or text such as "500MB", "2GB", "1GiB" or "1048576"."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text <= 0:
+            raise ValueError(f"size must be positive, got {text}")
+        return text
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    t = str(text).strip().upper()
+    for u in sorted(units, key=len, reverse=True):
+        if t.endswith(u):
+            number, scale = t[: -len(u)], units[u]
+            break
+    else:
+        number, scale = (t[:-1] if t.endswith("B") else t), 1
+    try:
+        size = int(float(number) * scale)
+    except ValueError:
+        raise ValueError(f"cannot parse size {text!r}; use e.g. 500MB, 2GB or a byte count") from None
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {text!r}")
+    return size
+
+
+DEFAULTS = ExportOptions()
