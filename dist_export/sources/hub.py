@@ -66,8 +66,9 @@ def resolve_model(ref: str | None, revision: str | None = None, announce: bool =
         return ResolvedModel(ref, ref, "folder", ref)
     if looks_like_hub_id(ref):
         return resolve_hub_id(ref, revision)
-    raise FileNotFoundError(f"model {ref} is neither an existing folder nor a Hugging Face Hub id (org/name): pass "
-                            f"a checkpoint folder, an org/name Hub id or synthetic:<arch>-<preset>")
+    raise FileNotFoundError(f"model folder {ref} does not exist and is neither an existing folder nor a Hugging Face Hub id "
+                            f"(org/name): pass a local Hugging Face checkpoint folder, an org/name Hub id or "
+                            f"synthetic:<arch>-<preset>")
 
 
 def _synthetic(ref: str, kind: str) -> ResolvedModel:
