@@ -58,3 +58,17 @@ class QuantSpec:
             raise ValueError(f"scale_search 'mse' is implemented for nvfp4, int4 and int8, not {self.fmt!r}")
         if self.mse_candidates < 1:
             raise ValueError(f"mse_candidates must be >= 1, got {self.mse_candidates}")
+
+    def amax_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Shape of the stored amax for a weight of `shape` (metadata only; output formats and the ModelOpt
+        quantizer mapping use it)."""
+        if self.fmt == "nvfp4" and self.scale_search == "max":
+            return ()
+        if self.granularity == "tensor":
+            return ()
+        if self.granularity == "channel":
+            return (shape[0], 1)
+        b = self.block_size
+        if self.granularity == "group":
+            return (*shape[:-1], -(-shape[-1] // b))
+        return (-(-shape[0] // b), -(-shape[1] // b))
