@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from . import __version__
 from .calibration.file import load_calibration, model_signature, required_input_quantizers
@@ -64,7 +64,7 @@ def export(model=None, out_dir: str = "out", *, ctx: DistContext | None = None, 
 
         with in_memory_source(model, opts.recipe, opts.calib) as (source, side, calib):
             opened = OpenedSource(side, source, "<in-memory model>")
-            return run_export(lambda: opened, out_dir, _replace(opts, calib=calib), ctx)
+            return run_export(lambda: opened, out_dir, replace(opts, calib=calib), ctx)
 
     def open_folder():
         src_dir = resolve_model(model)
@@ -88,12 +88,6 @@ class _Inputs:
     output_format: object
     plan: ExportPlan
     calib: dict
-
-
-def _replace(opts: ExportOptions, **changes) -> ExportOptions:
-    from dataclasses import replace
-
-    return replace(opts, **changes)
 
 
 def run_export(open_source, out_dir: str, opts: ExportOptions, ctx: DistContext | None = None) -> dict:

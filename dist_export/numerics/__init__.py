@@ -1,5 +1,6 @@
 """Quantization numerics: pure tensor functions, bit-exact with formats.md section 5 on CPU and CUDA."""
 from . import fp8, integer, nvfp4  # noqa: F401  (registers the formats)
+from .kernels import formats as _kernel_formats  # noqa: F401  (attaches each format's GPU kernels)
 from .blocks import check_finite, compute_amax, expand_to, reduce_abs_max
 from .registry import dequantize, fake_quant, get_format, quantize
 from .spec import QuantSpec

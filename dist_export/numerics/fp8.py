@@ -12,7 +12,6 @@ import torch
 
 from .blocks import expand_to
 from .constants import AMAX_TINY, F8E4M3_MAX
-from .kernels.formats import FP8
 from .registry import NumericFormat, register_format
 from .spec import QuantSpec
 
@@ -49,4 +48,4 @@ def dequantize_fp8(tensors: dict, spec: QuantSpec, shape) -> torch.Tensor:
     return tensors["qdata"].float() * expand_to(inv, torch.Size(shape), spec.granularity, spec.block_size)
 
 
-register_format(NumericFormat("fp8", fake_quant_fp8, quantize_fp8, dequantize_fp8, kernels=FP8))
+register_format(NumericFormat("fp8", fake_quant_fp8, quantize_fp8, dequantize_fp8))

@@ -9,7 +9,6 @@ import torch
 
 from .blocks import expand_to
 from .constants import AMAX_TINY
-from .kernels.formats import INT
 from .registry import NumericFormat, register_format
 from .spec import QuantSpec
 
@@ -36,5 +35,5 @@ def fake_quant_int(x: torch.Tensor, spec: QuantSpec, amax: torch.Tensor, block_a
     return fake_quant_int_elementwise(x, amax_el, spec.fmt)
 
 
-register_format(NumericFormat("int8", fake_quant_int, kernels=INT))
-register_format(NumericFormat("int4", fake_quant_int, kernels=INT))
+register_format(NumericFormat("int8", fake_quant_int))
+register_format(NumericFormat("int4", fake_quant_int))

@@ -15,7 +15,6 @@ import torch
 
 from .blocks import expand_to, reduce_abs_max
 from .constants import F8E4M3_MAX, F4E2M1_MAX, NVFP4_GS_FLOOR, NVFP4_MIN_STORED_SCALE, NVFP4_SQ_FLOOR
-from .kernels.formats import NVFP4
 from .registry import NumericFormat, register_format
 from .spec import QuantSpec
 
@@ -120,4 +119,4 @@ def dequantize_nvfp4(tensors: dict, spec: QuantSpec, shape) -> torch.Tensor:
     return values * expand_to(block, torch.Size(shape), "group", BLOCK)
 
 
-register_format(NumericFormat("nvfp4", fake_quant_nvfp4, quantize_nvfp4, dequantize_nvfp4, kernels=NVFP4))
+register_format(NumericFormat("nvfp4", fake_quant_nvfp4, quantize_nvfp4, dequantize_nvfp4))

@@ -44,6 +44,14 @@ def register_format(fmt: NumericFormat) -> NumericFormat:
     return fmt
 
 
+def attach_kernels(name: str, kernels) -> None:
+    """Give the registered format `name` its GPU kernels (called by `kernels/formats.py`, which imports the
+    formats' torch helpers, so the formats themselves never import their kernels)."""
+    from dataclasses import replace
+
+    _FORMATS[name] = replace(get_format(name), kernels=kernels)
+
+
 def get_format(name: str) -> NumericFormat:
     try:
         return _FORMATS[name]

@@ -131,3 +131,13 @@ def nvfp4_search(w, spec, amax):
 
 
 NVFP4 = FormatKernels(fake_quant=nvfp4_fake_quant, quantize=nvfp4_quantize, search=nvfp4_search)
+
+
+def _attach() -> None:
+    from ..registry import attach_kernels
+
+    for name, kernels in (("fp8", FP8), ("int8", INT), ("int4", INT), ("nvfp4", NVFP4)):
+        attach_kernels(name, kernels)
+
+
+_attach()
