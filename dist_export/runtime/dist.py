@@ -52,10 +52,22 @@ class DistContext:
             try:
                 dist.all_gather_object(out, obj)
             except Exception as e:  # noqa: BLE001 - a peer vanished mid-collective: say which one
-                dead = self.monitor.dead_peers() if self.monitor is not None else []
+                dead = self._dead_peers_after_break()
                 cause = "; ".join(dead) if dead else f"a peer left the job ({str(e).splitlines()[0][:160]})"
                 raise ExportError(f"export aborted: {cause}; no index was written, rerun with --resume") from e
         return out
+
+    def _dead_peers_after_break(self, within: float = 3.0) -> list[str]:
+        """The peers whose death broke a collective. The broken socket can reach us while the killed process is
+        still being torn down (it closes its files before it becomes a zombie), so look again for a moment."""
+        if self.monitor is None:
+            return []
+        deadline = time.monotonic() + within
+        while True:
+            dead = self.monitor.dead_peers()
+            if dead or time.monotonic() >= deadline:
+                return dead
+            time.sleep(0.05)
 
     def _waiting(self):
         """Tell the monitor this rank is blocked on peers (so a slow peer is not mistaken for us hanging)."""
