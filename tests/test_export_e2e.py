@@ -102,3 +102,31 @@ def test_default_command_runs(tmp_path):
     proc = run_cli("export", "--out", str(tmp_path / "out"))
     assert "verify: " in proc.stderr and "no defects" in proc.stderr
     assert os.path.isfile(tmp_path / "out" / "model.safetensors")
+
+
+def test_static_recipe_that_quantizes_lm_head(tmp_path):
+    """A static FP8 recipe that includes lm_head (a top-level module, no prefix): its weight is the reference fold
+    and the state file carries the calibrated lm_head input amax (formerly `stack expects a non-empty TensorList`)."""
+    from safetensors import safe_open
+
+    from dist_export.api import export
+    from dist_export.calibration.run import calibrate
+    from dist_export.recipe import recipe_from_dict
+    from numerics_reference import ref_compute_amax, ref_fake_quant
+
+    recipe = recipe_from_dict({"name": "fp8-lm-head", "default_exclude": False, "exclude": ["*embed_tokens", "*norm"],
+                               "rules": [{"match": ["*"], "weight": {"format": "fp8"},
+                                          "input": {"format": "fp8", "dynamic": False}}]})
+    src = model_dir("synthetic:qwen3-tiny")  # untied: lm_head is a tensor of its own
+    calib = str(tmp_path / "calib.safetensors")
+    calibrate(src, recipe, calib, num_samples=2, seq_len=16)
+    with safe_open(calib, "pt") as f:
+        lm_amax = f.get_tensor("lm_head.input_quantizer")
+    out = str(tmp_path / "out")
+    export(src, out, recipe=recipe, calib=calib, device="cpu")
+    w = read_all(src)["lm_head.weight"]
+    want = ref_fake_quant(w, "fp8", "tensor", None, ref_compute_amax(w, "fp8", "tensor"))
+    assert torch.equal(read_all(out)["lm_head.weight"], want) and not torch.equal(want, w)
+    state = torch.load(os.path.join(out, "vllm_fq_modelopt_state.pth"), weights_only=True)
+    assert torch.equal(state["modelopt_state_weights"]["lm_head.input_quantizer"]["_amax"],
+                       lm_amax.to(torch.bfloat16).reshape(()))

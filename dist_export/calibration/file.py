@@ -80,7 +80,10 @@ def required_input_quantizers(plan) -> list[str]:
 
 def fused_input_amax(module: str, calib: dict[str, torch.Tensor]) -> torch.Tensor:
     """Max of the calibrated input amax over the module's fused group (q/k/v or gate/up)."""
-    prefix, _, proj = module.rpartition(".")
+    prefix, dot, proj = module.rpartition(".")
     group = next((g for g in FUSED_INPUT_GROUPS if proj in g), (proj,))
-    names = [f"{prefix}.{p}.input_quantizer" for p in group]
-    return torch.stack([calib[n].float() for n in names if n in calib]).amax()
+    found = [calib[n].float() for n in (input_quantizer_name(prefix + dot + p) for p in group) if n in calib]
+    if not found:  # a top-level module (lm_head) has no prefix; a missing amax is named, never a stack error
+        raise ValueError(f"{input_quantizer_name(module)}: the calibration holds no amax for this static input "
+                         f"quantizer; calibrate again with the recipe the export uses")
+    return torch.stack(found).amax()
