@@ -1,8 +1,10 @@
 """Resume manifest: binds every finished shard to the exact inputs that produced it.
 
 `<out>/.dist_export/manifest.json` holds the run's fingerprint (source headers and sizes, recipe, calibration,
-format, layout, tool version); `<out>/.dist_export/shards/<file>.json` records each finished shard's sha256 and
-size. `--resume` reuses a shard only if the fingerprint matches and the file's checksum still matches; the
+format, layout, tool version); `<out>/.dist_export/shards/<file>.json` records each finished shard's size and the
+sha256 of its header and of every tensor (`storage/shared_shard.py`); `<out>/.dist_export/shards/<file>.parts/
+<rank>.json` records the tensors one writer of a shard has fsynced (several ranks of a node write one shard).
+`--resume` reuses a shard only if the fingerprint matches and the file's bytes still match its record; the
 layout does not depend on the world size, so a resumed run may use a different number of ranks.
 """
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 
 from .. import __version__
 from ..layout import MANIFEST_DIR
@@ -50,6 +53,8 @@ def run_fingerprint(source, recipe, calib_sha: str | None, fmt: str, layout_dige
         "dist_export": __version__,
     }
 
+_PART_NAME = re.compile(r"^\d+\.json$")
+
 
 def _atomic_json(path: str, data: dict) -> None:
     write_atomic(path, json.dumps(data, indent=1, sort_keys=True).encode())
@@ -82,6 +87,48 @@ class Manifest:
     def record_shard(self, filename: str, info: dict) -> None:
         _atomic_json(os.path.join(self.dir, "shards", filename + ".json"), {"fingerprint": self.fingerprint, **info})
 
+    def _parts_dir(self, filename: str) -> str:
+        return os.path.join(self.dir, "shards", filename + ".parts")
+
+    def clear_parts(self, filename: str) -> None:
+        """The shard's creator, before any writer opens its new temporary: drop part records of earlier files
+        (only the `<rank>.json` names we write; a link is removed, never followed)."""
+        folder = self._parts_dir(filename)
+        if not os.path.isdir(folder) or os.path.islink(folder):
+            return
+        for entry in os.scandir(folder):
+            if _PART_NAME.match(entry.name):
+                try:
+                    os.unlink(entry.path)
+                except FileNotFoundError:
+                    pass
+
+    def record_part(self, filename: str, rank: int, ident: str, sums: dict[str, str]) -> None:
+        """One writer's fsynced tensors of a shard file (`ident`: the temporary they were written into)."""
+        folder = self._parts_dir(filename)
+        os.makedirs(folder, exist_ok=True)
+        _atomic_json(os.path.join(folder, f"{rank}.json"), {"fingerprint": self.fingerprint, "file": ident,
+                                                            "tensors": sums})
+
+    def parts(self, filename: str, ident: str) -> dict[str, str]:
+        """{tensor: sha256} over every part record of the shard's temporary `ident` (a tensor recorded by two
+        writers is an error: each tensor has one)."""
+        folder = self._parts_dir(filename)
+        merged: dict[str, str] = {}
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            if not _PART_NAME.match(entry.name) or entry.is_symlink():
+                continue
+            with open(entry.path) as f:
+                rec = json.load(f)
+            if rec.get("file") != ident or rec.get("fingerprint") != self.fingerprint:
+                continue
+            for name, digest in rec.get("tensors", {}).items():
+                if name in merged:
+                    raise RuntimeError(f"shard {filename}: tensor {name!r} was recorded by two writers; each "
+                                       f"tensor has one")
+                merged[name] = digest
+        return merged
+
     def reusable(self, filename: str, path: str) -> dict | None:
         """The shard's record if --resume and the file on disk still matches it, else None."""
         if not self.resume:
@@ -91,8 +138,10 @@ class Manifest:
             return None
         with open(rec_path) as f:
             rec = json.load(f)
-        if rec.get("fingerprint") != self.fingerprint or os.path.getsize(path) != rec.get("size"):
+        if rec.get("fingerprint") != self.fingerprint or not ({"tensors", "sha256"} & set(rec)):
             return None
-        if file_sha256(path) != rec.get("sha256"):
+        from .shared_shard import check_shard
+
+        if check_shard(path, rec) is not None:
             return None
-        return {"sha256": rec["sha256"], "size": rec["size"]}
+        return {k: v for k, v in rec.items() if k != "fingerprint"}
