@@ -22,7 +22,7 @@ from .execute import execute_rank, reusable_shards
 from .groups import groups_to_measure_first, measure_group_amax, merge_group_amax
 from .layout import staged_path
 from .options import DEFAULT_MODEL, ExportOptions, parse_size
-from .output_formats import get_output_format
+from .output_formats import format_file_names, get_output_format
 from .plan import ExportPlan, build_plan, rank_loads
 from .recipe import Recipe, load_recipe
 from .runtime.dist import DistContext, init_distributed
@@ -153,7 +153,7 @@ def _export(ctx: DistContext, open_source, out_dir: str, opts: ExportOptions, fa
 
     def prepare():
         nonlocal lock
-        lock = prepare_output_dir(out_dir, opts.overwrite, opts.resume)
+        lock = prepare_output_dir(out_dir, opts.overwrite, opts.resume, format_file_names())
         manifest.check_and_write()
 
     try:

@@ -13,8 +13,8 @@ import os
 import shutil
 
 from .storage.atomic import write_atomic
-from .layout import INDEX_NAME, MANIFEST_DIR, RECORD_NAME, SINGLE_NAME
-from .layout import CONFIG_NAME
+from .layout import CONFIG_NAME, INDEX_NAME, MANIFEST_DIR, RECORD_NAME, SINGLE_NAME
+from .output_formats import format_file_names
 from .sources.hub import source_root
 from .sources.side_files import list_side_files, missing_auto_map_code, side_file_path
 from .storage.manifest import file_sha256
@@ -48,7 +48,7 @@ def _copy_side_files(src: str, out_dir: str, config: dict) -> tuple[dict, dict[s
     written, for the record (a later --overwrite removes exactly those files)."""
     root = source_root(src)
     written = {}
-    for rel in list_side_files(src, root):
+    for rel in list_side_files(src, root, format_file_names()):
         real = side_file_path(src, rel, root)
         dst = safe_join(out_dir, os.path.join(*rel.split("/")), "side file")
         os.makedirs(os.path.dirname(dst), exist_ok=True)
@@ -73,13 +73,17 @@ def commit_export(plan: ExportPlan, out_dir: str, source_dir: str | None, source
                   output_format, calib: dict, record: dict, staged) -> None:
     """Publish the export; the index (or the single file's final name) comes last."""
     check_written_shards(plan, out_dir, staged)
+    extras = output_format.extra_files(plan, recipe, calib)
+    unlisted = sorted(set(extras) - set(output_format.file_names))
+    if unlisted:  # a name not listed would be neither removed by --overwrite nor kept out of a later copy
+        raise RuntimeError(f"--format {output_format.name} writes {unlisted}, which its file_names do not list")
     config = output_format.update_config(source_config, plan, recipe)
     if source_dir is not None:
         config, record["side_files"] = _copy_side_files(source_dir, out_dir, config)
     elif "auto_map" in config:
         config = {k: v for k, v in config.items() if k != "auto_map"}
-    write_atomic(os.path.join(out_dir, "config.json"), (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
-    for name, data in output_format.extra_files(plan, recipe, calib).items():
+    write_atomic(os.path.join(out_dir, CONFIG_NAME), (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    for name, data in extras.items():
         write_atomic(os.path.join(out_dir, name), data)
     write_atomic(os.path.join(out_dir, RECORD_NAME), (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
     if plan.single_file:

@@ -21,6 +21,11 @@ STAGED_SUFFIX = ".staged"  # a finished single-file shard waiting for the commit
 STATE_FILE_NAME = "vllm_fq_modelopt_state.pth"
 HF_QUANT_CONFIG_NAME = "hf_quant_config.json"
 
+# Files every export writes (with the names its output format adds, `OutputFormat.file_names`): --overwrite
+# removes only these, never anything else the user keeps there; a source's copies are never carried.
+OWN_PATTERNS = ("*.safetensors", "*.safetensors" + STAGED_SUFFIX, "*" + TMP_SUFFIX, INDEX_NAME, CONFIG_NAME,
+                GENERATION_CONFIG_NAME, RECORD_NAME)
+
 # A tensor or state-dict key that belongs to a quantizer (ModelOpt's `*_quantizer.*`, `_amax`,
 # `_pre_quant_scale`): never written as a weight, never read as one.
 QUANTIZER_KEY = re.compile(r"(_quantizer\.|_quantizer$|(^|\.)_amax$|_pre_quant_scale$)")

@@ -1,9 +1,9 @@
 """`dist-export verify DIR [--source SRC]`: check an exported folder; never trusts what loaders would accept.
 
 Structural checks (always): index <-> shard headers both ways, every header's byte layout, no duplicate keys,
-no quantizer-state keys, index total_size, safetensors metadata, state file loadable with weights_only=True,
-real-quant scales with the right dtypes and shapes, finite and positive; shard checksums against the export
-record. With `source_dir` and full=True: the plan is rebuilt from the recorded recipe, format and calibration and
+no quantizer-state keys, index total_size, safetensors metadata, each output format's own checks
+(`OutputFormat.check_folder`: the vllm-fq state file loadable with weights_only=True, real-quant scales with the
+right dtypes and shapes, finite and positive); shard checksums against the export record. With `source_dir` and full=True: the plan is rebuilt from the recorded recipe, format and calibration and
 every expected tensor is recomputed and compared bit for bit. For fp8-block, the report lists the
 tensor-parallel sizes at which vLLM can serve the checkpoint (block divisibility of every partition).
 """
@@ -12,20 +12,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 
 import torch
 
-from .layout import (INDEX_NAME, QUANTIZER_KEY, RECORD_NAME, SINGLE_NAME, STAGED_SUFFIX, STATE_FILE_NAME,
-                     TMP_SUFFIX)
+from .layout import CONFIG_NAME, INDEX_NAME, QUANTIZER_KEY, RECORD_NAME, SINGLE_NAME, STAGED_SUFFIX, TMP_SUFFIX
+from .output_formats import get_output_format, output_formats
 from .sources.checkpoint import SourceCheckpoint
 from .storage.reader import read_tensor
 from .storage.header import CorruptFileError, file_tensor_metas, read_header
 from .storage.manifest import file_sha256
 
 log = logging.getLogger(__name__)
-TP_CANDIDATES = (1, 2, 4, 8, 16)
-ROW_PARALLEL = re.compile(r"\.(o_proj|down_proj|w2|out_proj)$")
 
 
 class Report:
@@ -94,72 +91,10 @@ def _check_structure(out_dir: str, rep: Report) -> dict:
     return metas
 
 
-def _check_state_file(out_dir: str, rep: Report) -> None:
-    path = os.path.join(out_dir, STATE_FILE_NAME)
-    if not os.path.isfile(path):
-        return
-    try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as e:  # noqa: BLE001
-        rep.defect(f"vllm_fq_modelopt_state.pth does not load with weights_only=True: {str(e).splitlines()[0]}")
-        return
-    for key in ("modelopt_state_dict", "modelopt_version", "modelopt_state_weights"):
-        if key not in state:
-            rep.defect(f"vllm_fq_modelopt_state.pth lacks {key!r}")
-    for name, entry in state.get("modelopt_state_weights", {}).items():
-        if "weight_quantizer" in name:
-            rep.defect(f"state file holds weight quantizer {name}; its effect must be folded, not restored")
-        amax = entry.get("_amax")
-        if amax is not None and not torch.isfinite(amax.float()).all():
-            rep.defect(f"state file: amax of {name} is not finite")
-
-
-def _check_scales(out_dir: str, metas: dict, config: dict, rep: Report) -> None:
-    qc = config.get("quantization_config") or {}
-    method = qc.get("quant_method")
-    if method == "fp8":
-        b0, b1 = qc.get("weight_block_size", [128, 128])
-        tp_ok = set(TP_CANDIDATES)
-        ragged = []
-        for name, m in metas.items():
-            if not name.endswith(".weight_scale_inv"):
-                continue
-            module = name[: -len(".weight_scale_inv")]
-            w = metas.get(module + ".weight")
-            if w is None or w.dtype != "F8_E4M3":
-                rep.defect(f"{name}: no float8_e4m3fn weight next to it")
-                continue
-            out, inp = w.shape
-            want = (-(-out // b0), -(-inp // b1))
-            if m.dtype != "F32" or m.shape != want:
-                rep.defect(f"{name}: {m.dtype}{list(m.shape)}, expected F32{list(want)}")
-            _positive_finite(out_dir, m, rep)
-            dim, block = (inp, b1) if ROW_PARALLEL.search(module) else (out, b0)
-            tp_ok &= {tp for tp in TP_CANDIDATES if dim % tp == 0 and (dim // tp) % block == 0}
-            if out % b0 or inp % b1:
-                ragged.append(f"{module} {[out, inp]}")
-        if ragged:
-            rep.warnings.append(f"{len(ragged)} quantized weights are not multiples of {b0}x{b1} (e.g. "
-                                f"{', '.join(ragged[:3])}): transformers dequantizes them incorrectly; vLLM reads "
-                                f"the ceil grid")
-        rep.extra["vllm_tp_sizes"] = sorted(tp_ok)
-    elif method == "modelopt":
-        for name, m in metas.items():
-            if name.endswith((".weight_scale", ".weight_scale_2", ".input_scale")):
-                _positive_finite(out_dir, m, rep)
-            if name.endswith(".weight_scale_2") or name.endswith(".input_scale"):
-                if m.dtype != "F32" or m.shape != ():
-                    rep.defect(f"{name}: {m.dtype}{list(m.shape)}, expected F32[]")
-            if name.endswith(".weight_scale") and m.dtype == "F8_E4M3":
-                w = metas.get(name[: -len("_scale")])
-                if w is None or w.dtype != "U8" or m.shape != (w.shape[0], -(-(w.shape[1] * 2) // 16)):
-                    rep.defect(f"{name}: shape {list(m.shape)} does not fit the packed NVFP4 weight")
-
-
-def _positive_finite(out_dir: str, meta, rep: Report) -> None:
-    t = read_tensor(out_dir, meta).float()
-    if not torch.isfinite(t).all() or (t <= 0).any():
-        rep.defect(f"{meta.name}: scales must be finite and positive")
+def _check_formats(out_dir: str, metas: dict, config: dict, rep: Report) -> None:
+    """Each output format checks its own part of the folder (its scales, its extra files)."""
+    for fmt in output_formats():
+        fmt.check_folder(out_dir, metas, config, rep)
 
 
 def _check_checksums(out_dir: str, record: dict, rep: Report) -> None:
@@ -182,7 +117,6 @@ def recompute_and_compare(out_dir: str, source_dir: str, record: dict, metas: di
     from .runtime.dist import DistContext
     from .plan import build_plan
     from .recipe import recipe_from_dict
-    from .output_formats import get_output_format
 
     source = SourceCheckpoint(source_dir)
     recipe = recipe_from_dict(record["recipe"], source="export record")
@@ -216,14 +150,13 @@ def verify_export(out_dir: str, source_dir: str | None = None) -> dict:
         rep.defect(f"{out_dir} does not exist")
         return rep.as_dict()
     metas = _check_structure(out_dir, rep)
-    _check_state_file(out_dir, rep)
     config = {}
-    if os.path.isfile(os.path.join(out_dir, "config.json")):
-        with open(os.path.join(out_dir, "config.json")) as f:
+    if os.path.isfile(os.path.join(out_dir, CONFIG_NAME)):
+        with open(os.path.join(out_dir, CONFIG_NAME)) as f:
             config = json.load(f)
     else:
-        rep.defect("config.json is missing")
-    _check_scales(out_dir, metas, config, rep)
+        rep.defect(f"{CONFIG_NAME} is missing")
+    _check_formats(out_dir, metas, config, rep)
     record_path = os.path.join(out_dir, RECORD_NAME)
     record = {}
     if os.path.isfile(record_path):

@@ -1,5 +1,7 @@
 """Output formats, registered by name. Each format says, from metadata alone, which tensors an item becomes,
-produces them from the item's weight, and adds what the folder needs (quantization_config, extra files).
+produces them from the item's weight, adds what the folder needs (quantization_config, extra files), names the
+files it adds (`file_names`: ours to remove on --overwrite, never carried from a source) and checks its own part
+of an exported folder for `verify` (`check_folder`).
 
 Adding a format adds a module here that calls `register_output_format`; nothing else changes.
 """
@@ -16,6 +18,7 @@ class OutputFormat:
     """Base class: subclasses override the hooks. Instances are stateless and shared by all ranks."""
 
     name = ""
+    file_names: tuple[str, ...] = ()  # every name `extra_files` may write (basenames in the export folder)
 
     def check_items(self, items: list[Item], recipe) -> None:
         """Refuse (ValueError) any quantizer this format cannot describe, before any I/O."""
@@ -31,8 +34,13 @@ class OutputFormat:
         return config
 
     def extra_files(self, plan, recipe, calib: dict) -> dict[str, bytes]:
-        """{filename: content} written by rank 0 at commit (before the index)."""
+        """{filename: content} written by rank 0 at commit (before the index); every name is in `file_names`."""
         return {}
+
+    def check_folder(self, out_dir: str, metas: dict, config: dict, rep) -> None:
+        """`verify`: check this format's part of an exported folder (its scales, its extra files), reporting
+        through `rep.defect(msg)`, `rep.warnings` and `rep.extra`. Every registered format is asked; a format
+        checks only what is there (a file of its, its `quant_method`), so a folder of another format passes."""
 
 
 def register_output_format(fmt: OutputFormat) -> OutputFormat:
@@ -55,6 +63,17 @@ def output_format_names() -> list[str]:
     return sorted(_OUTPUT_FORMATS)
 
 
+def output_formats() -> list[OutputFormat]:
+    """Every registered format, in name order."""
+    _load_builtin()
+    return [_OUTPUT_FORMATS[n] for n in sorted(_OUTPUT_FORMATS)]
+
+
+def format_file_names() -> tuple[str, ...]:
+    """The names any registered format adds to an export folder (sorted)."""
+    return tuple(sorted({n for fmt in output_formats() for n in fmt.file_names}))
+
+
 def _load_builtin() -> None:
     """Import the shipped formats (each registers itself); a module that registers another name is a bug."""
     import importlib
@@ -65,6 +84,15 @@ def _load_builtin() -> None:
         importlib.import_module(f"{__name__}.{module}")
         if name not in _OUTPUT_FORMATS:
             raise RuntimeError(f"output_formats/{module}.py did not register the output format {name!r}")
+
+
+def positive_finite(out_dir: str, meta, rep) -> None:
+    """`verify` helper: a stored scale tensor must be finite and positive."""
+    from ..storage.reader import read_tensor
+
+    t = read_tensor(out_dir, meta).float()
+    if not torch.isfinite(t).all() or (t <= 0).any():
+        rep.defect(f"{meta.name}: scales must be finite and positive")
 
 
 def refuse_expert_stacks(items, format_name: str) -> None:

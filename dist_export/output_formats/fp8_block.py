@@ -7,13 +7,16 @@ fake-quant fold bit for bit). Weight-only and dynamic-activation recipes write t
 from __future__ import annotations
 
 import logging
+import re
 
 from ..numerics import quantize
 from ..plan import OutSpec
-from . import OutputFormat, refuse_expert_stacks, register_output_format, unquantized_linear_modules
+from . import OutputFormat, positive_finite, refuse_expert_stacks, register_output_format, unquantized_linear_modules
 
 log = logging.getLogger(__name__)
 BLOCK = 128
+TP_CANDIDATES = (1, 2, 4, 8, 16)
+ROW_PARALLEL = re.compile(r"\.(o_proj|down_proj|w2|out_proj)$")
 
 
 class NativeFp8Block(OutputFormat):
@@ -75,6 +78,39 @@ class NativeFp8Block(OutputFormat):
             "ignored_layers": keep,
         }
         return config
+
+    def check_folder(self, out_dir, metas, config, rep):
+        """`quant_method: fp8`: every `weight_scale_inv` is F32 on the ceil block grid of an F8_E4M3 weight, finite
+        and positive; `rep.extra["vllm_tp_sizes"]`: the tensor-parallel sizes at which every partition of every
+        quantized weight is a whole number of blocks (vLLM's condition)."""
+        qc = config.get("quantization_config") or {}
+        if qc.get("quant_method") != "fp8":
+            return
+        b0, b1 = qc.get("weight_block_size", [BLOCK, BLOCK])
+        tp_ok = set(TP_CANDIDATES)
+        ragged = []
+        for name, m in metas.items():
+            if not name.endswith(".weight_scale_inv"):
+                continue
+            module = name[: -len(".weight_scale_inv")]
+            w = metas.get(module + ".weight")
+            if w is None or w.dtype != "F8_E4M3":
+                rep.defect(f"{name}: no float8_e4m3fn weight next to it")
+                continue
+            out, inp = w.shape
+            want = (-(-out // b0), -(-inp // b1))
+            if m.dtype != "F32" or m.shape != want:
+                rep.defect(f"{name}: {m.dtype}{list(m.shape)}, expected F32{list(want)}")
+            positive_finite(out_dir, m, rep)
+            dim, block = (inp, b1) if ROW_PARALLEL.search(module) else (out, b0)
+            tp_ok &= {tp for tp in TP_CANDIDATES if dim % tp == 0 and (dim // tp) % block == 0}
+            if out % b0 or inp % b1:
+                ragged.append(f"{module} {[out, inp]}")
+        if ragged:
+            rep.warnings.append(f"{len(ragged)} quantized weights are not multiples of {b0}x{b1} (e.g. "
+                                f"{', '.join(ragged[:3])}): transformers dequantizes them incorrectly; vLLM reads "
+                                f"the ceil grid")
+        rep.extra["vllm_tp_sizes"] = sorted(tp_ok)
 
 
 register_output_format(NativeFp8Block())

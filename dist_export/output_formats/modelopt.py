@@ -30,7 +30,7 @@ from ..layout import HF_QUANT_CONFIG_NAME
 from ..numerics import quantize
 from ..numerics.constants import F8E4M3_MAX, NVFP4_GLOBAL_DIVISOR
 from ..plan import OutSpec
-from . import OutputFormat, refuse_expert_stacks, register_output_format, unquantized_linear_modules
+from . import OutputFormat, positive_finite, refuse_expert_stacks, register_output_format, unquantized_linear_modules
 
 NVFP4_GROUP = 16
 _FP8_ARGS = {"dynamic": False, "num_bits": 8, "type": "float"}
@@ -104,6 +104,7 @@ def quant_algo(item) -> str:
 
 class ModelOptHF(OutputFormat):
     name = "modelopt"
+    file_names = (HF_QUANT_CONFIG_NAME,)
 
     def check_items(self, items, recipe):
         refuse_expert_stacks(items, self.name)
@@ -167,6 +168,22 @@ class ModelOptHF(OutputFormat):
     def extra_files(self, plan, recipe, calib):
         hf = {"producer": _producer(), "quantization": self._quantization(plan)}
         return {HF_QUANT_CONFIG_NAME: (json.dumps(hf, indent=2, sort_keys=True) + "\n").encode()}
+
+    def check_folder(self, out_dir, metas, config, rep):
+        """`quant_method: modelopt`: scales finite and positive, `weight_scale_2`/`input_scale` F32 scalars, an
+        F8_E4M3 `weight_scale` on the group grid of its packed NVFP4 weight."""
+        if (config.get("quantization_config") or {}).get("quant_method") != "modelopt":
+            return
+        for name, m in metas.items():
+            if name.endswith((".weight_scale", ".weight_scale_2", ".input_scale")):
+                positive_finite(out_dir, m, rep)
+            if name.endswith(".weight_scale_2") or name.endswith(".input_scale"):
+                if m.dtype != "F32" or m.shape != ():
+                    rep.defect(f"{name}: {m.dtype}{list(m.shape)}, expected F32[]")
+            if name.endswith(".weight_scale") and m.dtype == "F8_E4M3":
+                w = metas.get(name[: -len("_scale")])
+                if w is None or w.dtype != "U8" or m.shape != (w.shape[0], -(-(w.shape[1] * 2) // NVFP4_GROUP)):
+                    rep.defect(f"{name}: shape {list(m.shape)} does not fit the packed NVFP4 weight")
 
 
 def _layer_entry(algo: Algo) -> dict:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 
 import torch
 
@@ -26,6 +27,7 @@ def serving_warnings(items) -> list[str]:
 
 class VllmFakeQuant(OutputFormat):
     name = "vllm-fq"
+    file_names = (STATE_FILE_NAME,)
 
     def check_items(self, items, recipe):
         for line in serving_warnings(items):
@@ -45,6 +47,26 @@ class VllmFakeQuant(OutputFormat):
         buf = io.BytesIO()
         torch.save(build_vllm_fq_state(plan, recipe, calib), buf)
         return {STATE_FILE_NAME: buf.getvalue()}
+
+    def check_folder(self, out_dir, metas, config, rep):
+        """The state file, where there is one, loads with weights_only=True and holds no weight quantizer."""
+        path = os.path.join(out_dir, STATE_FILE_NAME)
+        if not os.path.isfile(path):
+            return
+        try:
+            state = torch.load(path, weights_only=True, map_location="cpu")
+        except Exception as e:  # noqa: BLE001
+            rep.defect(f"{STATE_FILE_NAME} does not load with weights_only=True: {str(e).splitlines()[0]}")
+            return
+        for key in ("modelopt_state_dict", "modelopt_version", "modelopt_state_weights"):
+            if key not in state:
+                rep.defect(f"{STATE_FILE_NAME} lacks {key!r}")
+        for name, entry in state.get("modelopt_state_weights", {}).items():
+            if "weight_quantizer" in name:
+                rep.defect(f"state file holds weight quantizer {name}; its effect must be folded, not restored")
+            amax = entry.get("_amax")
+            if amax is not None and not torch.isfinite(amax.float()).all():
+                rep.defect(f"state file: amax of {name} is not finite")
 
 
 register_output_format(VllmFakeQuant())

@@ -17,25 +17,26 @@ import logging
 import os
 import stat
 
-from ..layout import CONFIG_NAME, HF_QUANT_CONFIG_NAME, INDEX_NAME, LOCK_NAME, RECORD_NAME, STAGED_SUFFIX, \
-    STATE_FILE_NAME, TMP_SUFFIX
+from ..layout import CONFIG_NAME, HF_QUANT_CONFIG_NAME, INDEX_NAME, LOCK_NAME, RECORD_NAME, STAGED_SUFFIX, TMP_SUFFIX
 from .hub import FOREIGN_WEIGHT_PATTERNS
 
 log = logging.getLogger(__name__)
 
-NOT_CARRIED = (CONFIG_NAME, INDEX_NAME, HF_QUANT_CONFIG_NAME, RECORD_NAME, STATE_FILE_NAME, LOCK_NAME,
-               "quantization_config.json", "recipe.yaml", "*.safetensors", "*.index.json", "*" + TMP_SUFFIX,
-               "*" + STAGED_SUFFIX, *FOREIGN_WEIGHT_PATTERNS)
+# With the names output formats add (`format_files`, passed by the commit).
+NOT_CARRIED = (CONFIG_NAME, INDEX_NAME, HF_QUANT_CONFIG_NAME, RECORD_NAME, LOCK_NAME, "quantization_config.json",
+               "recipe.yaml", "*.safetensors", "*.index.json", "*" + TMP_SUFFIX, "*" + STAGED_SUFFIX,
+               *FOREIGN_WEIGHT_PATTERNS)
 AUTO_MAP_CONFIGS = (CONFIG_NAME, "tokenizer_config.json", "processor_config.json", "preprocessor_config.json")
 
 
-def is_carried(relpath: str) -> bool:
+def is_carried(relpath: str, format_files: tuple[str, ...] = ()) -> bool:
     name = os.path.basename(relpath)
-    return not any(fnmatch.fnmatchcase(name, p) for p in NOT_CARRIED)
+    return not any(fnmatch.fnmatchcase(name, p) for p in NOT_CARRIED + tuple(format_files))
 
 
-def list_side_files(folder: str, root: str | None = None) -> list[str]:
-    """Sorted relative paths (with `/`) of every side file under `folder`; hidden entries are skipped."""
+def list_side_files(folder: str, root: str | None = None, format_files: tuple[str, ...] = ()) -> list[str]:
+    """Sorted relative paths (with `/`) of every side file under `folder`; hidden entries are skipped, and so
+    are `format_files` (the names output formats add: an earlier export's state file is not the source's)."""
     out = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not os.path.islink(os.path.join(dirpath, d)))
@@ -43,7 +44,7 @@ def list_side_files(folder: str, root: str | None = None) -> list[str]:
             if name.startswith("."):
                 continue
             rel = os.path.relpath(os.path.join(dirpath, name), folder).replace(os.sep, "/")
-            if is_carried(rel):
+            if is_carried(rel, format_files):
                 out.append(rel)
     for rel in out:
         side_file_path(folder, rel, root)

@@ -11,12 +11,7 @@ import os
 import shutil
 import socket
 
-from ..layout import (CONFIG_NAME, GENERATION_CONFIG_NAME, HF_QUANT_CONFIG_NAME, INDEX_NAME, LOCK_NAME, MANIFEST_DIR,
-                      RECORD_NAME, SINGLE_NAME, STAGED_SUFFIX, STATE_FILE_NAME, TMP_SUFFIX)
-
-# Files an export writes; --overwrite removes only these, never anything else the user keeps there.
-OWN_PATTERNS = ("*.safetensors", "*.safetensors" + STAGED_SUFFIX, "*" + TMP_SUFFIX, INDEX_NAME, CONFIG_NAME,
-                GENERATION_CONFIG_NAME, STATE_FILE_NAME, HF_QUANT_CONFIG_NAME, RECORD_NAME)
+from ..layout import INDEX_NAME, LOCK_NAME, MANIFEST_DIR, OWN_PATTERNS, RECORD_NAME, SINGLE_NAME, TMP_SUFFIX
 
 
 class OutputLock:
@@ -66,8 +61,9 @@ def check_output_dir(out_dir: str, overwrite: bool, resume: bool) -> None:
                          f"another --out or grant write permission (chmod)")
 
 
-def prepare_output_dir(out_dir: str, overwrite: bool, resume: bool) -> OutputLock:
-    """Rank 0: create the folder, take the lock, remove a stale index (and, with --overwrite, old export files)."""
+def prepare_output_dir(out_dir: str, overwrite: bool, resume: bool, format_files: tuple[str, ...] = ()) -> OutputLock:
+    """Rank 0: create the folder, take the lock, remove a stale index (and, with --overwrite, old export files:
+    `OWN_PATTERNS` and `format_files`, the names output formats add)."""
     check_output_dir(out_dir, overwrite, resume)
     os.makedirs(out_dir, exist_ok=True)
     lock = OutputLock(out_dir)
@@ -76,7 +72,7 @@ def prepare_output_dir(out_dir: str, overwrite: bool, resume: bool) -> OutputLoc
         stale = [os.path.join(out_dir, INDEX_NAME), os.path.join(out_dir, SINGLE_NAME)]
         if overwrite and not resume:
             stale += previous_side_files(out_dir)
-            stale += [p for pat in OWN_PATTERNS for p in glob.glob(os.path.join(out_dir, pat))]
+            stale += [p for pat in OWN_PATTERNS + tuple(format_files) for p in glob.glob(os.path.join(out_dir, pat))]
             shutil.rmtree(os.path.join(out_dir, MANIFEST_DIR), ignore_errors=True)
         stale += _temporaries(out_dir)
         for path in sorted(set(stale)):
