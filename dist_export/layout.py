@@ -17,6 +17,7 @@ RECORD_NAME = "dist_export.json"  # the export record: recipe, format, calibrati
 MANIFEST_DIR = ".dist_export"  # resume manifest (per-run fingerprint and finished shards)
 LOCK_NAME = ".dist_export.lock"
 TMP_SUFFIX = ".tmp"  # a file being written; renamed into place when complete
+TMP_PATTERNS = ("*" + TMP_SUFFIX, ".*" + TMP_SUFFIX)  # glob's `*` skips the hidden `.NAME.<random>.tmp` ones
 STAGED_SUFFIX = ".staged"  # a finished single-file shard waiting for the commit
 STATE_FILE_NAME = "vllm_fq_modelopt_state.pth"
 HF_QUANT_CONFIG_NAME = "hf_quant_config.json"
@@ -37,7 +38,13 @@ def shard_filename(index: int, count: int) -> str:
 
 
 def tmp_path(path: str) -> str:
+    """The temporary a small file of the user's (calibration, quantizer state) is written to before its rename."""
     return path + TMP_SUFFIX
+
+
+def private_tmp_name(final_name: str, token: str) -> str:
+    """The hidden temporary `.NAME.<token>.tmp` a file of an export starts as (storage/atomic.py)."""
+    return f".{final_name}.{token}{TMP_SUFFIX}"
 
 
 def staged_path(out_dir: str, plan, filename: str) -> str:

@@ -13,6 +13,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..layout import tmp_path
+
 CALIB_FORMAT = "dist_export-calibration-1"
 # vLLM fuses these projections into one module with one input quantizer: their input amax is shared
 FUSED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
@@ -40,7 +42,7 @@ def save_calibration(path: str, amax: dict[str, torch.Tensor], recipe, signature
         import json
 
         meta["data"] = json.dumps(data, sort_keys=True)
-    tmp = path + ".tmp"
+    tmp = tmp_path(path)
     save_file(tensors, tmp, metadata=meta)
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from ..layout import INDEX_NAME, SINGLE_NAME
+from ..layout import CONFIG_NAME, INDEX_NAME, SINGLE_NAME
 from ..storage.header import CorruptFileError, TensorMeta, file_tensor_metas
 from ..storage.reader import read_tensor, safe_join
 from .hub import source_root
@@ -31,7 +31,7 @@ class SourceCheckpoint:
         self.folder = folder
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"model folder {folder} does not exist; pass a Hugging Face checkpoint folder")
-        if not os.path.isfile(os.path.join(folder, "config.json")):
+        if not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
             raise FileNotFoundError(f"{folder} has no config.json; it is not a Hugging Face checkpoint folder: pass a "
                                     f"folder that holds config.json and the safetensors files")
         self.files = self._list_files()
@@ -88,7 +88,7 @@ class SourceCheckpoint:
 
     @property
     def config_path(self) -> str:
-        return os.path.join(self.folder, "config.json")
+        return os.path.join(self.folder, CONFIG_NAME)
 
     def load_config(self) -> dict:
         """The config of the model as exported: a quantized source's `quantization_config` is consumed with

@@ -15,6 +15,8 @@ import os
 import re
 from dataclasses import dataclass
 
+from ..layout import INDEX_NAME, SINGLE_NAME
+
 log = logging.getLogger(__name__)
 
 DEMO_MODEL = "synthetic:llama-tiny"
@@ -124,8 +126,8 @@ def resolve_hub_id(repo_id: str, revision: str | None = None) -> ResolvedModel:
         raise FileNotFoundError(f"model {shown} is not cached and the Hub cannot be reached "
                                 f"({str(e).splitlines()[0][:120]}): check the network or download it first") from None
     if not _has_weights(path):
-        raise FileNotFoundError(f"{shown} has no safetensors weights (model.safetensors or "
-                                f"model.safetensors.index.json); dist_export reads safetensors only: pick a "
+        raise FileNotFoundError(f"{shown} has no safetensors weights ({SINGLE_NAME} or "
+                                f"{INDEX_NAME}); dist_export reads safetensors only: pick a "
                                 f"repository or revision that has them")
     # snapshots/<commit> -> the repository folder that also holds blobs/
     root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
@@ -145,7 +147,7 @@ def source_root(folder: str) -> str:
 
 
 def _has_weights(path: str) -> bool:
-    return any(os.path.isfile(os.path.join(path, n)) for n in ("model.safetensors", "model.safetensors.index.json"))
+    return any(os.path.isfile(os.path.join(path, n)) for n in (SINGLE_NAME, INDEX_NAME))
 
 
 def _cache_dir() -> str:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..layout import tmp_path
 from ..numerics import QuantSpec
 from ..recipe import InputSpec, Recipe, Rule
 
@@ -98,7 +99,7 @@ def state_digest(state: dict) -> str:
 
 
 def save_state(state: dict, path: str) -> None:
-    tmp = path + ".tmp"
+    tmp = tmp_path(path)
     torch.save(state, tmp)
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)

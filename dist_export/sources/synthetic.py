@@ -19,7 +19,7 @@ import zlib
 import torch
 
 from .archs import ARCHS, PRESET_SOURCE_FORMATS, parse_synthetic  # noqa: F401 - re-exported
-from ..layout import INDEX_NAME, shard_filename
+from ..layout import CONFIG_NAME, INDEX_NAME, TMP_SUFFIX, shard_filename
 from ..storage.header import DTYPE_TO_ST, ST_ITEMSIZE
 from ..storage.shard_file import ShardWriter
 
@@ -228,12 +228,12 @@ def ensure_synthetic(name: str, seed: int = 0, dtype: str = "bfloat16") -> str:
     import transformers
 
     final = os.path.join(root, f"{arch}-{preset}-seed{seed}-{dtype}-tf{transformers.__version__}-tok1")
-    if os.path.isfile(os.path.join(final, "config.json")):
+    if os.path.isfile(os.path.join(final, CONFIG_NAME)):
         return final
     with open(final + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one generator; the others wait and reuse its result
-        if not os.path.isfile(os.path.join(final, "config.json")):
-            tmp = f"{final}.tmp{os.getpid()}"
+        if not os.path.isfile(os.path.join(final, CONFIG_NAME)):
+            tmp = f"{final}{TMP_SUFFIX}{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             make_model(arch, preset, tmp, seed=seed, dtype=dtype)
             os.replace(tmp, final)

@@ -13,6 +13,8 @@ import os
 import secrets
 import threading
 
+from ..layout import private_tmp_name
+
 _OWN_TEMPS: set[str] = set()
 _LOCK = threading.Lock()
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -22,7 +24,7 @@ def create_private(final_path: str, tmp_dir: str | None = None) -> tuple[int, st
     """(fd, temporary path) of a new file of ours, mode 0644, for `final_path`: `.NAME.<random>.tmp` in
     `tmp_dir` (default: the final file's folder). Registered until `rename_into_place` or `discard`."""
     folder = tmp_dir or os.path.dirname(final_path) or "."
-    path = os.path.join(folder, f".{os.path.basename(final_path)}.{secrets.token_hex(6)}.tmp")
+    path = os.path.join(folder, private_tmp_name(os.path.basename(final_path), secrets.token_hex(6)))
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o644)
     with _LOCK:
         _OWN_TEMPS.add(path)

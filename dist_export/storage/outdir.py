@@ -11,7 +11,7 @@ import os
 import shutil
 import socket
 
-from ..layout import INDEX_NAME, LOCK_NAME, MANIFEST_DIR, OWN_PATTERNS, RECORD_NAME, SINGLE_NAME, TMP_SUFFIX
+from ..layout import INDEX_NAME, LOCK_NAME, MANIFEST_DIR, OWN_PATTERNS, RECORD_NAME, SINGLE_NAME, TMP_PATTERNS
 
 
 class OutputLock:
@@ -109,7 +109,7 @@ def previous_side_files(out_dir: str) -> list[str]:
 def _temporaries(out_dir: str, sub: tuple[str, ...] = ()) -> list[str]:
     """Temporaries left in `out_dir` (also the hidden `.NAME.<random>.tmp` ones atomic.py creates; glob's `*`
     skips names starting with a dot)."""
-    return [p for pat in ("*" + TMP_SUFFIX, ".*" + TMP_SUFFIX) for p in glob.glob(os.path.join(out_dir, *sub, pat))]
+    return [p for pat in TMP_PATTERNS for p in glob.glob(os.path.join(out_dir, *sub, pat))]
 
 
 def remove_temporaries(out_dir: str) -> None:
