@@ -31,6 +31,7 @@ from .sources.checkpoint import SourceCheckpoint
 from .storage.manifest import Manifest, file_sha256, run_fingerprint
 from .storage.outdir import check_output_dir, prepare_output_dir, remove_temporaries
 from .ownership import measured_summary
+from .report import format_report, quantization_summary
 
 __all__ = ["export", "ExportOptions", "OpenedSource", "plan_inputs", "resolve_model", "parse_size"]
 log = logging.getLogger(__name__)
@@ -177,12 +178,17 @@ def _export(ctx: DistContext, open_source, out_dir: str, opts: ExportOptions, fa
     finally:
         if lock is not None:
             lock.release()
-    summary = _summary(results, time.monotonic() - t0, out_dir)
+    if ctx.monitor and ctx.is_rank0:
+        ctx.monitor.close_bar(complete=True)  # every rank's items are on disk; nothing is drawn after this
+    summary = _summary(results, time.monotonic() - t0, out_dir, plan)
     summary["stage_seconds"] = dict(ctx.stage_seconds)  # start-up = interpreter and imports, then each stage
+    summary["quantization"] = quantization_summary(plan, rec)
     if ctx.is_rank0:
         _log_summary(summary)
-        if opts.verify:
-            _verify_published(out_dir)
+        verified = _verify_published(out_dir) if opts.verify else None
+        log.info("%s", format_report(summary, summary["quantization"], model=inputs.opened.display_name,
+                                     recipe=rec.name, format_name=fmt.name, load_hint=fmt.load_hint(out_dir),
+                                     world_size=ctx.world_size, verify_line=verified))
     return summary
 
 
@@ -195,13 +201,13 @@ def _record(inputs: _Inputs, results) -> dict:
             "shards": {f: {"sha256": i["sha256"], "size": i["size"]} for r in results for f, i in r.shards.items()}}
 
 
-def _verify_published(out_dir: str) -> None:
+def _verify_published(out_dir: str) -> str:
     from .verify import verify_export
 
     report = verify_export(out_dir)  # structure, scales, checksums; `verify --source` recomputes
     if not report["ok"]:
         raise RuntimeError(f"verify found defects in {out_dir}: {report['defects'][:3]}")
-    log.info("verify: %d tensors checked, no defects", report["tensors"])
+    return f"verify: {report['tensors']} tensors checked, no defects"
 
 
 def _log_plan(plan: ExportPlan) -> None:
@@ -211,17 +217,21 @@ def _log_plan(plan: ExportPlan) -> None:
              [round(d["bytes_out"] / 1e9, 3) for d in loads])
 
 
-def _summary(results, wall: float, out_dir: str) -> dict:
+def _summary(results, wall: float, out_dir: str, plan: ExportPlan) -> dict:
     ranks = [asdict(r) for r in results]
     slowest = max(ranks, key=lambda r: r["seconds"])
     written = sum(r["bytes_written"] for r in ranks)
+    shards = [info for r in ranks for info in r["shards"].values()]
     return {"out_dir": out_dir, "wall_seconds": wall, "bytes_read": sum(r["bytes_read"] for r in ranks),
             "bytes_written": written, "gb_per_s": written / wall / 1e9 if wall > 0 else 0.0,
+            "source_bytes": sum(i.meta.nbytes for i in plan.items.values()),
+            "output_bytes": sum(i["size"] for i in shards), "reused_shards": sum(1 for i in shards if i["reused"]),
             "slowest_rank": slowest["rank"], "ranks": ranks,
             "seconds_balance": measured_summary([r["seconds"] for r in ranks])}  # max/mean of measured seconds
 
 
 def _log_summary(s: dict) -> None:
+    """The measurements (benchmarks read them); the closing report follows."""
     log.info("done in %.2f s: wrote %.3f GB (%.2f GB/s), read %.3f GB; slowest rank %d", s["wall_seconds"],
              s["bytes_written"] / 1e9, s["gb_per_s"], s["bytes_read"] / 1e9, s["slowest_rank"])
     log.info("  rank seconds max/mean %.3f", s["seconds_balance"]["imbalance"])

@@ -305,6 +305,19 @@ def _one_line(e: BaseException, args) -> str:
     return msg
 
 
+def _interrupted_line(args) -> str:
+    """What an interrupted command leaves behind, and how to go on."""
+    out = getattr(args, "out", None)
+    if args.command != "export" or out is None:
+        return "interrupted"
+    from .layout import INDEX_NAME, SINGLE_NAME
+
+    if any(os.path.exists(os.path.join(out, n)) for n in (INDEX_NAME, SINGLE_NAME)):
+        return f"interrupted: {out} holds a complete, published export (`dist-export verify {out}` checks it)"
+    return (f"interrupted: no index was written; finished shards are kept in {out}: rerun the same command with "
+            f"--resume to finish (or --overwrite to start over)")
+
+
 COMMANDS = {"export": cmd_export, "calibrate": cmd_calibrate, "make-model": cmd_make_model, "verify": cmd_verify,
             "plan": cmd_plan, "recipes": cmd_recipes}
 
@@ -329,7 +342,8 @@ def main(argv=None) -> int:
             raise
         return 1
     except KeyboardInterrupt:
-        print(f"[rank {rank}] error: interrupted", file=sys.stderr)
+        if rank == 0 or args.verbose:  # one line for the job (every rank got the terminal's Ctrl-C)
+            print(f"[rank {rank}] {_interrupted_line(args)}", file=sys.stderr, flush=True)
         return 130
 
 

@@ -50,8 +50,11 @@ def make_hub_cache(cache_dir: str, repo_id: str, src: str, commit: str = "c0ffee
     return snap
 
 
-def run_in_pty(args, env=None, timeout=240, cols=160) -> tuple[int, str]:
-    """Run `python -m dist_export ARGS` with stdin/stdout/stderr on a pseudo-terminal; (exit code, all output)."""
+def run_in_pty(args, env=None, timeout=240, cols=160, interrupt_on: str | None = None) -> tuple[int, str]:
+    """Run `python -m dist_export ARGS` with stdin/stdout/stderr on a pseudo-terminal; (exit code, all output).
+
+    `interrupt_on`: once the output holds this text, SIGINT goes to the job's whole process group, as the
+    terminal sends it on Ctrl-C (the command runs in a session of its own)."""
     import fcntl
     import pty
     import select
@@ -64,7 +67,8 @@ def run_in_pty(args, env=None, timeout=240, cols=160) -> tuple[int, str]:
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, cols, 0, 0))
     proc = subprocess.Popen([sys.executable, "-m", "dist_export", *args], stdin=slave, stdout=slave, stderr=slave,
-                            env={**os.environ, **(env or {})}, cwd=repo, close_fds=True)
+                            env={**os.environ, **(env or {})}, cwd=repo, close_fds=True,
+                            start_new_session=interrupt_on is not None)
     os.close(slave)
     chunks = []
     try:
@@ -80,6 +84,11 @@ def run_in_pty(args, env=None, timeout=240, cols=160) -> tuple[int, str]:
             if not data:
                 break
             chunks.append(data)
+            if interrupt_on is not None and interrupt_on in b"".join(chunks).decode(errors="replace"):
+                import signal
+
+                os.killpg(proc.pid, signal.SIGINT)
+                interrupt_on = None
     finally:
         os.close(master)
         proc.wait(timeout=60)

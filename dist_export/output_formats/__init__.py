@@ -42,6 +42,10 @@ class OutputFormat:
         through `rep.defect(msg)`, `rep.warnings` and `rep.extra`. Every registered format is asked; a format
         checks only what is there (a file of its, its `quant_method`), so a folder of another format passes."""
 
+    def load_hint(self, out_dir: str) -> str:
+        """How a user loads the export (one line, the closing report's last)."""
+        return f"vllm serve {out_dir}"
+
 
 def register_output_format(fmt: OutputFormat) -> OutputFormat:
     if fmt.name in _OUTPUT_FORMATS:

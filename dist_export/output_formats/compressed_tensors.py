@@ -286,6 +286,9 @@ def config_groups(plan) -> dict:
 class CompressedTensors(OutputFormat):
     name = "compressed-tensors"
 
+    def load_hint(self, out_dir: str) -> str:
+        return (f"vllm serve {out_dir} (or transformers with the compressed-tensors package)")
+
     def check_items(self, items, recipe):
         refuse_expert_stacks(items, self.name)
         for item in items:

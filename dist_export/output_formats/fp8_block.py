@@ -22,6 +22,9 @@ ROW_PARALLEL = re.compile(r"\.(o_proj|down_proj|w2|out_proj)$")
 class NativeFp8Block(OutputFormat):
     name = "fp8-block"
 
+    def load_hint(self, out_dir: str) -> str:
+        return (f"vllm serve {out_dir} (or transformers AutoModelForCausalLM.from_pretrained, quant_method fp8)")
+
     def check_items(self, items, recipe):
         refuse_expert_stacks(items, self.name)
         ragged = []

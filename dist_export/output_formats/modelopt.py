@@ -106,6 +106,9 @@ class ModelOptHF(OutputFormat):
     name = "modelopt"
     file_names = (HF_QUANT_CONFIG_NAME,)
 
+    def load_hint(self, out_dir: str) -> str:
+        return (f"vllm serve {out_dir} (vLLM reads quant_method modelopt from config.json), or TensorRT-LLM")
+
     def check_items(self, items, recipe):
         refuse_expert_stacks(items, self.name)
         for item in items:

@@ -29,6 +29,11 @@ class VllmFakeQuant(OutputFormat):
     name = "vllm-fq"
     file_names = (STATE_FILE_NAME,)
 
+    def load_hint(self, out_dir: str) -> str:
+        return (f"MODELOPT_STATE_PATH={out_dir}/{STATE_FILE_NAME} python vllm_serve_fakequant.py {out_dir} "
+                "(ModelOpt's examples/vllm_serve; plain vLLM or transformers load the folded weights without "
+                "activation quant)")
+
     def check_items(self, items, recipe):
         for line in serving_warnings(items):
             log.warning("%s", line)

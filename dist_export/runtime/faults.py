@@ -5,6 +5,7 @@ its n-th item (0-based) is quantized, the fault fires:
   raise   raise RuntimeError (a clean failure every rank reports)
   kill    SIGKILL this process (as the OOM killer would)
   hang    sleep forever in the main thread (heartbeats continue: a hung, not a dead, rank)
+  delay   sleep 3 s once, then go on (a slow item: the progress bar and Ctrl-C tests watch a running job)
   enospc  raise OSError(ENOSPC) as a full disk would
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import signal
 import time
 from dataclasses import dataclass
 
-KINDS = ("raise", "kill", "hang", "enospc")
+KINDS = ("raise", "kill", "hang", "enospc", "delay")
 
 
 @dataclass
@@ -41,6 +42,9 @@ class Fault:
             raise OSError(errno.ENOSPC, f"No space left on device (injected) while writing {item_name}")
         if self.kind == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.kind == "delay":
+            time.sleep(3.0)
+            return
         while True:  # hang
             time.sleep(3600)
 

@@ -9,7 +9,8 @@ starts N `python -m dist_export` children at once, each with the same environmen
 Failure: a rank's peers notice a dead process on their host within about a second (see `monitor.py`) and exit
 with one line naming it; the parent then reports every rank's exit and returns the first failure's code. A
 rank that has not exited `grace_s` seconds after the first failure is terminated. SIGINT/SIGTERM sent to the
-parent are passed on to every rank.
+parent are passed on to every rank; after Ctrl-C that every rank obeyed (exit 130) the parent adds no line of its
+own: rank 0's says what is left and how to resume.
 """
 from __future__ import annotations
 
@@ -62,8 +63,10 @@ def launch_local(argv: list[str], nproc: int, grace_s: float = 30.0, poll_s: flo
     rendezvous = "file://" + os.path.join(tmp, "store")
     procs: list[subprocess.Popen] = []
     forwarded = {}
+    interrupted: list[int] = []
 
     def forward(signum, _frame):
+        interrupted.append(signum)
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
@@ -74,7 +77,7 @@ def launch_local(argv: list[str], nproc: int, grace_s: float = 30.0, poll_s: flo
         for rank in range(nproc):
             env = {**os.environ, **rank_env(rank, nproc, rendezvous)}
             procs.append(subprocess.Popen([sys.executable, "-m", "dist_export", *argv], env=env))
-        return _wait(procs, grace_s, poll_s)
+        return _wait(procs, grace_s, poll_s, interrupted)
     finally:
         for p in procs:  # never leave a rank behind, whatever happened to the parent
             if p.poll() is None:
@@ -92,7 +95,7 @@ def _first_failure(codes: list[int | None]) -> tuple[int, int] | None:
     return min(failed, key=lambda rc: (rc[1] > 0, rc[0])) if failed else None
 
 
-def _wait(procs: list[subprocess.Popen], grace_s: float, poll_s: float) -> int:
+def _wait(procs: list[subprocess.Popen], grace_s: float, poll_s: float, interrupted=()) -> int:
     first, deadline, stops = None, None, (signal.SIGTERM, signal.SIGKILL)
     while [p.poll() for p in procs].count(None):  # poll every rank each round (no short-circuit)
         if first is None:
@@ -112,6 +115,8 @@ def _wait(procs: list[subprocess.Popen], grace_s: float, poll_s: float) -> int:
     if first is None:
         return 0
     rank, code = first
+    if signal.SIGINT in interrupted and all(c in (0, 130, -signal.SIGINT) for c in codes):
+        return 130  # Ctrl-C: rank 0 has said what is left and how to go on; nothing failed
     others = ", ".join(f"rank {r} {describe_exit(c)}" for r, c in enumerate(codes) if r != rank and c != 0)
     print(f"[launcher] error: rank {rank} {describe_exit(code)}" + (f" (then {others})" if others else ""),
           file=sys.stderr, flush=True)

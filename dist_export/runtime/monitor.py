@@ -1,26 +1,34 @@
 """Per-rank background monitor: heartbeats, hang/death detection, and rank 0's job-wide progress bar.
 
 Every `interval` seconds each rank publishes `hb/<rank>` = "<beat> <progress> <state> <items> <bytes> <host> <pid>"
-(state 0 working, 1 waiting on peers, 2 finished) in the process group's key-value store and reads its peers':
+(state 0 working, 1 waiting on peers, 2 finished, 3 interrupted) in the process group's key-value store and reads its peers':
   * a peer on this host whose process is gone is dead at once (a killed local rank is named within a second);
   * a peer whose beat has not changed for `dead_after` s is dead (killed on another node, node lost);
   * a peer whose progress counter has not changed for `hang_after` s while it is not waiting on others is hung.
 Either way this rank prints one line naming the peer and exits non-zero (after removing its own temporary
 files), so every rank ends within a bounded time and none waits forever inside a collective. Timestamps are
 local (`time.monotonic`): no clock agreement between nodes is needed.
+
+Rank 0 also shows the job's progress, summed over every rank's heartbeat: a tqdm bar on a terminal (or in a
+notebook), with log records routed around it (tqdm's logging redirect) so no line is glued to the bar; elsewhere
+(Slurm logs, CI) a progress line every `log_every` seconds. The bar appears once the plan's totals are known and
+is closed by `close_bar` when the job is complete (the job-wide count, never rank 0's alone), before the
+closing report; it is never drawn again after that.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
 import time
 
 log = logging.getLogger(__name__)
-WORKING, WAITING, FINISHED = 0, 1, 2
+WORKING, WAITING, FINISHED, INTERRUPTED = 0, 1, 2, 3
+INTERRUPT_GRACE = 3.0  # s a peer may be interrupted before this rank, that was not, aborts too
 
 
 class Monitor:
@@ -33,10 +41,16 @@ class Monitor:
         self.total_items = self.total_bytes = 0
         self._waiting = 0
         self._beat = 0
+        self.interrupted = False
+        self._old_sigint = None
+        self._peer_interrupted: dict[int, float] = {}
         self._stop = threading.Event()
         self._seen: dict[int, tuple[tuple[int, int], float, float]] = {}
         self._bar = None
+        self._bar_closed = False
+        self._redirect = None  # tqdm's logging redirect while the bar is shown
         self._lock = threading.Lock()
+        self._bar_lock = threading.Lock()
         self.log_every = float(os.environ.get("DIST_EXPORT_LOG_EVERY", "30")) if log_every is None else log_every
         self._t0 = self._last_log = time.monotonic()
         self._thread = threading.Thread(target=self._run, name=f"monitor-rank{ctx.rank}", daemon=True)
@@ -45,7 +59,19 @@ class Monitor:
     def start(self) -> "Monitor":
         self._publish()
         self._thread.start()
+        if threading.current_thread() is threading.main_thread():
+            self._old_sigint = signal.signal(signal.SIGINT, self._on_sigint)
         return self
+
+    def _on_sigint(self, signum, frame) -> None:
+        """The first Ctrl-C: tell the peers, stop watching them, unwind the main thread; ignore any later one."""
+        if self.interrupted:
+            return
+        self.interrupted = True
+        self._stop.set()
+        with contextlib.suppress(Exception):
+            self._publish(INTERRUPTED)
+        raise KeyboardInterrupt
 
     def tick(self) -> None:
         """Main thread made progress (call inside long loops)."""
@@ -71,12 +97,30 @@ class Monitor:
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread.is_alive():
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
-        if self._bar is not None:
-            self._update_bar(final=True)
-            self._bar.close()
-            self._bar = None
+        self.close_bar()
+        if self._old_sigint is not None:
+            # after an interrupt, later SIGINTs (the launcher forwards the terminal's) stay ignored until exit
+            signal.signal(signal.SIGINT, self._old_sigint if not self.interrupted else signal.SIG_IGN)
+            self._old_sigint = None
+
+    def close_bar(self, complete: bool = False) -> None:
+        """Close the bar for good (rank 0). `complete`: every planned item of every rank is on disk, so the bar
+        ends at the job's totals; otherwise (a failure) it stays where it was and the error line follows it."""
+        with self._bar_lock:
+            self._bar_closed = True
+            bar, self._bar = self._bar, None
+            if bar is not None:
+                if complete:
+                    bar.n = self.total_bytes
+                    bar.set_postfix_str(f"items {self.total_items}/{self.total_items}", refresh=False)
+                    bar.refresh()
+                bar.close()
+            if self._redirect is not None:
+                with contextlib.suppress(Exception):
+                    self._redirect.__exit__(None, None, None)
+                self._redirect = None
 
     def finish(self) -> None:
         """The job's outcome is known to every rank (it succeeded, or a step failed and every rank got the
@@ -146,6 +190,11 @@ class Monitor:
         beat, progress, state = rec[0], rec[1], rec[2]
         if state == FINISHED:
             return
+        if state == INTERRUPTED:
+            first = self._peer_interrupted.setdefault(peer, now)
+            if now - first > INTERRUPT_GRACE:
+                self._fail(f"rank {peer} was interrupted (Ctrl-C)")
+            return
         if _local_process_gone(rec):
             self._fail(f"rank {peer} died (process {rec[6]} on {rec[5]} is gone)")
             return
@@ -190,20 +239,49 @@ class Monitor:
                  self.total_bytes / 1e9, 100.0 * done_bytes / self.total_bytes, done_items, self.total_items,
                  rate / 1e9, eta)
 
-    def _update_bar(self, records=None, final: bool = False) -> None:
-        if not sys.stderr.isatty() and os.environ.get("DIST_EXPORT_PROGRESS") != "1":
-            if not final:
-                self._log_progress(records)
+    def _update_bar(self, records=None) -> None:
+        if self._bar_closed:
             return
-        from tqdm import tqdm
+        mode = bar_mode()
+        if mode is None:
+            self._log_progress(records)
+            return
+        with self._bar_lock:
+            if self._bar_closed or not self.total_bytes:  # totals come with the plan; nothing to show before
+                return
+            if self._bar is None:
+                self._bar = _new_bar(mode, self.total_bytes)
+                if mode == "terminal":
+                    from tqdm.contrib.logging import logging_redirect_tqdm
 
-        if self._bar is None:
-            self._bar = tqdm(total=self.total_bytes, unit="B", unit_scale=True, desc="export", file=sys.stderr,
-                             dynamic_ncols=True, smoothing=0.1)
-        done_bytes, done_items = self._totals(records)
-        self._bar.n = done_bytes if not final else max(done_bytes, self._bar.n)
-        self._bar.set_postfix_str(f"items {done_items}/{self.total_items}", refresh=False)
-        self._bar.refresh()
+                    self._redirect = logging_redirect_tqdm()
+                    self._redirect.__enter__()
+            done_bytes, done_items = self._totals(records)
+            self._bar.n = min(done_bytes, self.total_bytes)
+            self._bar.set_postfix_str(f"items {done_items}/{self.total_items}", refresh=False)
+            self._bar.refresh()
+
+
+def bar_mode() -> str | None:
+    """"terminal" (stderr is a terminal, or DIST_EXPORT_PROGRESS=1), "notebook" (an IPython kernel: tqdm's
+    widget), or None: periodic log lines instead (Slurm logs, CI, pipes). DIST_EXPORT_PROGRESS=0 forces None."""
+    forced = os.environ.get("DIST_EXPORT_PROGRESS")
+    if forced == "0":
+        return None
+    if forced == "1" or sys.stderr.isatty():
+        return "terminal"
+    if "ipykernel" in sys.modules:
+        return "notebook"
+    return None
+
+
+def _new_bar(mode: str, total: int):
+    if mode == "notebook":
+        from tqdm.auto import tqdm
+    else:
+        from tqdm import tqdm
+    return tqdm(total=total, unit="B", unit_scale=True, desc="export", file=sys.stderr, dynamic_ncols=True,
+                smoothing=0.1, mininterval=0.5)
 
 
 def _parse(record: str) -> list:
