@@ -11,3 +11,10 @@ def export(*args, **kwargs):
     from .api import export as _export
 
     return _export(*args, **kwargs)
+
+
+def save_quantizer_state(model, path: str) -> dict:
+    """See `dist_export.sources.quantizers.save_quantizer_state`."""
+    from .sources.quantizers import save_quantizer_state as _save
+
+    return _save(model, path)

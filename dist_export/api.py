@@ -21,7 +21,7 @@ from .commit import commit_export
 from .execute import execute_rank, reusable_shards
 from .groups import groups_to_measure_first, measure_group_amax, merge_group_amax
 from .layout import staged_path
-from .options import DEFAULT_MODEL, ExportOptions, parse_size
+from .options import DEFAULT_MODEL, DEFAULT_RECIPE, ExportOptions, parse_size
 from .output_formats import format_file_names, get_output_format
 from .plan import ExportPlan, build_plan, rank_loads
 from .recipe import Recipe, load_recipe
@@ -54,7 +54,8 @@ def export(model=None, out_dir: str = "out", *, ctx: DistContext | None = None, 
         out_dir: the output folder (new, empty, or an earlier export with `overwrite`/`resume`).
         ctx: an existing `DistContext` (tests, embedding); by default one is made from the launcher's environment.
         **options: the fields of `ExportOptions` (recipe, format, calib, overwrite, resume, device,
-            max_shard_size, hang_timeout, dead_timeout, verify, fault), keyword only.
+            max_shard_size, hang_timeout, dead_timeout, verify, fault, quantizer_state), keyword only. A
+            ModelOpt-quantized model with recipe=None is exported with its own quantizers.
 
     Returns:
         The run summary (every rank; rank 0's includes every rank's numbers).
@@ -63,8 +64,12 @@ def export(model=None, out_dir: str = "out", *, ctx: DistContext | None = None, 
     if model is not None and not isinstance(model, str):
         from .sources.memory import in_memory_source
 
-        with in_memory_source(model, opts.recipe, opts.calib) as (source, side, calib):
+        with in_memory_source(model, opts.recipe, opts.calib) as (source, side, calib, state):
             opened = OpenedSource(side, source, "<in-memory model>")
+            if state is not None:  # a ModelOpt-quantized model: its own quantizers are the recipe
+                if opts.quantizer_state is not None:
+                    raise ValueError("the in-memory model carries its own quantizers: do not pass quantizer_state")
+                return run_export(lambda: opened, out_dir, replace(opts, quantizer_state=state), ctx)
             return run_export(lambda: opened, out_dir, replace(opts, calib=calib), ctx)
 
     def open_folder():
@@ -118,14 +123,27 @@ def run_export(open_source, out_dir: str, opts: ExportOptions, ctx: DistContext 
 def plan_inputs(open_source, out_dir: str | None, opts: ExportOptions, world_size: int) -> _Inputs:
     """Validate every input and plan, before any write (every rank; `cli plan` runs it too, without a folder)."""
     opened = open_source()
-    rec = opts.recipe if isinstance(opts.recipe, Recipe) else load_recipe(opts.recipe)
     fmt = get_output_format(opts.format)
+    values = None
+    if opts.quantizer_state is not None:  # the model's own ModelOpt quantizers (sources/quantizer_state.py)
+        from .sources.quantizer_state import recipe_from_quantizers
+
+        rec, values, checked = recipe_from_quantizers(opts.quantizer_state, opts.recipe, opened.source, fmt)
+        opened = replace(opened, source=checked)
+    else:
+        rec = opts.recipe if isinstance(opts.recipe, Recipe) else load_recipe(opts.recipe or DEFAULT_RECIPE)
     if out_dir is not None:
         check_output_dir(out_dir, opts.overwrite, opts.resume)
     plan = build_plan(opened.source.tensors, rec, fmt, world_size, opts.shard_bytes)
     required = required_input_quantizers(plan)
     if out_dir is None:
         return _Inputs(opened, rec, fmt, plan, {})
+    if values is not None:
+        missing = [k for k in required if k not in values]
+        if missing:
+            raise ValueError(f"the model's input quantizer {missing[0]!r} is enabled and static but holds no amax; "
+                             f"calibrate the model (mtq.quantize with a forward loop) first")
+        return _Inputs(opened, rec, fmt, plan, values)
     if required and opts.calib is None:
         raise ValueError(f"recipe {rec.name!r} has static activation quantizers: calibrate first with "
                          f"`dist-export calibrate --model {opened.display_name} --recipe {rec.name} "

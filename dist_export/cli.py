@@ -50,11 +50,16 @@ def _add_model(p):
 
 
 def _add_export(sub):
-    from .options import DEFAULTS
+    from .options import DEFAULT_RECIPE, DEFAULTS
 
     p = sub.add_parser("export", help="quantize and export a checkpoint (run under torchrun for several ranks)")
     _add_model(p)
-    p.add_argument("--recipe", default=DEFAULTS.recipe, metavar="RECIPE", help=_recipe_help())
+    p.add_argument("--recipe", default=DEFAULTS.recipe, metavar="RECIPE",
+                   help=f"{_recipe_help()}; with --quantizer-state the saved quantizers are the recipe and a recipe "
+                        f"given too must agree with them (default: {DEFAULT_RECIPE})")
+    p.add_argument("--quantizer-state", default=None, metavar="FILE",
+                   help="the quantizers of a ModelOpt-calibrated model, from dist_export.save_quantizer_state(model, "
+                        "FILE); --model is the checkpoint folder that model was loaded from (or saved to)")
     p.add_argument("--out", required=True, help="output folder (new or empty)")
     p.add_argument("--format", default=DEFAULTS.format, choices=_formats(), help="output format")
     p.add_argument("--calib", default=DEFAULTS.calib, help="calibration file from `dist-export calibrate`")
@@ -108,11 +113,12 @@ def _add_verify(sub):
 
 
 def _add_plan(sub):
-    from .options import DEFAULTS
+    from .options import DEFAULT_RECIPE, DEFAULTS
 
     p = sub.add_parser("plan", help="print the shard layout and per-rank balance for a world size (no writes)")
     _add_model(p)
-    p.add_argument("--recipe", default=DEFAULTS.recipe, metavar="RECIPE", help=_recipe_help())
+    p.add_argument("--recipe", default=DEFAULTS.recipe, metavar="RECIPE",
+                   help=f"{_recipe_help()} (default: {DEFAULT_RECIPE})")
     p.add_argument("--format", default=DEFAULTS.format, choices=_formats(), help="output format")
     p.add_argument("--world-size", type=_positive_int, default=8, help="simulated world size (ignored under torchrun)")
     p.add_argument("--max-shard-size", default=DEFAULTS.max_shard_size, help="largest output file")
@@ -187,7 +193,8 @@ def cmd_export(args) -> int:
     summary = export(model, args.out, recipe=args.recipe, format=args.format, calib=args.calib,
                      overwrite=args.overwrite, resume=args.resume, device=args.device,
                      max_shard_size=args.max_shard_size, hang_timeout=args.hang_timeout,
-                     dead_timeout=args.dead_timeout, verify=not args.no_verify)
+                     dead_timeout=args.dead_timeout, verify=not args.no_verify,
+                     quantizer_state=args.quantizer_state)
     layout = launcher_env()
     if args.summary_json and (layout is None or layout["rank"] == 0):  # torchrun, Slurm or one process: rank 0
         with open(args.summary_json, "w") as f:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 DEFAULT_MODEL = "synthetic:llama-tiny"
+DEFAULT_RECIPE = "fp8-block"  # recipe=None: a ModelOpt-quantized model's own quantizers, else this one
 # Output formats shipped with dist_export: --format name -> module of dist_export/output_formats that registers
 # it (imported on first use). Kept here, free of torch, so `--help` and the launcher parent stay light.
 BUILTIN_OUTPUT_FORMATS = {"vllm-fq": "vllm_fq", "fp8-block": "fp8_block", "modelopt": "modelopt",
@@ -19,7 +20,9 @@ class ExportOptions:
     """What to export and how; the same options for a checkpoint folder and an in-memory model.
 
     Attributes:
-        recipe: recipe name (see `dist-export recipes` / `dist_export/configs`), a .yaml path or a `Recipe`.
+        recipe: recipe name (see `dist-export recipes` / `dist_export/configs`), a .yaml path or a `Recipe`;
+            None: the model's own ModelOpt quantizers where it has them (or `quantizer_state`), else fp8-block.
+            Given together with quantizers, it must agree with them (the first disagreement stops the export).
         format: output format name (`vllm-fq`, `fp8-block`, `modelopt`, ...).
         calib: calibration file from `dist-export calibrate` (static activation recipes need one).
         overwrite: replace an earlier export in the output folder (only files an export wrote).
@@ -29,10 +32,13 @@ class ExportOptions:
         hang_timeout: seconds without progress before a rank counts as hung.
         dead_timeout: seconds without a heartbeat before a rank counts as dead.
         verify: run the structural check of the folder after writing.
+        quantizer_state: a file from `dist_export.save_quantizer_state(model, path)` (the quantizers of a
+            ModelOpt-calibrated model, exported from its checkpoint folder on every rank); an in-memory ModelOpt
+            model fills it with the same content read from the model.
         fault: test hook, a `runtime.faults.Fault` (None reads DIST_EXPORT_FAULT from the environment).
     """
 
-    recipe: object = "fp8-block"
+    recipe: object = None
     format: str = "vllm-fq"
     calib: str | None = None
     overwrite: bool = False
@@ -43,6 +49,7 @@ class ExportOptions:
     dead_timeout: float = 20.0
     verify: bool = True
     fault: object = None
+    quantizer_state: object = None
 
     def __post_init__(self):
         if self.overwrite and self.resume:
@@ -55,6 +62,9 @@ class ExportOptions:
             if not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
         parse_size(self.max_shard_size)  # a bad size is refused before anything starts
+        if self.quantizer_state is not None and self.calib is not None:
+            raise ValueError("the model's quantizers carry its calibration (--quantizer-state or a ModelOpt-quantized "
+                             "model): do not pass --calib as well")
 
     @property
     def shard_bytes(self) -> int:

@@ -21,7 +21,17 @@ def input_amax_for(item: Item, calib: dict) -> torch.Tensor | None:
 
 
 def device_outputs(ctx, item: Item, w: torch.Tensor, output_format, calib, group_amax):
-    """Quantize one weight on its device; returns the format's output tensors (still on the device)."""
+    """Quantize one weight on its device; returns the format's output tensors (still on the device).
+
+    A weight whose quantizer came with the model (`calib.weights`, a `QuantizerValues`; sources/quantizers.py)
+    uses that quantizer's calibrated amax; a pre-quant scale ModelOpt's exporter folds is folded after."""
+    given = getattr(calib, "weights", {}).get(item.name)
+    if given is not None:
+        amax, pre_quant_scale = given
+        outs = output_format.produce(item, w, amax.to(w.device), None, input_amax_for(item, calib))
+        if pre_quant_scale is not None:
+            outs = output_format.fold_pre_quant_scale(item, outs, pre_quant_scale)
+        return outs
     if item.stacked:
         return [(item.name, fold_stack(ctx, item, w))]
     amax = group_amax[item.group].to(w.device) if item.group else compute_amax(w, item.weight, item.name)

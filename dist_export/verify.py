@@ -119,6 +119,10 @@ def recompute_and_compare(out_dir: str, source_dir: str, record: dict, metas: di
     from .recipe import recipe_from_dict
 
     source = SourceCheckpoint(source_dir)
+    if "quantizer_state" in record["recipe"]:
+        raise ValueError(f"{out_dir} was exported with a model's own ModelOpt quantizers (quantizer state "
+                         f"{record['recipe']['quantizer_state']}); --source cannot rebuild it without that state: "
+                         f"run verify without --source (structure, scales and checksums)")
     recipe = recipe_from_dict(record["recipe"], source="export record")
     fmt = get_output_format(record["format"])
     calib = {k: torch.tensor(v, dtype=torch.float32) for k, v in record.get("calibration", {}).items()}

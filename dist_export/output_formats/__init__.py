@@ -30,6 +30,14 @@ class OutputFormat:
         """Tensors for `item`, in the order of `outputs(item)` (on w's device)."""
         raise NotImplementedError
 
+    folds_pre_quant_scale = False  # can store a weight with a ModelOpt pre-quant scale (AWQ) folded in
+    carries_quantizer_state = False  # writes every ModelOpt quantizer (KV cache, outputs) in its state file
+
+    def fold_pre_quant_scale(self, item: Item, outputs, scale: torch.Tensor):
+        """Outputs of `item` with the input pre-quant scale folded into the weight (weight-only AWQ)."""
+        raise ValueError(f"--format {self.name} cannot store {item.name} with its pre-quant scale (AWQ) folded; "
+                         f"use --format vllm-fq")
+
     def update_config(self, config: dict, plan, recipe) -> dict:
         return config
 

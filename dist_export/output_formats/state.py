@@ -172,3 +172,27 @@ def build_vllm_fq_state(plan, recipe, calib: dict[str, torch.Tensor]) -> dict:
         "modelopt_version": MODELOPT_VERSION,
         "modelopt_state_weights": weights,
     }
+
+
+def state_from_quantizers(values) -> dict:
+    """The state file of an export whose recipe is the model's own ModelOpt quantizers (`QuantizerValues`):
+    ModelOpt's mode list and configs, and every non-weight quantizer with ModelOpt's own properties and buffers
+    (inputs, outputs, KV-cache `*_bmm_quantizer`; fused experts' shared ones under each expert's names), as
+    ModelOpt's exporter writes them. A pre-quant scale folded into the weights is saved as ones, as ModelOpt does."""
+    from ..plan import natural_key
+
+    folded = {f"{n[: -len('.weight')]}.input_quantizer" for n, (_, pqs) in values.weights.items() if pqs is not None}
+    qstate, weights = {}, {}
+    for path in sorted(values.activations, key=natural_key):
+        record = values.activations[path]
+        qstate[path] = record["properties"]
+        buffers = dict(record["buffers"])
+        if path in folded and "_pre_quant_scale" in buffers:
+            buffers["_pre_quant_scale"] = torch.ones_like(buffers["_pre_quant_scale"])
+        weights[path] = buffers
+    modes = []
+    for (mode, config), meta in zip(values.modes, values.mode_metadata):
+        rest = {k: v for k, v in meta.items() if k != "has_quantizer_state"}
+        meta = ({"quantizer_state": qstate} if meta["has_quantizer_state"] else {}) | rest
+        modes.append((mode, {"config": config, "metadata": meta}))
+    return {"modelopt_state_dict": modes, "modelopt_version": values.version, "modelopt_state_weights": weights}

@@ -9,7 +9,7 @@ import torch
 
 from ..layout import STATE_FILE_NAME
 from ..numerics import fake_quant
-from .state import build_vllm_fq_state, cpu_unsupported_reason
+from .state import build_vllm_fq_state, cpu_unsupported_reason, state_from_quantizers
 from . import OutputFormat, register_output_format
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,14 @@ class VllmFakeQuant(OutputFormat):
             return [(item.name, w)]
         return [(item.name, fake_quant(w, item.weight, amax, block_amax))]
 
+    folds_pre_quant_scale = True
+    carries_quantizer_state = True
+
+    def fold_pre_quant_scale(self, item, outputs, scale):
+        # As ModelOpt's exporter: (x * s) @ fq(W).T == x @ (fq(W) * s[None, :]).T, one rounding to W's dtype.
+        (name, y), = outputs
+        return [(name, (y * scale.to(y.device).reshape(-1)[None, :]).to(y.dtype))]
+
     def update_config(self, config, plan, recipe):
         config = dict(config)
         config.pop("quantization_config", None)  # vLLM would try to load real-quant kernels
@@ -50,7 +58,9 @@ class VllmFakeQuant(OutputFormat):
 
     def extra_files(self, plan, recipe, calib):
         buf = io.BytesIO()
-        torch.save(build_vllm_fq_state(plan, recipe, calib), buf)
+        state = (state_from_quantizers(calib) if hasattr(calib, "activations")  # the model's own quantizers
+                 else build_vllm_fq_state(plan, recipe, calib))
+        torch.save(state, buf)
         return {STATE_FILE_NAME: buf.getvalue()}
 
     def check_folder(self, out_dir, metas, config, rep):

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from ..layout import CONFIG_NAME, INDEX_NAME, SINGLE_NAME
+from ..layout import CONFIG_NAME, INDEX_NAME, QUANTIZER_KEY, SINGLE_NAME
 from ..storage.header import CorruptFileError, TensorMeta, file_tensor_metas
 from ..storage.reader import read_tensor, safe_join
 from .hub import source_root
@@ -47,7 +47,9 @@ class SourceCheckpoint:
         self._check_index_against_headers()
         with open(self.config_path) as f:
             self._config = json.load(f)
-        mapping = map_source(self._config, self.stored, lambda m: read_tensor(self.folder, m))
+        # quantizer buffers a ModelOpt model's save_pretrained writes (`*_quantizer._amax`) are never weights
+        weights = {n: m for n, m in self.stored.items() if not QUANTIZER_KEY.search(n)}
+        mapping = map_source(self._config, weights, lambda m: read_tensor(self.folder, m))
         self.tensors: dict[str, TensorMeta | EncodedMeta] = mapping.tensors
         self.quant_method = mapping.method  # the source's quant_method, None for a plain checkpoint
 

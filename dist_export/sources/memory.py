@@ -38,7 +38,10 @@ class MemorySource:
         quantizer_keys = [k for k in meta_state if QUANTIZER_KEY.search(k)]
         for k in quantizer_keys:
             meta_state.pop(k)  # quantizer state is never written as a tensor; input amax is used below
-        self.calibration = self._input_amax(model, quantizer_keys)
+        from .quantizers import is_modelopt_quantized
+
+        self.modelopt = is_modelopt_quantized(model)  # its quantizers are the recipe (sources/quantizers.py)
+        self.calibration = {} if self.modelopt else self._input_amax(model, quantizer_keys)
         tied = _tied_output_key(model)
         if tied:
             meta_state.pop(tied, None)
@@ -76,12 +79,22 @@ class MemorySource:
                 amax[f"{names[0][: -len('.weight')]}.input_quantizer"] = value.reshape(())
         return amax
 
-    def read(self, meta: TensorMeta, out=None) -> torch.Tensor:
+    def _view(self, meta: TensorMeta) -> torch.Tensor:
         key, part = self._readers[meta.name]
         t = _resolve(self.model, key)
         if part is not None:
             e, lo, hi = part
             t = t[e] if lo is None else t[e, lo:hi]
+        return t
+
+    def fingerprint(self, meta: TensorMeta) -> str:
+        """The tensor's sampled fingerprint (quantizer_state.tensor_fingerprint), computed where it lies."""
+        from .quantizer_state import tensor_fingerprint
+
+        return tensor_fingerprint(self._view(meta))
+
+    def read(self, meta: TensorMeta, out=None) -> torch.Tensor:
+        t = self._view(meta)
         host = torch.empty(meta.shape, dtype=t.dtype)
         host.copy_(t.detach())  # a fresh host copy: the caller's tensors are never handed out
         return host
@@ -146,10 +159,16 @@ def _resolve(model, key: str) -> torch.Tensor:
 
 @contextlib.contextmanager
 def in_memory_source(model, recipe, calib):
-    """(source, side-file folder, calibration path) for an in-memory model, under `torch.no_grad()`; the side
-    folder (generation config, the model's own input amax as a calibration file) is removed on exit."""
+    """(source, side-file folder, calibration path, quantizer state) for an in-memory model, under
+    `torch.no_grad()`; the side folder (generation config, the model's own input amax as a calibration file) is
+    removed on exit. A ModelOpt-quantized model's quantizers become the quantizer state (its recipe)."""
     with torch.no_grad():
         source = MemorySource(model)
+        state = None
+        if source.modelopt:
+            from .quantizers import build_quantizer_state
+
+            state = build_quantizer_state(model, source)
         side = tempfile.mkdtemp(prefix="dist_export_side_")
         try:
             gen = getattr(model, "generation_config", None)
@@ -159,10 +178,12 @@ def in_memory_source(model, recipe, calib):
                 from ..calibration.file import model_signature, save_calibration
                 from ..recipe import Recipe, load_recipe
 
-                rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+                from ..options import DEFAULT_RECIPE
+
+                rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe or DEFAULT_RECIPE)
                 calib = os.path.join(side, "calibration.safetensors")
                 save_calibration(calib, source.calibration, rec, model_signature(source.tensors))
                 log.info("using %d input amax values calibrated in the model", len(source.calibration))
-            yield source, side, calib
+            yield source, side, calib, state
         finally:
             shutil.rmtree(side, ignore_errors=True)

@@ -3,8 +3,8 @@
 A state file (`dist_export.save_quantizer_state`) is plain data that `torch.load(weights_only=True)` reads
 without ModelOpt: `weights` (per quantized checkpoint tensor: our format, granularity, block size, the
 calibrated amax in our layout, a pre-quant scale to fold), `activations` (every other quantizer: ModelOpt's
-properties and buffers, in checkpoint names), ModelOpt's `modes` and version, the model `signature` (names,
-dtypes, shapes) and a sampled `fingerprints` entry per tensor. `quantizer_recipe` turns it into the export's
+properties and buffers, in checkpoint names), ModelOpt's `modes` (and each mode's other `mode_metadata`) and
+version, the model `signature` (names, dtypes, shapes) and a sampled `fingerprints` entry per tensor. `quantizer_recipe` turns it into the export's
 recipe (one exact rule per quantized module) and calibration (`QuantizerValues`).
 """
 from __future__ import annotations
@@ -201,6 +201,7 @@ class QuantizerValues(dict):
     weights: dict
     activations: dict
     modes: list
+    mode_metadata: list
     version: str
 
     @classmethod
@@ -214,6 +215,7 @@ class QuantizerValues(dict):
         values.weights = {n: (e["amax"], e["pre_quant_scale"]) for n, e in state["weights"].items()}
         values.activations = state["activations"]
         values.modes = state.get("modes", [])
+        values.mode_metadata = state.get("mode_metadata") or [{"has_quantizer_state": True} for _ in values.modes]
         values.version = state.get("modelopt_version", "")
         return values
 
@@ -261,6 +263,10 @@ class FingerprintCheckedSource:
 
     def read(self, meta, out=None):
         t = self._source.read(meta, out=out)
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{meta.name}: --quantizer-state reads the model's weights as the quantized model held "
+                             f"them; this folder stores it quantized: pass the bf16/fp16 folder the model was "
+                             f"loaded from")
         want = self._fingerprints.get(meta.name)
         if want is not None and tensor_fingerprint(t) != want:
             folder = getattr(self._source, "folder", "the model folder")
@@ -278,3 +284,48 @@ def check_signature(state: dict, tensors, path: str, folder: str) -> None:
         hint = f" (e.g. {names[0]!r} is in only one of them)" if names else " (names agree; dtypes or shapes differ)"
         raise ValueError(f"quantizer state {path} was saved from another model than {folder}{hint}; pass the "
                          f"checkpoint folder the quantized model was loaded from")
+
+
+def check_format_takes(fmt, values) -> None:
+    """Refuse, naming the first one, quantizers the output format cannot carry: a pre-quant scale folded into a
+    weight (only fake-quant weights hold it), and, in formats without ModelOpt's state file, any enabled
+    quantizer other than a quantized module's input quantizer that the format names (KV cache, outputs)."""
+    folded = sorted(n for n, (_, pqs) in values.weights.items() if pqs is not None)
+    if folded and not getattr(fmt, "folds_pre_quant_scale", False):
+        raise ValueError(f"--format {fmt.name} cannot store {folded[0]} with its pre-quant scale (AWQ/SmoothQuant) "
+                         f"folded into the weight; use --format vllm-fq")
+    if getattr(fmt, "carries_quantizer_state", False):
+        return
+    for path, record in sorted(values.activations.items()):
+        if record["properties"].get("_disabled", True):
+            continue
+        module = path.rpartition(".")[0]
+        if not (path.endswith(".input_quantizer") and f"{module}.weight" in values.weights and input_spec(record)):
+            raise ValueError(f"{path}: --format {fmt.name} cannot carry this enabled quantizer (KV cache, output or "
+                             f"an input quantizer it has no field for); use --format vllm-fq, whose state file "
+                             f"carries every quantizer, or disable it")
+
+
+def recipe_from_quantizers(quantizer_state, recipe, source, fmt):
+    """(recipe, values, source) of an export whose recipe is a model's own quantizers (plan stage, every rank).
+
+    `quantizer_state` is a file from `save_quantizer_state` or the same dict built in memory. The source must
+    be the model the state was saved from (signature; a folder's reads are checked against the fingerprints);
+    a `recipe` given as well must agree with the quantizers."""
+    from ..recipe import load_recipe
+
+    if isinstance(quantizer_state, (str, os.PathLike)):
+        path = os.fspath(quantizer_state)
+        state = load_state(path)
+    else:
+        path, state = "the model's quantizer state", quantizer_state
+    folder = getattr(source, "folder", None)
+    check_signature(state, source.tensors, path, folder or "the in-memory model")
+    qrecipe, values = quantizer_recipe(state)
+    check_format_takes(fmt, values)
+    if recipe is not None:
+        check_recipe_agrees(recipe if isinstance(recipe, Recipe) else load_recipe(recipe), qrecipe, values,
+                            source.tensors)
+    if folder is not None:
+        source = FingerprintCheckedSource(source, state["fingerprints"], path)
+    return qrecipe, values, source

@@ -301,16 +301,20 @@ def _awq_with_active_inputs(modes: list, activations: dict) -> str | None:
     return None
 
 
-def modelopt_modes(model) -> tuple[list, str]:
-    """ModelOpt's own mode list [(mode, config)] and version of a quantized model (imports ModelOpt)."""
+def modelopt_modes(model) -> tuple[list, list, str]:
+    """ModelOpt's own mode list [(mode, config)], each mode's metadata besides its quantizer state (e.g.
+    `shared_quant_states`) and the version of a quantized model (imports ModelOpt)."""
     try:
         import modelopt.torch.opt as mto
     except ImportError:
         raise ValueError("the model holds ModelOpt quantizers but ModelOpt is not importable here; install it "
                          "with `pip install dist-export[modelopt]`") from None
     state = mto.modelopt_state(model)
-    modes = [(mode, plain_data(entry.get("config", {}))) for mode, entry in state.get("modelopt_state_dict", [])]
-    return modes, str(state.get("modelopt_version", ""))
+    entries = state.get("modelopt_state_dict", [])
+    modes = [(mode, plain_data(entry.get("config", {}))) for mode, entry in entries]
+    metadata = [plain_data({k: v for k, v in entry.get("metadata", {}).items() if k != "quantizer_state"})
+                | {"has_quantizer_state": "quantizer_state" in entry.get("metadata", {})} for _, entry in entries]
+    return modes, metadata, str(state.get("modelopt_version", ""))
 
 
 def build_quantizer_state(model, source) -> dict:
@@ -318,7 +322,7 @@ def build_quantizer_state(model, source) -> dict:
     from ..calibration.file import model_signature
 
     tables = read_quantizers(model)
-    modes, version = modelopt_modes(model)
+    modes, mode_metadata, version = modelopt_modes(model)
     bad = _awq_with_active_inputs(modes, tables["activations"])
     if bad:
         raise ValueError(f"{bad}: AWQ with enabled input quantizers (W4A8 AWQ) needs ModelOpt's re-smoothing at "
@@ -327,7 +331,8 @@ def build_quantizer_state(model, source) -> dict:
     if missing:
         raise ValueError(f"quantized tensor {missing[0]!r} is not among the tensors the model saves (tied to "
                          f"another?); untie it or disable its quantizer")
-    return {"format": STATE_FORMAT, "modelopt_version": version, "modes": modes, **tables,
+    return {"format": STATE_FORMAT, "modelopt_version": version, "modes": modes, "mode_metadata": mode_metadata,
+            **tables,
             "signature": model_signature(source.tensors),
             "fingerprints": {name: source.fingerprint(meta) for name, meta in sorted(source.tensors.items())}}
 

@@ -1,0 +1,485 @@
+"""ModelOpt-quantized models exported with no recipe (issue 15): the model's own quantizers decide, checked
+against ModelOpt itself: its exporter `export_hf_vllm_fq_checkpoint` applies each quantizer to its weight and
+writes the state file we must equal (modes, configs, every non-weight quantizer's properties and buffers).
+
+ModelOpt's CPU FP8 path computes `448.0 / amax` as 448 * (1 / amax); the comparisons replace only that by the
+exact division formats.md documents (`exact_fp8_eager`), and one test checks ModelOpt unpatched.
+Needs nvidia-modelopt (CI: the ModelOpt venv step of .ci/run); skipped where it is absent.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+mtq = pytest.importorskip("modelopt.torch.quantization")
+from modelopt.torch.export import export_hf_vllm_fq_checkpoint  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from conftest import model_dir  # noqa: E402
+
+import dist_export  # noqa: E402
+from dist_export.layout import STATE_FILE_NAME  # noqa: E402
+
+FP8_MAX = 448.0
+
+
+def _with(cfg, *entries, algorithm=None, weight_cfg=None):
+    cfg = copy.deepcopy(cfg)
+    if weight_cfg is not None:
+        for e in cfg["quant_cfg"]:
+            if e.get("quantizer_name") == "*weight_quantizer":
+                e["cfg"] = {**e["cfg"], **weight_cfg}
+    cfg["quant_cfg"] = list(cfg["quant_cfg"]) + list(entries)
+    if algorithm is not None:
+        cfg["algorithm"] = algorithm
+    return cfg
+
+
+def _kv(cfg):
+    return _with(cfg, *[e for e in mtq.FP8_KV_CFG["quant_cfg"] if "bmm" in str(e.get("quantizer_name"))])
+
+
+CONFIGS = {
+    "fp8": lambda: copy.deepcopy(mtq.FP8_DEFAULT_CFG),
+    "fp8-pc-pt": lambda: copy.deepcopy(mtq.FP8_PER_CHANNEL_PER_TOKEN_CFG),
+    "int8-wo": lambda: copy.deepcopy(mtq.INT8_WEIGHT_ONLY_CFG),
+    "int4-b128": lambda: copy.deepcopy(mtq.INT4_BLOCKWISE_WEIGHT_ONLY_CFG),
+    "int4-b64": lambda: _with(mtq.INT4_BLOCKWISE_WEIGHT_ONLY_CFG, weight_cfg={"block_sizes": {-1: 64, "type": "static"}}),
+    "int4-b64-mse": lambda: _with(mtq.INT4_BLOCKWISE_WEIGHT_ONLY_CFG, algorithm="mse",
+                                  weight_cfg={"block_sizes": {-1: 64, "type": "static"}}),
+    "int4-b128-mse": lambda: _with(mtq.INT4_BLOCKWISE_WEIGHT_ONLY_CFG, algorithm="mse"),
+    "int4-awq": lambda: _with(mtq.INT4_AWQ_CFG, weight_cfg={"block_sizes": {-1: 32, "type": "static"}}),
+    "int8-sq": lambda: copy.deepcopy(mtq.INT8_SMOOTHQUANT_CFG),
+    "fp8-kv": lambda: _kv(mtq.FP8_DEFAULT_CFG),
+    "fp8-layer0-off": lambda: _with(mtq.FP8_DEFAULT_CFG, {"quantizer_name": "*layers.0.*", "enable": False}),
+    "nvfp4": lambda: copy.deepcopy(mtq.NVFP4_DEFAULT_CFG),  # CUDA only (ModelOpt's NVFP4 fake quant)
+    "w4a16-nvfp4": lambda: copy.deepcopy(mtq.W4A16_NVFP4_CFG),
+    "fp8-lm-head": lambda: _with(mtq.FP8_DEFAULT_CFG, {"quantizer_name": "*lm_head*weight_quantizer",
+                                                       "cfg": {"num_bits": (4, 3), "axis": None}, "enable": True}),
+}
+GPU_ONLY = ("nvfp4", "w4a16-nvfp4")
+# llama-tiny ties lm_head to the embeddings (fp8-lm-head: refused, see the last test); ModelOpt's mse search on
+# MoE experts is slow on CPU, so the MoE model runs the block-64 search only.
+CASES = [("llama-tiny", c) for c in CONFIGS if c not in ("fp8-lm-head", *GPU_ONLY)] + \
+        [("qwen3-moe-tiny", c) for c in CONFIGS if c not in ("int4-awq", "int8-sq", "int4-b128-mse", *GPU_ONLY)]
+
+
+def load_model(name: str):
+    import transformers
+
+    folder = model_dir(f"synthetic:{name}")
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval(), folder
+
+
+def quantized(name: str, config: str, device: str = "cpu"):
+    model, folder = load_model(name)
+    model = model.to(device)
+    data = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0)).to(device)
+
+    def loop(m):
+        for i in range(data.shape[0]):
+            m(data[i:i + 1])
+
+    with torch.no_grad():
+        model = mtq.quantize(model, CONFIGS[config](), loop)
+    return model, folder
+
+
+def exact_fp8_eager(x, amax=None):
+    """formats.md section 5 FP8 (exact division 448 / a), in place of ModelOpt's CPU `448.0 / a`, which torch
+    computes as 448 * (1 / a), one more rounding."""
+    dtype = x.dtype
+    if amax is None:
+        return x.to(torch.float8_e4m3fn).to(dtype)
+    a = amax.to(torch.float32)
+    a = torch.where(a <= 2.0**-24, torch.ones_like(a), a)
+    scale = torch.full_like(a, FP8_MAX) / a
+    inv = torch.ones_like(scale) / scale
+    y = (x.to(torch.float32) * scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return (y.to(torch.float32) * inv).to(dtype)
+
+
+class _ExactGlobalScale:
+    """Stands in for the global amax ModelOpt's NVFP4 Triton launcher receives: its `.float() / 2688.0` gives the
+    exact division of formats.md, where CUDA's tensor-by-scalar division computes amax * (1 / 2688)."""
+
+    def __init__(self, amax: torch.Tensor):
+        self.amax = amax
+
+    def float(self):
+        return self
+
+    def __truediv__(self, divisor: float) -> torch.Tensor:
+        a = self.amax.float()
+        return a / torch.full_like(a, divisor)
+
+
+def modelopt_export(model, out, exact_fp8: bool, exact_global_scale: bool = False):
+    """ModelOpt's own export; `exact_*` replace only ModelOpt's rounded reciprocals (FP8 `448.0 / amax` on CPU,
+    the NVFP4 global scale `amax / 2688.0` on CUDA) by the exact divisions formats.md documents."""
+    import modelopt.torch.kernels.quantization.gemm as kernels
+    import modelopt.torch.quantization.tensor_quant as tq
+
+    fp8, fp4 = tq.fp8_eager, getattr(kernels, "fp4_fake_quant_block", None)
+    if exact_fp8:
+        tq.fp8_eager = exact_fp8_eager
+    if exact_global_scale and fp4 is not None:
+        kernels.fp4_fake_quant_block = lambda x, amax, *a, **kw: fp4(x, _ExactGlobalScale(amax), *a, **kw)
+    try:
+        export_hf_vllm_fq_checkpoint(model, out)
+    finally:
+        tq.fp8_eager = fp8
+        if fp4 is not None:
+            kernels.fp4_fake_quant_block = fp4
+    return load_file(os.path.join(out, "model.safetensors"))
+
+
+def ours(model, out, device="cpu", **kw):
+    dist_export.export(model, str(out), format="vllm-fq", recipe=None, device=device, **kw)
+    return load_file(os.path.join(out, "model.safetensors"))
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
+def modelopt_fold(model) -> dict:
+    """ModelOpt's own weight fold (the exporter's `_fakequant_module_weights`, fused experts included) on a copy
+    of the state dict, fused experts then split into checkpoint names (gate = rows [:I], up = rows [I:]), for
+    the configs where ModelOpt 0.47's exporter itself crashes (INT4 on transformers-5 fused experts)."""
+    import re
+
+    from modelopt.torch.export.plugins.vllm_fakequant_hf import _fakequant_module_weights
+
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items() if "quantizer" not in k}
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            _fakequant_module_weights(module, name, model, sd, set(), set(), set(), inplace=False)
+    out = {}
+    for key, t in sd.items():
+        m = re.match(r"^(.*\.experts)\.(gate_up_proj|down_proj)$", key)
+        if m is None:
+            out[key] = t
+            continue
+        for e in range(t.shape[0]):
+            if m.group(2) == "gate_up_proj":
+                half = t.shape[1] // 2
+                out[f"{m.group(1)}.{e}.gate_proj.weight"] = t[e, :half]
+                out[f"{m.group(1)}.{e}.up_proj.weight"] = t[e, half:]
+            else:
+                out[f"{m.group(1)}.{e}.down_proj.weight"] = t[e]
+    if getattr(model.config, "tie_word_embeddings", False):
+        out.pop("lm_head.weight", None)
+    return out
+
+
+# ModelOpt 0.47's exporter raises on these (`len()` of a fused experts module in its AWQ/INT4 re-smoothing).
+EXPORTER_CRASHES = {("qwen3-moe-tiny", c) for c in ("int4-b128", "int4-b64", "int4-b64-mse", "int4-b128-mse")}
+
+
+@pytest.mark.parametrize("name,config", CASES)
+def test_weights_equal_the_models_own_quantizers(tmp_path, name, config):
+    model, folder = quantized(name, config)
+    mine = ours(model, tmp_path / "ours")
+    if (name, config) in EXPORTER_CRASHES:
+        theirs = modelopt_fold(model)
+        assert sorted(mine) == sorted(load_file_keys(folder))
+    else:
+        theirs = modelopt_export(model, str(tmp_path / "modelopt"), exact_fp8=True)
+    assert sorted(mine) == sorted(theirs)
+    for key in sorted(theirs):
+        assert mine[key].dtype == theirs[key].dtype, key
+        assert torch.equal(bits(mine[key]), bits(theirs[key])), f"{key}: differs from ModelOpt's fold"
+    if (name, config) not in EXPORTER_CRASHES:
+        enabled = _check_state(tmp_path / "ours" / STATE_FILE_NAME, tmp_path / "modelopt" / STATE_FILE_NAME, model)
+        assert enabled > 0 or config in ("int8-wo", "int4-b128", "int4-b64", "int4-b64-mse", "int4-b128-mse",
+                                         "int4-awq")
+
+
+def test_kv_cache_and_fused_expert_inputs_carry_the_models_amax(tmp_path):
+    """FP8 + FP8 KV cache on the MoE model: every k/v bmm quantizer and every expert's input quantizer (one
+    shared `gate_up_proj_input_quantizer` per experts module in the model) is enabled in our state file with
+    the model's own amax."""
+    model, _ = quantized("qwen3-moe-tiny", "fp8-kv")
+    ours(model, tmp_path / "o")
+    state = torch.load(tmp_path / "o" / STATE_FILE_NAME, weights_only=True)
+    qs = state["modelopt_state_dict"][0][1]["metadata"]["quantizer_state"]
+    amax = state["modelopt_state_weights"]
+    for i, layer in enumerate(model.model.layers):
+        for kv in ("k_bmm_quantizer", "v_bmm_quantizer"):
+            path = f"model.layers.{i}.self_attn.{kv}"
+            assert not qs[path]["_disabled"] and torch.equal(amax[path]["_amax"], getattr(layer.self_attn, kv)._amax)
+        shared = layer.mlp.experts.gate_up_proj_input_quantizer._amax
+        for e in range(model.config.num_experts):
+            for p in ("gate_proj", "up_proj"):
+                path = f"model.layers.{i}.mlp.experts.{e}.{p}.input_quantizer"
+                assert not qs[path]["_disabled"] and torch.equal(amax[path]["_amax"], shared), path
+
+
+def load_file_keys(folder) -> list[str]:
+    from safetensors import safe_open
+
+    keys = []
+    for f in sorted(os.listdir(folder)):
+        if f.endswith(".safetensors"):
+            with safe_open(os.path.join(folder, f), "pt") as fh:
+                keys += list(fh.keys())
+    return keys
+
+
+def _expand_modelopt_name(name: str, model) -> list[str]:
+    """ModelOpt's in-memory quantizer names -> checkpoint names (a fused experts' shared quantizer is one per
+    expert and projection)."""
+    import re
+
+    m = re.match(r"^(.*\.experts)\.(gate_up_proj|down_proj)_input_quantizer$", name)
+    if m is None:
+        return [name]
+    n = model.config.num_experts
+    projs = ("gate_proj", "up_proj") if m.group(2) == "gate_up_proj" else ("down_proj",)
+    return [f"{m.group(1)}.{e}.{p}.input_quantizer" for e in range(n) for p in projs]
+
+
+def _same(a, b) -> bool:
+    """Deep equality of plain data holding tensors (dtype, shape and values)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and \
+            torch.equal(a.cpu(), b.cpu())
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+def _check_state(mine_path, theirs_path, model) -> int:
+    """Our state file against ModelOpt's: the same modes with equal configs and metadata; every quantizer with
+    equal properties and buffers (a fused experts' shared quantizer under each expert's checkpoint names); no
+    weight quantizer. Returns how many enabled quantizers were compared."""
+    mine = torch.load(mine_path, weights_only=True)  # plain torch, nothing else imported for it
+    theirs = torch.load(theirs_path, weights_only=False)
+    assert mine["modelopt_version"] == theirs["modelopt_version"]
+    assert [m for m, _ in mine["modelopt_state_dict"]] == [m for m, _ in theirs["modelopt_state_dict"]]
+    for (mode, a), (_, b) in zip(mine["modelopt_state_dict"], theirs["modelopt_state_dict"]):
+        assert _same(a["config"], b["config"]), mode
+        assert _same({k: v for k, v in a["metadata"].items() if k != "quantizer_state"},
+                     {k: v for k, v in b["metadata"].items() if k != "quantizer_state"}), mode
+        assert ("quantizer_state" in a["metadata"]) == ("quantizer_state" in b["metadata"]), mode
+    qs_mine = mine["modelopt_state_dict"][0][1]["metadata"]["quantizer_state"]
+    qs_theirs = theirs["modelopt_state_dict"][0][1]["metadata"]["quantizer_state"]
+    expected = set()
+    enabled = 0
+    for name, props in qs_theirs.items():
+        for ck in _expand_modelopt_name(name, model):
+            expected.add(ck)
+            assert ck in qs_mine, f"{ck} missing from our state file"
+            assert _same(qs_mine[ck], props), ck
+            w_theirs = theirs["modelopt_state_weights"].get(name, {})
+            w_mine = mine["modelopt_state_weights"].get(ck, {})
+            assert sorted(w_mine) == sorted(w_theirs), ck
+            for buf, value in w_theirs.items():
+                assert w_mine[buf].dtype == value.dtype and torch.equal(w_mine[buf], value), f"{ck}.{buf}"
+            enabled += not props["_disabled"]
+    assert set(qs_mine) == expected and set(mine["modelopt_state_weights"]) <= expected
+    assert not [n for n in qs_mine if "weight_quantizer" in n]
+    return enabled
+
+
+def test_unexpressible_quantizer_refused_by_name(tmp_path):
+    model, _ = quantized("llama-tiny", "fp8")
+    model.model.layers[0].self_attn.q_proj.weight_quantizer.backend = "my_backend"
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj\.weight_quantizer.*'my_backend'"):
+        ours(model, tmp_path / "o")
+    assert not (tmp_path / "o").exists() or not os.listdir(tmp_path / "o")
+
+
+def test_recipe_must_agree_with_the_quantizers(tmp_path):
+    from dist_export.recipe import recipe_from_dict
+
+    model, _ = quantized("llama-tiny", "fp8")
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.down_proj.*int4"):
+        dist_export.export(model, str(tmp_path / "bad"), recipe="int4-w4a16", device="cpu")
+    same = recipe_from_dict({"name": "fp8-plain", "rules": [{"match": ["*"], "weight": {"format": "fp8"},
+                                                            "input": {"format": "fp8"}}]})
+    a = ours(model, tmp_path / "a")
+    dist_export.export(model, str(tmp_path / "b"), recipe=same, device="cpu")
+    b = load_file(os.path.join(tmp_path / "b", "model.safetensors"))
+    assert all(torch.equal(bits(a[k]), bits(b[k])) for k in a)
+
+
+def _hashes(path) -> dict:
+    from conftest import folder_hashes
+
+    return folder_hashes(path)
+
+
+def test_quantizer_state_cli_at_1_2_3_ranks(tmp_path):
+    """save_quantizer_state + `export --quantizer-state` at 1, 2 and 3 ranks: sha256-identical to the in-memory
+    export; the state file loads with torch alone."""
+    import subprocess
+    import sys
+
+    from conftest import run_cli
+
+    import shutil
+
+    model, folder = quantized("qwen3-moe-tiny", "fp8-kv")
+    # an in-memory model carries no tokenizer: the folder the CLI reads is a copy without it
+    folder = shutil.copytree(folder, tmp_path / "bare", ignore=shutil.ignore_patterns("tokenizer*"))
+    dist_export.export(model, str(tmp_path / "mem"), device="cpu", max_shard_size="60KB")
+    want = _hashes(tmp_path / "mem")
+    assert len([f for f in want if f.endswith(".safetensors")]) >= 3  # several shards: every rank owns some
+    path = str(tmp_path / "q.pt")
+    dist_export.save_quantizer_state(model, path)
+    probe = "import sys, torch; torch.load(sys.argv[1], weights_only=True); assert 'modelopt' not in sys.modules"
+    subprocess.run([sys.executable, "-c", probe, path], check=True)
+    for n in (1, 2, 3):
+        run_cli("export", "--model", str(folder), "--quantizer-state", path, "--out", str(tmp_path / f"cli{n}"),
+                "--device", "cpu", "--max-shard-size", "60KB", "--nproc-per-node", str(n),
+                env={"OMP_NUM_THREADS": "1"})
+        assert _hashes(tmp_path / f"cli{n}") == want, f"{n} ranks"
+
+
+def test_weights_changed_in_place_are_refused(tmp_path):
+    """AWQ rescales the weights in place: the original folder no longer matches the quantizer state."""
+    from conftest import run_cli
+
+    model, folder = quantized("llama-tiny", "int4-awq")
+    path = str(tmp_path / "q.pt")
+    dist_export.save_quantizer_state(model, path)
+    proc = run_cli("export", "--model", folder, "--quantizer-state", path, "--out", str(tmp_path / "o"),
+                   "--device", "cpu", check=False)
+    assert proc.returncode != 0
+    assert "differs from the weights" in proc.stderr and "save_pretrained" in proc.stderr
+    # the documented path: save the calibrated model (its quantizer buffers in the folder are never read as
+    # weights), then that folder exports on every rank exactly as the model does in memory
+    model.save_pretrained(str(tmp_path / "saved"))
+    run_cli("export", "--model", str(tmp_path / "saved"), "--quantizer-state", path, "--out", str(tmp_path / "s"),
+            "--device", "cpu", "--nproc-per-node", "2", env={"OMP_NUM_THREADS": "1"})
+    dist_export.export(model, str(tmp_path / "mem"), device="cpu")
+    assert _hashes(tmp_path / "s") == _hashes(tmp_path / "mem")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="ModelOpt's NVFP4 fake quant needs CUDA")
+@pytest.mark.parametrize("name", ["llama-tiny", "qwen3-moe-tiny"])
+@pytest.mark.parametrize("config", GPU_ONLY)
+def test_nvfp4_equals_modelopt_cuda_export(tmp_path, name, config):
+    """NVFP4_DEFAULT_CFG and W4A16_NVFP4_CFG on CUDA: bit for bit ModelOpt's own export (its Triton kernel) with
+    the global scale divided exactly; as ModelOpt stands (amax * (1 / 2688)), equal wherever that product is the
+    exact quotient. Counts go to $DIST_EXPORT_GPU_REPORT when set.
+
+    Measured 2026-12-02 on one H200 (torch 2.11, transformers 5.17, ModelOpt 0.47, Triton 3.6): against ModelOpt
+    as it stands, q_proj of layer 0 differed in 130 elements although amax / 2688 is exact there, so a second
+    difference exists besides the global scale; the exact-global-scale comparison was not reached (an earlier
+    version of this test stopped at that diagnostic). Open: find it and rerun on a GPU."""
+    import json
+
+    model, _ = quantized(name, config, device="cuda")
+    mine = ours(model, tmp_path / "ours", device="cuda")
+    theirs = modelopt_export(model, str(tmp_path / "exact"), exact_fp8=False, exact_global_scale=True)
+    raw = modelopt_export(model, str(tmp_path / "raw"), exact_fp8=False)
+    assert sorted(mine) == sorted(theirs) == sorted(raw)
+    differ = [k for k in sorted(theirs) if not torch.equal(bits(mine[k]), bits(theirs[k]))]
+    report = {"case": f"{name}/{config}", "tensors": len(theirs), "differ_exact_gs": len(differ)}
+    quantized_names, raw_differ, raw_elems, gs_inexact = 0, 0, 0, 0
+    for n, q in _weight_quantizers(model):
+        a = q._amax.float()
+        exact = torch.equal(a / 2688.0, a / torch.full_like(a, 2688.0))  # CUDA: the first is a * (1 / 2688)
+        for key in _checkpoint_names(n, model):
+            quantized_names += 1
+            gs_inexact += not exact
+            d = int((bits(mine[key]) != bits(raw[key])).sum())
+            raw_differ += d > 0
+            raw_elems += d
+    report.update(quantized=quantized_names, global_scale_inexact=gs_inexact, differ_raw=raw_differ,
+                  differ_raw_elements=raw_elems)
+    if os.environ.get("DIST_EXPORT_GPU_REPORT"):
+        with open(os.environ["DIST_EXPORT_GPU_REPORT"], "a") as f:
+            f.write(json.dumps(report) + "\n")
+    assert differ == [], f"{len(differ)} tensors differ from ModelOpt's CUDA fold, e.g. {differ[:3]}"
+    _check_state(tmp_path / "ours" / STATE_FILE_NAME, tmp_path / "exact" / STATE_FILE_NAME, model)
+
+
+def _weight_quantizers(model):
+    for name, module in model.named_modules():
+        q = getattr(module, "weight_quantizer", None)
+        if q is not None and not q._disabled:
+            yield name, q
+        for attr in ("gate_up_proj_weight_quantizers", "down_proj_weight_quantizers"):
+            for e, q in enumerate(getattr(module, attr, None) or ()):
+                if not q._disabled:
+                    yield f"{name}.{attr}.{e}", q
+
+
+def _checkpoint_names(quantizer: str, model) -> list[str]:
+    import re
+
+    m = re.match(r"^(.*\.experts)\.(gate_up_proj|down_proj)_weight_quantizers\.(\d+)$", quantizer)
+    if m is None:
+        return [f"{quantizer}.weight"]
+    projs = ("gate_proj", "up_proj") if m.group(2) == "gate_up_proj" else ("down_proj",)
+    return [f"{m.group(1)}.{m.group(3)}.{p}.weight" for p in projs]
+
+
+def test_fp8_against_unpatched_modelopt_cpu(tmp_path):
+    """Against ModelOpt's CPU arithmetic as it stands (448 * (1 / amax)): elements differ only by one FP8 step,
+    and only in tensors whose amax makes that product differ from the exact 448 / amax."""
+    model, _ = quantized("llama-tiny", "fp8")
+    mine = ours(model, tmp_path / "ours")
+    theirs = modelopt_export(model, str(tmp_path / "modelopt"), exact_fp8=False)
+    for name, module in model.named_modules():
+        q = getattr(module, "weight_quantizer", None)
+        if q is None or q._disabled:
+            continue
+        a = q._amax.float()
+        exact = bool(torch.equal(448.0 / a, torch.full_like(a, 448.0) / a))
+        x, y = mine[f"{name}.weight"].float(), theirs[f"{name}.weight"].float()
+        if exact:
+            assert torch.equal(x, y), name
+        else:
+            step = (a / 448.0) * 2.0 ** -3 * 448.0  # one E4M3 mantissa step at the top of the range
+            assert ((x - y).abs() <= step * 1.01).all(), name
+
+
+def test_modelopt_not_imported_for_plain_exports(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys, dist_export, dist_export.api, dist_export.cli; "
+            f"dist_export.export('synthetic:llama-tiny', {str(tmp_path / 'o')!r}, recipe='int4-w4a16', device='cpu'); "
+            "assert not [m for m in sys.modules if m.startswith('modelopt')], 'modelopt imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_quantized_lm_head_tied_to_embeddings_refused(tmp_path):
+    """llama-tiny ties lm_head to the embeddings: the saved checkpoint holds one tensor, which cannot be both
+    quantized (lm_head) and not (embeddings)."""
+    model, _ = quantized("llama-tiny", "fp8-lm-head")
+    with pytest.raises(ValueError, match="lm_head.weight"):
+        ours(model, tmp_path / "o")
+
+
+def test_bad_combinations_are_one_line_and_write_nothing(tmp_path):
+    """calib with a quantized model, a state file against another model, a pre-quant scale or a KV-cache
+    quantizer in a format that cannot carry it: each refused with a message naming it, the folder untouched."""
+    from conftest import run_cli
+
+    kv, _ = quantized("llama-tiny", "fp8-kv")
+    with pytest.raises(ValueError, match="do not pass --calib"):
+        dist_export.export(kv, str(tmp_path / "a"), calib=str(tmp_path / "c.safetensors"), device="cpu")
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.k_bmm_quantizer: --format modelopt cannot"):
+        dist_export.export(kv, str(tmp_path / "b"), format="modelopt", device="cpu")
+    awq, _ = quantized("llama-tiny", "int4-awq")
+    with pytest.raises(ValueError, match=r"--format compressed-tensors cannot store model\.layers\.0\..*pre-quant"):
+        dist_export.export(awq, str(tmp_path / "c"), format="compressed-tensors", device="cpu")
+    path = str(tmp_path / "q.pt")
+    dist_export.save_quantizer_state(kv, path)
+    proc = run_cli("export", "--model", model_dir("synthetic:qwen3-moe-tiny"), "--quantizer-state", path, "--out",
+                   str(tmp_path / "d"), "--device", "cpu", check=False)
+    assert proc.returncode == 1 and "was saved from another model" in proc.stderr, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()[-1]) < 400
+    for d in "abcd":
+        assert not (tmp_path / d).exists() or not os.listdir(tmp_path / d), d
