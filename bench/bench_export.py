@@ -84,6 +84,14 @@ def main() -> int:
                                                            "uses the median")
     ap.add_argument("--results", default=os.path.join(HERE, "results.json"))
     ap.add_argument("--max-shard-size", default="1GB")
+    ap.add_argument("--make-device", default=None, choices=["cpu", "cuda"],
+                    help="where make-model generates the source weights (default: cuda when a GPU is visible, "
+                         "seconds instead of minutes for qwen3-8b; the values differ from a cpu-generated model)")
+    ap.add_argument("--baseline-recipes", default=None,
+                    help="comma list: run the alternatives (--baselines) only for these recipes (default: all)")
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="unix time: a run that would not finish by then (estimated from the recipe's previous "
+                         "run, or 2x the copy floor) is skipped and listed under 'skipped' in the results")
     ap.add_argument("--threads-per-rank", default="auto",
                     help="OMP/torch threads per rank: a number, or auto = 4 with GPUs, cpus // ranks on CPU")
     args = ap.parse_args()
@@ -103,9 +111,11 @@ def main() -> int:
     # (a) the source checkpoint
     if not os.path.isfile(os.path.join(src, "config.json")):
         shutil.rmtree(src, ignore_errors=True)
+        make_device = args.make_device or ("cuda" if gpus else "cpu")
         dt, _ = sh([sys.executable, "-m", "dist_export", "make-model", "--arch", args.arch, "--preset", args.preset,
-                    "--out", src])
-        print(f"make-model: {dt:.1f} s", flush=True)
+                    "--out", src, "--device", make_device])
+        results["make_model"] = {"seconds": dt, "device": make_device}
+        print(f"make-model (--device {make_device}): {dt:.1f} s", flush=True)
     results["source_bytes"] = folder_bytes(src)
 
     # (b) the I/O floor: copy + sync on the same disk
@@ -115,6 +125,7 @@ def main() -> int:
     results["copy_floor_seconds"] = dt
     shutil.rmtree(dst, ignore_errors=True)
     print(f"I/O floor (cp -r + sync): {dt:.2f} s for {results['source_bytes'] / 1e9:.2f} GB", flush=True)
+    save(args.results, results)
 
     def threads(n: int) -> str:
         if args.threads_per_rank != "auto":
@@ -123,33 +134,58 @@ def main() -> int:
 
     results["threads_per_rank"] = args.threads_per_rank
     results["launcher"] = args.launcher
+    results["skipped"] = []
+    baseline_recipes = set(args.baseline_recipes.split(",")) if args.baseline_recipes else None
+    last_wall: dict = {}
+
+    def fits(what: str, key, floors: float = 2.0) -> bool:
+        """False (and the run listed as skipped) when it would not finish by --deadline."""
+        if args.deadline is None:
+            return True
+        floor = results["copy_floor_seconds"]
+        estimate = last_wall.get(key, max(floors * floor, floor + 8.0))  # 8 s: start-up and exit at least
+        if time.time() + estimate <= args.deadline:
+            return True
+        results["skipped"].append(f"{what}: about {estimate:.0f} s, {max(0.0, args.deadline - time.time()):.0f} s "
+                                  f"left before --deadline")
+        print(f"skipped (deadline): {what}", flush=True)
+        save(args.results, results)
+        return False
+
     for recipe in args.recipes.split(","):
+        with_baselines = baselines if baseline_recipes is None or recipe in baseline_recipes else set()
         for n in ranks:
             env = {"OMP_NUM_THREADS": threads(n)}
             for trial in range(args.repeat):
+                if not fits(f"dist_export {recipe} {n} rank(s) run {trial + 1}", (recipe, n)):
+                    continue
                 run = run_dist_export(args, src, recipe, n, env)
                 run["trial"] = trial
+                if "error" not in run:
+                    last_wall[(recipe, n)] = run["wall_seconds"]
                 results["runs"].append(run)
+                save(args.results, results)
                 print(json.dumps(run), flush=True)
-            if "threads" in baselines:
+            if "threads" in with_baselines and fits(f"threads {recipe} {n}", ("threads", recipe, n)):
                 out = os.path.join(args.workdir, f"thr-{recipe}-{n}")
                 dt, proc = sh([sys.executable, os.path.join(HERE, "threaded_baseline.py"), "--model", src,
                                "--recipe", recipe, "--out", out, "--gpus", str(n)], env=env, check=False)
                 rec = _last_json(proc) or {"error": proc.stderr[-500:]}
                 results["runs"].append({"tool": "threads", "recipe": recipe, "ranks": n, "wall_seconds": dt, **rec})
+                save(args.results, results)
                 print(json.dumps(results["runs"][-1]), flush=True)
                 shutil.rmtree(out, ignore_errors=True)
-        if "modelopt" in baselines and gpus:
+        if "modelopt" in with_baselines and gpus and fits(f"modelopt {recipe}", ("modelopt", recipe), 3.0):
             out = os.path.join(args.workdir, f"modelopt-{recipe}")
             dt, proc = sh([sys.executable, os.path.join(HERE, "modelopt_baseline.py"), "--model", src, "--recipe",
                            recipe, "--out", out], check=False)
             rec = _last_json(proc) or {"error": proc.stderr[-500:]}
             results["runs"].append({"tool": "modelopt", "recipe": recipe, "ranks": 1, "wall_seconds": dt, **rec})
+            save(args.results, results)
             print(json.dumps(results["runs"][-1]), flush=True)
             shutil.rmtree(out, ignore_errors=True)
 
-    with open(args.results, "w") as f:
-        json.dump(results, f, indent=1)
+    save(args.results, results)
     print(f"results: {args.results}")
     try:
         from report import render
@@ -158,6 +194,14 @@ def main() -> int:
     except ImportError as e:
         print(f"report not rendered here ({e}); run bench/report.py {args.results}")
     return 0
+
+
+def save(path: str, results: dict) -> None:
+    """Written after every run, so a run killed by a time limit still leaves what it measured."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, path)
 
 
 def run_dist_export(args, src: str, recipe: str, n: int, env: dict) -> dict:
@@ -174,7 +218,11 @@ def run_dist_export(args, src: str, recipe: str, n: int, env: dict) -> dict:
             "--max-shard-size", args.max_shard_size, "--summary-json", summary]
     if args.device:
         cmd += ["--device", args.device]
-    dt, _ = sh(cmd, env=env)
+    dt, proc = sh(cmd, env=env, check=False)
+    if proc.returncode != 0:  # recorded, and the benchmark goes on with the next run
+        shutil.rmtree(out, ignore_errors=True)
+        return {"tool": "dist_export", "recipe": recipe, "ranks": n, "wall_seconds": dt,
+                "error": f"exit {proc.returncode}: {proc.stderr.strip()[-1500:]}"}
     with open(summary) as f:
         s = json.load(f)
     run = {"tool": "dist_export", "recipe": recipe, "ranks": n, "wall_seconds": dt,

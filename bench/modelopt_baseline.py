@@ -27,7 +27,8 @@ def main() -> int:
         print(json.dumps({"error": f"cannot import ModelOpt: {type(e).__name__}: {e}"}))
         return 0
     cfgs = {"fp8-block": "FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG", "nvfp4-mse": "NVFP4_DEFAULT_CFG",
-            "nvfp4-w4a16": "NVFP4_DEFAULT_CFG", "int4-w4a16-mse": "INT4_BLOCKWISE_WEIGHT_ONLY_CFG"}
+            "nvfp4-w4a16": "NVFP4_DEFAULT_CFG", "int4-w4a16": "INT4_BLOCKWISE_WEIGHT_ONLY_CFG",
+            "int4-w4a16-mse": "INT4_BLOCKWISE_WEIGHT_ONLY_CFG"}
     try:
         cfg = dict(getattr(mtq, cfgs[args.recipe]))
         if args.recipe.endswith("-mse"):

@@ -60,3 +60,12 @@ def test_plan_world_size_zero_is_refused_by_the_parser(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("[rank 0] error: dist-export plan: argument --world-size: expected a "
                                                "positive integer, got '0'")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal needs a machine without CUDA")
+def test_make_model_on_cuda_without_a_gpu_is_one_line_and_writes_nothing(capsys, tmp_path):
+    out = tmp_path / "m"
+    assert main(["make-model", "--arch", "llama", "--preset", "tiny", "--out", str(out), "--device", "cuda"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["[rank 0] error: make-model --device cuda: no CUDA device is visible; use --device cpu"]
+    assert not out.exists()
