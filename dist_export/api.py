@@ -54,13 +54,20 @@ def export(model=None, out_dir: str = "out", *, ctx: DistContext | None = None, 
         out_dir: the output folder (new, empty, or an earlier export with `overwrite`/`resume`).
         ctx: an existing `DistContext` (tests, embedding); by default one is made from the launcher's environment.
         **options: the fields of `ExportOptions` (recipe, format, calib, overwrite, resume, device,
-            max_shard_size, hang_timeout, dead_timeout, verify, fault, quantizer_state), keyword only. A
-            ModelOpt-quantized model with recipe=None is exported with its own quantizers.
+            max_shard_size, hang_timeout, dead_timeout, verify, fault, quantizer_state, nproc_per_node), keyword
+            only. A ModelOpt-quantized model with recipe=None is exported with its own quantizers.
 
     Returns:
         The run summary (every rank; rank 0's includes every rank's numbers).
     """
     opts = ExportOptions.from_kwargs(options)
+    if opts.nproc_per_node is not None:
+        if model is None or isinstance(model, str):
+            raise ValueError("nproc_per_node is for in-memory ModelOpt-quantized models; for a folder run "
+                             "`dist-export export --nproc-per-node N` (or torchrun) instead")
+        from .sources.workers import export_in_workers
+
+        return export_in_workers(model, out_dir, opts)
     if model is not None and not isinstance(model, str):
         from .sources.memory import in_memory_source
 

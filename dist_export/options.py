@@ -35,6 +35,8 @@ class ExportOptions:
         quantizer_state: a file from `dist_export.save_quantizer_state(model, path)` (the quantizers of a
             ModelOpt-calibrated model, exported from its checkpoint folder on every rank); an in-memory ModelOpt
             model fills it with the same content read from the model.
+        nproc_per_node: for a ModelOpt-quantized in-memory model, run N worker processes (one per GPU) that
+            export the folder the model was loaded from with its quantizers (sources/workers.py).
         fault: test hook, a `runtime.faults.Fault` (None reads DIST_EXPORT_FAULT from the environment).
     """
 
@@ -50,6 +52,7 @@ class ExportOptions:
     verify: bool = True
     fault: object = None
     quantizer_state: object = None
+    nproc_per_node: int | None = None
 
     def __post_init__(self):
         if self.overwrite and self.resume:
@@ -62,6 +65,9 @@ class ExportOptions:
             if not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
         parse_size(self.max_shard_size)  # a bad size is refused before anything starts
+        if self.nproc_per_node is not None and (isinstance(self.nproc_per_node, bool) or
+                                                not isinstance(self.nproc_per_node, int) or self.nproc_per_node < 1):
+            raise ValueError(f"nproc_per_node must be a positive integer, got {self.nproc_per_node!r}")
         if self.quantizer_state is not None and self.calib is not None:
             raise ValueError("the model's quantizers carry its calibration (--quantizer-state or a ModelOpt-quantized "
                              "model): do not pass --calib as well")

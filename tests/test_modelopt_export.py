@@ -343,6 +343,29 @@ def test_quantizer_state_cli_at_1_2_3_ranks(tmp_path):
         assert _hashes(tmp_path / f"cli{n}") == want, f"{n} ranks"
 
 
+def test_nproc_per_node_in_process_equals_the_in_memory_export(tmp_path):
+    """export(model, out, nproc_per_node=2): two worker processes export the folder the model was loaded from
+    with its quantizers; sha256-identical to the in-memory export (the folder holds no tokenizer here, as an
+    in-memory model carries none)."""
+    import shutil
+
+    import transformers
+
+    bare = shutil.copytree(model_dir("synthetic:qwen3-moe-tiny"), tmp_path / "bare",
+                           ignore=shutil.ignore_patterns("tokenizer*"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(bare), dtype=torch.bfloat16).eval()
+    data = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model = mtq.quantize(model, CONFIGS["fp8-kv"](), lambda m: [m(data[i:i + 1]) for i in range(2)])
+    dist_export.export(model, str(tmp_path / "mem"), device="cpu", max_shard_size="60KB")
+    summary = dist_export.export(model, str(tmp_path / "workers"), device="cpu", max_shard_size="60KB",
+                                 nproc_per_node=2)
+    assert len(summary["ranks"]) == 2
+    assert _hashes(tmp_path / "workers") == _hashes(tmp_path / "mem")
+    with pytest.raises(ValueError, match="nproc_per_node is for in-memory ModelOpt-quantized models"):
+        dist_export.export(str(bare), str(tmp_path / "x"), nproc_per_node=2)
+
+
 def test_weights_changed_in_place_are_refused(tmp_path):
     """AWQ rescales the weights in place: the original folder no longer matches the quantizer state."""
     from conftest import run_cli
@@ -354,6 +377,9 @@ def test_weights_changed_in_place_are_refused(tmp_path):
                    "--device", "cpu", check=False)
     assert proc.returncode != 0
     assert "differs from the weights" in proc.stderr and "save_pretrained" in proc.stderr
+    with pytest.raises(ValueError, match="differs from the weights"):
+        dist_export.export(model, str(tmp_path / "w"), device="cpu", nproc_per_node=2)
+    assert not (tmp_path / "w").exists()
     # the documented path: save the calibrated model (its quantizer buffers in the folder are never read as
     # weights), then that folder exports on every rank exactly as the model does in memory
     model.save_pretrained(str(tmp_path / "saved"))
