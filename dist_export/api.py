@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass, replace
 from . import __version__
 from .calibration.file import load_calibration, model_signature, required_input_quantizers
 from .commit import commit_export
-from .execute import execute_rank, reusable_shards
+from .execute import RankResult, execute_rank, reusable_shards
 from .groups import groups_to_measure_first, measure_group_amax, merge_group_amax
-from .layout import staged_path
+from .layout import CONFIG_NAME, staged_path
 from .options import DEFAULT_MODEL, DEFAULT_RECIPE, ExportOptions, parse_size
 from .output_formats import format_file_names, get_output_format
 from .plan import ExportPlan, build_plan, rank_loads
@@ -29,7 +29,8 @@ from .runtime.dist import DistContext, init_distributed
 from .runtime.monitor import start_monitor
 from .sources.checkpoint import SourceCheckpoint
 from .storage.manifest import Manifest, file_sha256, run_fingerprint
-from .storage.outdir import check_output_dir, prepare_output_dir, remove_temporaries
+from .storage.atomic import remove_own_temporaries
+from .storage.outdir import check_output_dir, prepare_output_dir
 from .ownership import measured_summary
 from .report import format_report, quantization_summary
 
@@ -114,7 +115,7 @@ def run_export(open_source, out_dir: str, opts: ExportOptions, ctx: DistContext 
         fault = fault_from_env()
     try:
         monitor = start_monitor(ctx, hang_after=opts.hang_timeout, dead_after=opts.dead_timeout,
-                                on_fail=lambda: remove_temporaries(out_dir))
+                                on_fail=remove_own_temporaries)
         try:
             summary = _export(ctx, open_source, out_dir, opts, fault)
             monitor.finish()
@@ -140,7 +141,7 @@ def plan_inputs(open_source, out_dir: str | None, opts: ExportOptions, world_siz
     else:
         rec = opts.recipe if isinstance(opts.recipe, Recipe) else load_recipe(opts.recipe or DEFAULT_RECIPE)
     if out_dir is not None:
-        check_output_dir(out_dir, opts.overwrite, opts.resume)
+        check_output_dir(out_dir, opts.overwrite, opts.resume, opts.allow_foreign_files, source_dirs(opened))
     plan = build_plan(opened.source.tensors, rec, fmt, world_size, opts.shard_bytes)
     required = required_input_quantizers(plan)
     if out_dir is None:
@@ -174,16 +175,23 @@ def _export(ctx: DistContext, open_source, out_dir: str, opts: ExportOptions, fa
     manifest = Manifest(out_dir, run_fingerprint(source, rec, calib_sha, fmt.name, plan.layout_digest()),
                         opts.resume)
 
-    # 2. Rank 0 prepares the folder (lock, stale index, manifest check); the others wait for it.
+    # 2. Rank 0 takes the folder over (lock, ownership, manifest check); the others wait for it.
     lock = None
 
     def prepare():
         nonlocal lock
-        lock = prepare_output_dir(out_dir, opts.overwrite, opts.resume, format_file_names())
-        manifest.check_and_write()
+        lock = prepare_output_dir(out_dir, opts.overwrite, opts.resume, opts.allow_foreign_files,
+                                  will_write(inputs), source_dirs(inputs.opened), manifest.fingerprint)
+        if not lock.published:
+            manifest.check_and_write()
+        return lock.published
 
     try:
-        ctx.on_rank0("prepare output folder", prepare)
+        if ctx.step("prepare output folder", lambda: prepare() if ctx.is_rank0 else None)[0]:
+            if ctx.monitor and ctx.is_rank0:
+                ctx.monitor.close_bar(complete=True)
+            log.info("--resume: %s already holds this export, finished (same inputs); nothing to do", out_dir)
+            return _summary([RankResult(r) for r in range(ctx.world_size)], time.monotonic() - t0, out_dir, plan)
         # 3. Shards an earlier run finished, the shared amax of groups split over ranks (or partly finished),
         # then every rank executes its shards; the pipeline measures every other group as its members pass.
         reused = ctx.local_step("resume check", reusable_shards, ctx, plan, out_dir, manifest)
@@ -193,12 +201,11 @@ def _export(ctx: DistContext, open_source, out_dir: str, opts: ExportOptions, fa
         results = ctx.step("export", execute_rank, ctx, plan, source, fmt, out_dir, inputs.calib, group_amax,
                            manifest, fault, reused=reused)
         # 4. Rank 0 checks and publishes; the index comes last.
-        record = _record(inputs, results)
+        record = _record(inputs, results, manifest.fingerprint)
         ctx.on_rank0("commit", commit_export, plan, out_dir, inputs.opened.side_dir, source.load_config(), rec,
-                     fmt, inputs.calib, record, staged_path)
+                     fmt, inputs.calib, record, staged_path, lock.foreign if lock else frozenset())
     except BaseException:
-        if ctx.is_rank0 and lock is not None:
-            remove_temporaries(out_dir)
+        remove_own_temporaries()  # this process's own unfinished files, nothing else
         raise
     finally:
         if lock is not None:
@@ -217,13 +224,33 @@ def _export(ctx: DistContext, open_source, out_dir: str, opts: ExportOptions, fa
     return summary
 
 
-def _record(inputs: _Inputs, results) -> dict:
+def _record(inputs: _Inputs, results, fingerprint: dict) -> dict:
     """The record lets `verify --source` recompute everything; it names no path, so the same inputs give the same
     bytes wherever (and from whatever source object) they come."""
     return {"dist_export": __version__, "recipe": inputs.recipe.to_dict(), "format": inputs.output_format.name,
             "calibration": {k: float(v) for k, v in sorted(inputs.calib.items())},
-            "source_signature": model_signature(inputs.opened.source.tensors),
+            "source_signature": model_signature(inputs.opened.source.tensors), "fingerprint": fingerprint,
             "shards": {f: {"sha256": i["sha256"], "size": i["size"]} for r in results for f, i in r.shards.items()}}
+
+
+def source_dirs(opened: OpenedSource) -> list[str]:
+    """The folders the source is read from (side files, weights): --out may not be, lie in or contain one."""
+    return [d for d in (opened.side_dir, getattr(opened.source, "folder", None)) if isinstance(d, str)]
+
+
+def will_write(inputs: _Inputs) -> set[str]:
+    """Every name the export may write into --out (relative paths), known before any write: a foreign file at one
+    of them is refused even with --allow-foreign-files."""
+    plan, fmt = inputs.plan, inputs.output_format
+    names = {CONFIG_NAME, *fmt.file_names}
+    names |= {s.filename for s in plan.shards} | {os.path.basename(staged_path("", plan, s.filename)) for s in plan.shards}
+    if inputs.opened.side_dir is not None:
+        from .sources.hub import source_root
+        from .sources.side_files import list_side_files
+
+        side = inputs.opened.side_dir
+        names |= set(list_side_files(side, source_root(side), format_file_names()))
+    return names
 
 
 def _verify_published(out_dir: str) -> str:

@@ -63,8 +63,12 @@ def _add_export(sub):
     p.add_argument("--out", required=True, help="output folder (new or empty)")
     p.add_argument("--format", default=DEFAULTS.format, choices=_formats(), help="output format")
     p.add_argument("--calib", default=DEFAULTS.calib, help="calibration file from `dist-export calibrate`")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier export in --out (only the files its record names; a folder holding any "
+                        "other file is refused)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted export, reusing checked shards")
+    p.add_argument("--allow-foreign-files", action="store_true",
+                   help="export into a folder holding files dist_export did not write; they are kept untouched")
     p.add_argument("--device", choices=["cpu", "cuda"], default=DEFAULTS.device, help="default: cuda if available")
     p.add_argument("--max-shard-size", default=DEFAULTS.max_shard_size, help="largest output file")
     p.add_argument("--hang-timeout", type=float, default=DEFAULTS.hang_timeout,
@@ -194,7 +198,8 @@ def cmd_export(args) -> int:
 
     model = resolve_model(args.model, args.revision) if args.revision else args.model
     summary = export(model, args.out, recipe=args.recipe, format=args.format, calib=args.calib,
-                     overwrite=args.overwrite, resume=args.resume, device=args.device,
+                     overwrite=args.overwrite, resume=args.resume,
+                     allow_foreign_files=args.allow_foreign_files, device=args.device,
                      max_shard_size=args.max_shard_size, hang_timeout=args.hang_timeout,
                      dead_timeout=args.dead_timeout, verify=not args.no_verify,
                      quantizer_state=args.quantizer_state)

@@ -1,26 +1,28 @@
 """Stage 3, rank 0 only, after every rank reported success: check what was written, then publish.
 
-Order matters: shard headers are checked against the plan, then config.json, the extra files (state file,
-hf_quant_config.json) and the export record are written, and last the index (temp file, fsync, rename) or,
-for a single file, the rename to `model.safetensors`. Until that final step no loader can see a complete
-checkpoint.
+Order matters: shard headers are checked against the plan; every small file is built in memory (config.json,
+the side files, the format's extra files, the index); the export record, naming each of them and each shard with
+its sha256 and size (the proof of ownership a later --overwrite or --resume relies on, see storage/outdir.py),
+is written first, then the small files, and last the index (private temporary, fsync, rename) or, for a single
+file, the rename to `model.safetensors`. Until that final step no loader can see a complete checkpoint. Every
+temporary lives in `.dist_export/tmp/`; a link in --out is never written through (`atomic.py`).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import shutil
 
-from .storage.atomic import write_atomic
 from .layout import CONFIG_NAME, INDEX_NAME, MANIFEST_DIR, RECORD_NAME, SINGLE_NAME
 from .output_formats import format_file_names
 from .sources.hub import source_root
 from .sources.side_files import list_side_files, missing_auto_map_code, side_file_path
-from .storage.manifest import file_sha256
-from .storage.reader import safe_join
+from .storage.atomic import read_regular, write_atomic
 from .storage.header import read_header
-from .storage.outdir import fsync_dir
+from .storage.outdir import clashes, fsync_dir, refuse_clash, tmp_dir
+from .storage.reader import safe_join
 from .plan import ExportPlan
 
 log = logging.getLogger(__name__)
@@ -41,56 +43,80 @@ def check_written_shards(plan: ExportPlan, out_dir: str, staged) -> None:
             raise RuntimeError(f"commit: shard {shard.filename} does not match the plan, e.g. {bad}")
 
 
-def _copy_side_files(src: str, out_dir: str, config: dict) -> tuple[dict, dict[str, str]]:
-    """Copy every side file of `src` (sources/side_files.py: tokenizer files of any kind, README, LICENSE,
-    auto_map code, ...; links must resolve inside the source root). Returns the config (its `auto_map` dropped
-    when the code it names is missing: vLLM raises on a dangling one) and {relative path: sha256} of what was
-    written, for the record (a later --overwrite removes exactly those files)."""
+def _side_files(src: str, config: dict) -> tuple[dict, dict[str, bytes]]:
+    """(config, {relative path: bytes}) of every side file of `src` (sources/side_files.py: tokenizer files of
+    any kind, README, LICENSE, auto_map code, ...; each must resolve to a regular file inside the source root,
+    read without following a further link). The config loses its `auto_map` when the code it names is missing:
+    vLLM raises on a dangling one."""
     root = source_root(src)
-    written = {}
-    for rel in list_side_files(src, root, format_file_names()):
-        real = side_file_path(src, rel, root)
-        dst = safe_join(out_dir, os.path.join(*rel.split("/")), "side file")
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        if os.path.islink(dst):
-            raise ValueError(f"{dst} is a link in the output folder; refusing to write through it: remove it")
-        shutil.copyfile(real, dst)
-        os.chmod(dst, 0o644)
-        written[rel] = file_sha256(dst)
+    files = {rel: read_regular(side_file_path(src, rel, root), "side file")
+             for rel in list_side_files(src, root, format_file_names())}
     missing = missing_auto_map_code(src)
     if missing.get(CONFIG_NAME) and "auto_map" in config:
         log.warning("config.json auto_map names %s, missing from the source: auto_map removed "
                     "(vLLM raises on a dangling auto_map)", missing[CONFIG_NAME])
         config = {k: v for k, v in config.items() if k != "auto_map"}
-    for name, files in missing.items():
+    for name, names in missing.items():
         if name != CONFIG_NAME:
             log.warning("%s auto_map names %s, missing from the source: loading it with trust_remote_code will "
-                        "fail", name, files)
-    return config, written
+                        "fail", name, names)
+    return config, files
+
+
+def _json(data: dict, indent: int) -> bytes:
+    return (json.dumps(data, indent=indent, sort_keys=True) + "\n").encode()
+
+
+def _out_path(out_dir: str, rel: str) -> str:
+    """Where `rel` goes in --out: every folder on the way is created by us or is a real folder inside --out,
+    never a link (a write never lands outside --out through a planted link)."""
+    parts = rel.split("/")
+    folder = out_dir
+    for part in parts[:-1]:
+        folder = os.path.join(folder, part)
+        if os.path.islink(folder) or (os.path.lexists(folder) and not os.path.isdir(folder)):
+            raise ValueError(f"{folder} in the output folder is a link or a file where the export needs a folder "
+                             f"for {rel}; refusing to write through it: remove it")
+        os.makedirs(folder, exist_ok=True)
+    return safe_join(out_dir, os.path.join(*parts), "side file")
 
 
 def commit_export(plan: ExportPlan, out_dir: str, source_dir: str | None, source_config: dict, recipe,
-                  output_format, calib: dict, record: dict, staged) -> None:
-    """Publish the export; the index (or the single file's final name) comes last."""
+                  output_format, calib: dict, record: dict, staged, foreign=frozenset()) -> None:
+    """Publish the export; the index (or the single file's final name) comes last. Every file's bytes are known
+    before the first write, so the record names all of them with their sha256 (what a later --overwrite may
+    remove) and none of them lands on a `foreign` entry of --out (kept with --allow-foreign-files)."""
     check_written_shards(plan, out_dir, staged)
     extras = output_format.extra_files(plan, recipe, calib)
     unlisted = sorted(set(extras) - set(output_format.file_names))
     if unlisted:  # a name not listed would be neither removed by --overwrite nor kept out of a later copy
         raise RuntimeError(f"--format {output_format.name} writes {unlisted}, which its file_names do not list")
     config = output_format.update_config(source_config, plan, recipe)
+    side: dict[str, bytes] = {}
     if source_dir is not None:
-        config, record["side_files"] = _copy_side_files(source_dir, out_dir, config)
+        config, side = _side_files(source_dir, config)
     elif "auto_map" in config:
         config = {k: v for k, v in config.items() if k != "auto_map"}
-    write_atomic(os.path.join(out_dir, CONFIG_NAME), (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
-    for name, data in extras.items():
-        write_atomic(os.path.join(out_dir, name), data)
-    write_atomic(os.path.join(out_dir, RECORD_NAME), (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
+    files = {**side, CONFIG_NAME: _json(config, 2), **extras}
+    if not plan.single_file:
+        weight_map = {t.name: s.filename for s in plan.shards for t in s.tensors}
+        files[INDEX_NAME] = _json({"metadata": {"total_size": plan.total_size},
+                                   "weight_map": dict(sorted(weight_map.items()))}, 2)
+    clash = clashes(foreign, [*files, RECORD_NAME, *(SINGLE_NAME,) * plan.single_file])
+    if clash:
+        refuse_clash(out_dir, clash)
+    record = {**record, "side_files": {rel: hashlib.sha256(b).hexdigest() for rel, b in sorted(side.items())},
+              "files": {rel: {"sha256": hashlib.sha256(b).hexdigest(), "size": len(b)}
+                        for rel, b in sorted(files.items())}}
+    tmp = tmp_dir(out_dir)
+    # the record first: a commit cut short leaves files that it names (ours to replace on the next run)
+    write_atomic(os.path.join(out_dir, RECORD_NAME), _json(record, 1), tmp)
+    for rel, data in files.items():
+        if rel != INDEX_NAME:
+            write_atomic(_out_path(out_dir, rel), data, tmp)
     if plan.single_file:
         os.replace(staged(out_dir, plan, SINGLE_NAME), os.path.join(out_dir, SINGLE_NAME))
     else:
-        weight_map = {t.name: s.filename for s in plan.shards for t in s.tensors}
-        index = {"metadata": {"total_size": plan.total_size}, "weight_map": dict(sorted(weight_map.items()))}
-        write_atomic(os.path.join(out_dir, INDEX_NAME), (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
+        write_atomic(os.path.join(out_dir, INDEX_NAME), files[INDEX_NAME], tmp)
     shutil.rmtree(os.path.join(out_dir, MANIFEST_DIR), ignore_errors=True)
     fsync_dir(out_dir)

@@ -14,18 +14,12 @@ SINGLE_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
 RECORD_NAME = "dist_export.json"  # the export record: recipe, format, calibration, per-shard checksums
-MANIFEST_DIR = ".dist_export"  # resume manifest (per-run fingerprint and finished shards)
+MANIFEST_DIR = ".dist_export"  # our private folder: resume manifest (fingerprint, finished shards), tmp/
 LOCK_NAME = ".dist_export.lock"
 TMP_SUFFIX = ".tmp"  # a file being written; renamed into place when complete
-TMP_PATTERNS = ("*" + TMP_SUFFIX, ".*" + TMP_SUFFIX)  # glob's `*` skips the hidden `.NAME.<random>.tmp` ones
 STAGED_SUFFIX = ".staged"  # a finished single-file shard waiting for the commit
 STATE_FILE_NAME = "vllm_fq_modelopt_state.pth"
 HF_QUANT_CONFIG_NAME = "hf_quant_config.json"
-
-# Files every export writes (with the names its output format adds, `OutputFormat.file_names`): --overwrite
-# removes only these, never anything else the user keeps there; a source's copies are never carried.
-OWN_PATTERNS = ("*.safetensors", "*.safetensors" + STAGED_SUFFIX, "*" + TMP_SUFFIX, INDEX_NAME, CONFIG_NAME,
-                GENERATION_CONFIG_NAME, RECORD_NAME)
 
 # A tensor or state-dict key that belongs to a quantizer (ModelOpt's `*_quantizer.*`, `_amax`,
 # `_pre_quant_scale`): never written as a weight, never read as one.
@@ -37,9 +31,10 @@ def shard_filename(index: int, count: int) -> str:
     return SINGLE_NAME if count == 1 else f"model-{index + 1:05d}-of-{count:05d}.safetensors"
 
 
-def tmp_path(path: str) -> str:
-    """The temporary a small file of the user's (calibration, quantizer state) is written to before its rename."""
-    return path + TMP_SUFFIX
+def export_tmp_dir(out_dir: str) -> str:
+    """Where every file of an export starts, before its rename into place: inside our private folder, so a
+    killed run's leftovers are provably ours (storage/outdir.py)."""
+    return os.path.join(out_dir, MANIFEST_DIR, "tmp")
 
 
 def private_tmp_name(final_name: str, token: str) -> str:

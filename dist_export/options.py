@@ -25,8 +25,11 @@ class ExportOptions:
             Given together with quantizers, it must agree with them (the first disagreement stops the export).
         format: output format name (`vllm-fq`, `fp8-block`, `modelopt`, ...).
         calib: calibration file from `dist-export calibrate` (static activation recipes need one).
-        overwrite: replace an earlier export in the output folder (only files an export wrote).
+        overwrite: replace an earlier export in the output folder (only files its record names, checksums
+            matching; a folder holding any other file is refused unless `allow_foreign_files`).
         resume: finish an interrupted export, reusing shards whose checksums match the record.
+        allow_foreign_files: export into a folder that holds files dist_export did not write; they are kept
+            untouched (one at a name the export writes is still refused).
         device: "cpu" or "cuda"; None picks cuda when one is visible.
         max_shard_size: largest output file, as bytes or text such as "500MB" or "1GB".
         hang_timeout: seconds without progress before a rank counts as hung.
@@ -45,6 +48,7 @@ class ExportOptions:
     calib: str | None = None
     overwrite: bool = False
     resume: bool = False
+    allow_foreign_files: bool = False
     device: str | None = None
     max_shard_size: object = "1GB"
     hang_timeout: float = 45.0

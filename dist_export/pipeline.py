@@ -125,10 +125,13 @@ def run_pipeline(ctx, plan, source, output_format, out_dir, calib, groups, manif
     finishing: list = []
 
     def _finish_shard(w, shard):
-        dest = staged_path(out_dir, plan, shard.filename)
-        sha = w.finish(rename_to=dest)
-        info = {"sha256": sha, "size": os.path.getsize(dest)}
-        manifest.record_shard(shard.filename, info)
+        info = {}
+
+        def record(sha256, size):  # before the rename: a shard in --out is always named by a record of ours
+            info.update(sha256=sha256, size=size)
+            manifest.record_shard(shard.filename, info)
+
+        w.finish(rename_to=staged_path(out_dir, plan, shard.filename), before_rename=record)
         result.shards[shard.filename] = {**info, "reused": False}
 
     def writer():
@@ -156,7 +159,8 @@ def run_pipeline(ctx, plan, source, output_format, out_dir, calib, groups, manif
                 shard = job[1]
                 path = os.path.join(out_dir, shard.filename)
                 open_writer["w"] = ShardWriter(path, [(t.name, t.dtype, t.shape) for t in shard.tensors],
-                                               {"format": "pt"}, pool=write_pool, max_in_flight=WRITE_IN_FLIGHT)
+                                               {"format": "pt"}, pool=write_pool, max_in_flight=WRITE_IN_FLIGHT,
+                                               tmp_dir=manifest.tmp)
             elif job[0] == "close":
                 # fsync + rename on the finisher thread: the next shard's writes start at once
                 finishing.append(finisher.submit(_finish_shard, open_writer.pop("w"), job[1]))

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from .layout import CONFIG_NAME, INDEX_NAME, QUANTIZER_KEY, RECORD_NAME, SINGLE_NAME, STAGED_SUFFIX, TMP_SUFFIX
+from .layout import CONFIG_NAME, INDEX_NAME, MANIFEST_DIR, QUANTIZER_KEY, RECORD_NAME, SINGLE_NAME, STAGED_SUFFIX
 from .output_formats import get_output_format, output_formats
 from .sources.checkpoint import SourceCheckpoint
 from .storage.reader import read_tensor
@@ -167,7 +167,8 @@ def verify_export(out_dir: str, source_dir: str | None = None) -> dict:
         with open(record_path) as f:
             record = json.load(f)
         _check_checksums(out_dir, record, rep)
-    leftovers = [f for f in os.listdir(out_dir) if f.endswith((TMP_SUFFIX, STAGED_SUFFIX))]
+    # ours only: a foreign `notes.tmp` kept with --allow-foreign-files is no defect; temporaries live in MANIFEST_DIR
+    leftovers = [f for f in os.listdir(out_dir) if f.endswith(STAGED_SUFFIX) or f == MANIFEST_DIR]
     if leftovers:
         rep.defect(f"temporary files left behind: {leftovers[:3]}")
     if source_dir is not None:

@@ -53,20 +53,27 @@ def test_registered_output_format_exports_verifies_and_owns_its_file(toy_output_
     assert verify_export(out)["ok"]
 
     # verify asked the format: a wrong count in its file is reported.
+    with open(os.path.join(out, TOY_FILE), "rb") as f:
+        written = f.read()
     with open(os.path.join(out, TOY_FILE), "w") as f:
         json.dump({"tensors": -1}, f)
     report = verify_export(out)
     assert any(TOY_FILE in d for d in report["defects"]), report
+    with open(os.path.join(out, TOY_FILE), "wb") as f:  # restored: the bytes our record names, ours again
+        f.write(written)
 
     # The export folder used as a source: the toy file is not carried into the next export.
     again = str(tmp_path / "again")
     export(out, again, format="vllm-fq", verify=False)
     assert not os.path.exists(os.path.join(again, TOY_FILE))
 
-    # --overwrite with another format removes the toy file (it is ours), and keeps a file of the user's.
+    # --overwrite with another format removes the toy file (its record names it), and keeps a file of the
+    # user's (refused unless allowed explicitly).
     with open(os.path.join(out, "notes.txt"), "w") as f:
         f.write("mine")
-    export(src, out, format="vllm-fq", overwrite=True, verify=False)
+    with pytest.raises(ValueError, match="notes.txt"):
+        export(src, out, format="vllm-fq", overwrite=True, verify=False)
+    export(src, out, format="vllm-fq", overwrite=True, allow_foreign_files=True, verify=False)
     assert not os.path.exists(os.path.join(out, TOY_FILE))
     assert os.path.isfile(os.path.join(out, "notes.txt"))
 

@@ -64,8 +64,11 @@ def test_revision_then_overwrite_removes_only_the_side_files_we_wrote(tmp_path, 
         f.write(b"user note\n")
     with open(os.path.join(out, "NOTES.txt"), "w") as f:  # never ours
         f.write("keep")
-    run_cli("export", "--model", "acme/q3", "--revision", "bare", "--recipe", "fp8-pc-pt", "--out", out,
-            "--overwrite", env=hub)
+    args = ("export", "--model", "acme/q3", "--revision", "bare", "--recipe", "fp8-pc-pt", "--out", out, "--overwrite")
+    refused = run_cli(*args, env=hub, check=False)  # files that are not ours: refused unless explicitly allowed
+    assert refused.returncode == 1 and "LICENSE" in refused.stderr.splitlines()[-1], refused.stderr[-2000:]
+    assert (first == _weight(out)).all()
+    run_cli(*args, "--allow-foreign-files", env=hub)
     assert not (first == _weight(out)).all(), "--revision bare exported the main snapshot"
     left = set(os.listdir(out))
     assert not left & {"README.md", "qwen.tiktoken", "tokenization_acme.py", "tokenizer_config.json"}

@@ -87,13 +87,17 @@ def test_metadata_not_an_object_is_refused(tmp_path):
         read_header(_raw(tmp_path, {"__metadata__": [1]}))
 
 
-def test_a_killed_runs_hidden_temporary_is_removed_by_the_next_prepare(tmp_path):
+def test_a_killed_runs_temporary_is_removed_by_the_next_prepare_a_users_is_not(tmp_path):
     from dist_export.storage.outdir import prepare_output_dir
 
     out = tmp_path / "out"
-    out.mkdir()
-    left = out / ".model.safetensors.0123456789ab.tmp"  # what a SIGKILLed writer leaves
+    (out / ".dist_export" / "tmp").mkdir(parents=True)
+    left = out / ".dist_export" / "tmp" / ".model.safetensors.0123456789ab.tmp"  # what a SIGKILLed writer leaves
     left.write_bytes(b"partial")
-    lock = prepare_output_dir(str(out), overwrite=False, resume=True)
+    users = out / ".notes.0123456789ab.tmp"  # the same name pattern outside our private folder is the user's
+    users.write_bytes(b"mine")
+    with pytest.raises(ValueError, match="notes"):
+        prepare_output_dir(str(out), overwrite=False, resume=True)
+    lock = prepare_output_dir(str(out), overwrite=False, resume=True, allow_foreign=True)
     lock.release()
-    assert not left.exists()
+    assert not left.exists() and users.read_bytes() == b"mine"

@@ -11,9 +11,10 @@ import os
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as save_bytes
 
-from ..layout import tmp_path
+from ..storage.atomic import write_atomic
+
 
 CALIB_FORMAT = "dist_export-calibration-1"
 # vLLM fuses these projections into one module with one input quantizer: their input amax is shared
@@ -42,10 +43,7 @@ def save_calibration(path: str, amax: dict[str, torch.Tensor], recipe, signature
         import json
 
         meta["data"] = json.dumps(data, sort_keys=True)
-    tmp = tmp_path(path)
-    save_file(tensors, tmp, metadata=meta)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    write_atomic(path, save_bytes(tensors, metadata=meta))  # a private temporary, never through a link (atomic.py)
 
 
 def load_calibration(path: str, recipe, signature: str, required: list[str]) -> dict[str, torch.Tensor]:

@@ -1,6 +1,7 @@
 """Output formats, registered by name. Each format says, from metadata alone, which tensors an item becomes,
 produces them from the item's weight, adds what the folder needs (quantization_config, extra files), names the
-files it adds (`file_names`: ours to remove on --overwrite, never carried from a source) and checks its own part
+files it adds (`file_names`: a foreign file at one of them is refused, a source's copy is never carried; what
+--overwrite removes is what the export record names, storage/outdir.py) and checks its own part
 of an exported folder for `verify` (`check_folder`).
 
 Adding a format adds a module here that calls `register_output_format`; nothing else changes.

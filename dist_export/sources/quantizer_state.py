@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..layout import tmp_path
 from ..numerics import QuantSpec
 from ..recipe import InputSpec, Recipe, Rule
 
@@ -99,10 +98,14 @@ def state_digest(state: dict) -> str:
 
 
 def save_state(state: dict, path: str) -> None:
-    tmp = tmp_path(path)
-    torch.save(state, tmp)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    """Write whole, through a private temporary (never a fixed `.tmp` name, never through a link; atomic.py)."""
+    import io
+
+    from ..storage.atomic import write_atomic
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_atomic(path, buf.getvalue())
 
 
 def load_state(path: str) -> dict:

@@ -14,12 +14,14 @@ import math
 import os
 import re
 import shutil
+import tempfile
 import zlib
 
 import torch
 
 from .archs import ARCHS, PRESET_SOURCE_FORMATS, parse_synthetic  # noqa: F401 - re-exported
 from ..layout import CONFIG_NAME, INDEX_NAME, TMP_SUFFIX, shard_filename
+from ..storage.atomic import NOFOLLOW, write_atomic
 from ..storage.header import DTYPE_TO_ST, ST_ITEMSIZE
 from ..storage.shard_file import ShardWriter
 
@@ -141,8 +143,7 @@ def make_model(arch: str, preset: str, out: str, seed: int = 0, dtype: str = "bf
         writer.finish()
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        with open(os.path.join(out, INDEX_NAME), "w") as f:
-            json.dump(index, f, indent=2, sort_keys=True)
+        write_atomic(os.path.join(out, INDEX_NAME), json.dumps(index, indent=2, sort_keys=True).encode())
     if fmt is not None:
         plain = [n[: -len(".weight")] for n, shape, layout in entries
                  if len(layout) == 1 and n.endswith(".weight") and len(shape) == 2]
@@ -230,11 +231,16 @@ def ensure_synthetic(name: str, seed: int = 0, dtype: str = "bfloat16") -> str:
     final = os.path.join(root, f"{arch}-{preset}-seed{seed}-{dtype}-tf{transformers.__version__}-tok1")
     if os.path.isfile(os.path.join(final, CONFIG_NAME)):
         return final
-    with open(final + ".lock", "w") as lock:
+    fd = os.open(final + ".lock", os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o644)  # a planted link is not followed
+    with os.fdopen(fd, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one generator; the others wait and reuse its result
         if not os.path.isfile(os.path.join(final, CONFIG_NAME)):
-            tmp = f"{final}{TMP_SUFFIX}{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            make_model(arch, preset, tmp, seed=seed, dtype=dtype)
-            os.replace(tmp, final)
+            tmp = tempfile.mkdtemp(prefix=os.path.basename(final) + ".", suffix=TMP_SUFFIX, dir=root)  # private, new
+            try:
+                make_model(arch, preset, tmp, seed=seed, dtype=dtype)
+                os.chmod(tmp, 0o755)  # mkdtemp's 0700: the cache may be shared by users
+                os.replace(tmp, final)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
     return final

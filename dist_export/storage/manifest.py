@@ -15,8 +15,8 @@ import os
 import re
 
 from .. import __version__
-from ..layout import MANIFEST_DIR
-from .atomic import write_atomic
+from ..layout import MANIFEST_DIR, export_tmp_dir
+from .atomic import read_regular, write_atomic
 
 
 def file_sha256(path: str, chunk: int = 16 * 1024 * 1024) -> str:
@@ -56,8 +56,8 @@ def run_fingerprint(source, recipe, calib_sha: str | None, fmt: str, layout_dige
 _PART_NAME = re.compile(r"^\d+\.json$")
 
 
-def _atomic_json(path: str, data: dict) -> None:
-    write_atomic(path, json.dumps(data, indent=1, sort_keys=True).encode())
+def _atomic_json(path: str, data: dict, tmp: str) -> None:
+    write_atomic(path, json.dumps(data, indent=1, sort_keys=True).encode(), tmp)
 
 
 class Manifest:
@@ -67,25 +67,30 @@ class Manifest:
         self.resume = resume
 
     @property
+    def tmp(self) -> str:
+        return export_tmp_dir(os.path.dirname(self.dir))
+
+    @property
     def path(self) -> str:
         return os.path.join(self.dir, "manifest.json")
 
     def check_and_write(self) -> None:
         """Rank 0, before work: refuse a manifest from other inputs under --resume, then record ours."""
         os.makedirs(os.path.join(self.dir, "shards"), exist_ok=True)
+        os.makedirs(self.tmp, exist_ok=True)
         if self.resume and os.path.isfile(self.path):
-            with open(self.path) as f:
-                old = json.load(f).get("fingerprint", {})
+            old = json.loads(read_regular(self.path, "resume manifest")).get("fingerprint", {})
             differ = sorted(k for k in set(old) | set(self.fingerprint) if old.get(k) != self.fingerprint.get(k))
             if differ:
                 raise ValueError(
                     f"--resume: the unfinished export in {os.path.dirname(self.dir)} was made from other inputs "
                     f"(differs in: {', '.join(differ)}); rerun without --resume and with --overwrite"
                 )
-        _atomic_json(self.path, {"fingerprint": self.fingerprint})
+        _atomic_json(self.path, {"fingerprint": self.fingerprint}, self.tmp)
 
     def record_shard(self, filename: str, info: dict) -> None:
-        _atomic_json(os.path.join(self.dir, "shards", filename + ".json"), {"fingerprint": self.fingerprint, **info})
+        _atomic_json(os.path.join(self.dir, "shards", filename + ".json"), {"fingerprint": self.fingerprint, **info},
+                     self.tmp)
 
     def _parts_dir(self, filename: str) -> str:
         return os.path.join(self.dir, "shards", filename + ".parts")
@@ -108,7 +113,7 @@ class Manifest:
         folder = self._parts_dir(filename)
         os.makedirs(folder, exist_ok=True)
         _atomic_json(os.path.join(folder, f"{rank}.json"), {"fingerprint": self.fingerprint, "file": ident,
-                                                            "tensors": sums})
+                                                            "tensors": sums}, self.tmp)
 
     def parts(self, filename: str, ident: str) -> dict[str, str]:
         """{tensor: sha256} over every part record of the shard's temporary `ident` (a tensor recorded by two
@@ -136,8 +141,7 @@ class Manifest:
         rec_path = os.path.join(self.dir, "shards", filename + ".json")
         if not (os.path.isfile(rec_path) and os.path.isfile(path)):
             return None
-        with open(rec_path) as f:
-            rec = json.load(f)
+        rec = json.loads(read_regular(rec_path, "shard record"))
         if rec.get("fingerprint") != self.fingerprint or not ({"tensors", "sha256"} & set(rec)):
             return None
         from .shared_shard import check_shard
