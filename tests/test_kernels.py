@@ -105,6 +105,32 @@ def test_fold_and_encode_bit_exact(fmt, gran, bs, shape):
                     assert_same(got[key], want[key], f"{what} {key}")
 
 
+@pytest.mark.parametrize("fmt,gran,bs,shape", [
+    ("nvfp4", "group", 16, (6, 20)), ("nvfp4", "group", 16, (5, 10)),  # packed bytes one by one (width % 8 != 0)
+    ("nvfp4", "group", 16, (9, 24)),  # words of 8 codes, the last block half full
+    ("int4", "group", 256, (5, 600)), ("int8", "group", 200, (3, 450)),  # groups wider than a tile: cut in chunks
+    ("fp8", "block", 256, (300, 520)), ("int4", "group", 130, (2, 300)),  # 130 -> chunks of 65, padded to 128
+    ("int8", "channel", None, (3, 300)), ("fp8", "tensor", None, (17, 260))])
+def test_ragged_widths_and_blocks_wider_than_a_tile(fmt, gran, bs, shape):
+    from dist_export.numerics import QuantSpec, compute_amax, fake_quant, quantize
+
+    spec = QuantSpec(fmt, gran, bs)
+    ks = kernels_of(fmt)
+    for kind in ("random", "huge"):
+        w = make(kind, shape, torch.bfloat16, seed=shape[1])
+        amax = compute_amax(w, spec)
+        what = f"{fmt}/{gran}/{bs} {kind} {shape}"
+        assert_same(ks.fake_quant(w.to(DEV), spec, amax.to(DEV)), fake_quant(w, spec, amax), what)
+        if ks.quantize is not None:
+            try:
+                want = quantize(w, spec, amax)
+            except ValueError:
+                continue  # the refusal itself is tested in test_fold_and_encode_bit_exact
+            got = ks.quantize(w.to(DEV), spec, amax.to(DEV))
+            for key in want:
+                assert_same(got[key], want[key], f"{what} {key}")
+
+
 def test_nvfp4_fold_with_searched_block_amax_and_strided_input():
     """The searched per-block amax path, and a non-contiguous (sliced) weight."""
     from dist_export.numerics import QuantSpec, compute_amax, fake_quant, quantize
@@ -202,3 +228,45 @@ def test_search_ties_pick_the_first_candidate(fmt, bs):
     idx = 1 if fmt == "nvfp4" else 0
     assert_same(want[idx], first, "torch path")
     assert_same(got[idx], first, "kernel")
+
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    from dist_export.numerics.kernels.jitlib import e2m1_code, e2m1_index, e2m1_round, e2m1_value
+
+    @triton.jit
+    def _e2m1_probe(a_ptr, code_ptr, val_ptr, old_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        a = tl.load(a_ptr + offs, mask=m, other=0.0)
+        tl.store(code_ptr + offs, e2m1_code(a), mask=m)
+        tl.store(val_ptr + offs, e2m1_round(a), mask=m)
+        tl.store(old_ptr + offs, e2m1_value(e2m1_index(a)), mask=m)
+
+
+def test_e2m1_rounding_on_the_bits_equals_the_threshold_table():
+    """e2m1_code / e2m1_round (rounding on the float's bits) give the threshold table's code and value
+    (nvfp4.round_e2m1_magnitude) for float32 values from 0 up to past 6 (every 97th bit pattern below 16, where
+    the 2**23 trick and the mantissa rounding switch), every threshold and its neighbours a few ulps away,
+    subnormals, huge values, inf and NaN."""
+    from dist_export.numerics.nvfp4 import E2M1_VALUES, round_e2m1_magnitude
+
+    stride = 7 if CUDA else 97
+    pats = torch.arange(0, 0x41800000, stride, dtype=torch.int64).to(torch.int32)
+    specials = torch.tensor([0.0, 0.25, 0.75, 1.0, 1.25, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 7.0, 8.0, 1e30,
+                             3.4e38, float("inf"), float("nan"), 1e-45, 1e-38])
+    near = (specials[:17].view(torch.int32).unsqueeze(1) + torch.arange(-3, 4, dtype=torch.int32)).reshape(-1)
+    a = torch.cat([pats.view(torch.float32), specials, near.clamp(min=0).view(torch.float32)])
+    want_val = round_e2m1_magnitude(a)
+    want_code = torch.searchsorted(torch.tensor(E2M1_VALUES), want_val).to(torch.int32)
+    n = a.numel()
+    dev = a.to(DEV)
+    code = torch.empty(n, dtype=torch.int32, device=DEV)
+    val, old = torch.empty(n, device=DEV), torch.empty(n, device=DEV)
+    block = 1024 if CUDA else 1 << 16
+    _e2m1_probe[(-(-n // block),)](dev, code, val, old, n, BLOCK=block)
+    assert_same(old, want_val, "threshold-table kernel")
+    assert_same(val, want_val, "e2m1_round")
+    assert_same(code, want_code, "e2m1_code")

@@ -11,55 +11,73 @@ import torch
 import triton
 import triton.language as tl
 
-from .jitlib import div_rn, e2m1_index, e2m1_value, e4m3_byte, e4m3_round, rint, sign_bit, store_cast, with_sign
+from .jitlib import div_rn, e2m1_code, e2m1_round, e4m3_byte, e4m3_round, rint, sign_bit, store_cast, with_sign
 
-TILE_R, TILE_C = 16, 128
 _OPTS = {"enable_fp_fusion": False}
+TILE_R, TILE_C = 16, 128  # rows x columns per program (FP8, INT): 2048 elements
 
 
 @triton.jit
-def _tile(pid_r, pid_c, R, C, TR: tl.constexpr, TC: tl.constexpr):
-    r = pid_r * TR + tl.arange(0, TR)[:, None]
-    c = pid_c * TC + tl.arange(0, TC)[None, :]
-    return r, c, (r < R) & (c < C)
+def _chunk_tile(R, C, TR: tl.constexpr, NBT: tl.constexpr, CB: tl.constexpr, CH: tl.constexpr):
+    """A tile of TR rows x NBT column chunks of CB elements (padded to CH, a power of two): element (r, b, j) is
+    column b * CB + j. Every element of a chunk has the same per-block scale, so the scales are loaded once per
+    (row, chunk) as a small [TR, NBT] tensor instead of once per element."""
+    rr = tl.program_id(0) * TR + tl.arange(0, TR)
+    bb = tl.program_id(1) * NBT + tl.arange(0, NBT)
+    j = tl.arange(0, CH)[None, None, :]
+    r = rr[:, None, None]
+    col = bb[None, :, None] * CB + j
+    m = (r < R) & (col < C) & (j < CB)
+    return rr, bb, r, col, m
 
 
 @triton.jit
-def _fp8_kernel(x_ptr, scale_ptr, inv_ptr, y_ptr, code_ptr, R, C, sx, sy, SSR, SSC, BR: tl.constexpr,
-                BC: tl.constexpr,
-                FAKE: tl.constexpr, BF16: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr):
-    r, c, m = _tile(tl.program_id(0), tl.program_id(1), R, C, TR, TC)
-    x = tl.load(x_ptr + r.to(tl.int64) * sx + c, mask=m, other=0.0).to(tl.float32)
-    sidx = (r // BR) * SSR + (c // BC) * SSC
-    v = x * tl.load(scale_ptr + sidx, mask=m, other=1.0)
+def _chunk_scale(ptr, rr, bb, R, C, SSR, SSB, BR: tl.constexpr, BC: tl.constexpr, CB: tl.constexpr):
+    """Per-block value of every (row, chunk) of the tile, [TR, NBT, 1]: entry (r // BR) * SSR + (b * CB // BC) *
+    SSB of the per-block tensor (SSR = SSB = 0 for one value per tensor, SSB = 0 for one per row)."""
+    idx = (rr[:, None] // BR) * SSR + ((bb[None, :] * CB) // BC) * SSB
+    ok = (rr[:, None] < R) & (bb[None, :] * CB < C)
+    return tl.load(ptr + idx, mask=ok, other=1.0)[:, :, None]
+
+
+@triton.jit
+def _fp8_kernel(x_ptr, scale_ptr, inv_ptr, y_ptr, code_ptr, R, C, sx, sy, SSR, SSB, BR: tl.constexpr,
+                BC: tl.constexpr, FAKE: tl.constexpr, BF16: tl.constexpr, TR: tl.constexpr, NBT: tl.constexpr,
+                CB: tl.constexpr, CH: tl.constexpr):
+    rr, bb, r, col, m = _chunk_tile(R, C, TR, NBT, CB, CH)
+    x = tl.load(x_ptr + r.to(tl.int64) * sx + col, mask=m, other=0.0).to(tl.float32)
+    v = x * _chunk_scale(scale_ptr, rr, bb, R, C, SSR, SSB, BR, BC, CB)
     v = tl.minimum(tl.maximum(v, -448.0), 448.0)
     mag = e4m3_round(tl.abs(v))
     neg = sign_bit(v)
     if FAKE:
-        y = with_sign(mag, neg) * tl.load(inv_ptr + sidx, mask=m, other=1.0)
-        store_cast(y_ptr, r.to(tl.int64) * sy + c, y, m, BF16)
+        y = with_sign(mag, neg) * _chunk_scale(inv_ptr, rr, bb, R, C, SSR, SSB, BR, BC, CB)
+        store_cast(y_ptr, r.to(tl.int64) * sy + col, y, m, BF16)
     else:
-        tl.store(code_ptr + r.to(tl.int64) * C + c, e4m3_byte(mag, neg).to(tl.uint8), mask=m)
+        tl.store(code_ptr + r.to(tl.int64) * C + col, e4m3_byte(mag, neg).to(tl.uint8), mask=m)
 
 
 @triton.jit
-def _int_kernel(x_ptr, scale_ptr, y_ptr, R, C, sx, sy, SSR, SSC, MAXB, MINB, BR: tl.constexpr, BC: tl.constexpr,
-                BF16: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr):
+def _int_kernel(x_ptr, scale_ptr, y_ptr, R, C, sx, sy, SSR, SSB, MAXB, MINB, BC: tl.constexpr,
+                BF16: tl.constexpr, TR: tl.constexpr, NBT: tl.constexpr, CB: tl.constexpr, CH: tl.constexpr):
     """scale per block from `int_scales` (0 marks a zero block): one division per element, not two."""
-    r, c, m = _tile(tl.program_id(0), tl.program_id(1), R, C, TR, TC)
-    x = tl.load(x_ptr + r.to(tl.int64) * sx + c, mask=m, other=0.0).to(tl.float32)
-    s = tl.load(scale_ptr + (r // BR) * SSR + (c // BC) * SSC, mask=m, other=1.0)
+    rr, bb, r, col, m = _chunk_tile(R, C, TR, NBT, CB, CH)
+    x = tl.load(x_ptr + r.to(tl.int64) * sx + col, mask=m, other=0.0).to(tl.float32)
+    s = _chunk_scale(scale_ptr, rr, bb, R, C, SSR, SSB, 1, BC, CB)
     zero = s == 0.0
     scale = tl.where(zero, MAXB, s)
     y = div_rn(tl.minimum(tl.maximum(rint(x * scale), MINB), MAXB), scale)
     y = tl.where(zero, 0.0, y)
-    store_cast(y_ptr, r.to(tl.int64) * sy + c, y, m, BF16)
+    store_cast(y_ptr, r.to(tl.int64) * sy + col, y, m, BF16)
 
 
 @triton.jit
 def _nvfp4_kernel(x_ptr, gs_ptr, bamax_ptr, y_ptr, packed_ptr, scale_ptr, bad_ptr, R, C, sx, sy, NB,
-                  HAS_BAMAX: tl.constexpr, FAKE: tl.constexpr, BF16: tl.constexpr, TR: tl.constexpr, TB: tl.constexpr):
-    """Tile of TR rows x TB blocks of 16; element arithmetic of nvfp4._block_scales/_signed_q."""
+                  HAS_BAMAX: tl.constexpr, FAKE: tl.constexpr, BF16: tl.constexpr, TR: tl.constexpr, TB: tl.constexpr,
+                  WORDS: tl.constexpr):
+    """Tile of TR rows x TB blocks of 16; element arithmetic of nvfp4._block_scales/_signed_q. WORDS (widths a
+    multiple of 8): the packed codes are written as int32 words of 8 codes (packed_ptr is the uint8 output
+    viewed as int32), not byte by byte."""
     rr = tl.program_id(0) * TR + tl.arange(0, TR)
     bb = tl.program_id(1) * TB + tl.arange(0, TB)
     r = rr[:, None, None]
@@ -77,37 +95,48 @@ def _nvfp4_kernel(x_ptr, gs_ptr, bamax_ptr, y_ptr, packed_ptr, scale_ptr, bad_pt
     sq = s_e4m3 * gs
     quirk = sq < 1e-5
     sq = tl.where(quirk, 1.0, sq)[:, :, None]
-    idx = e2m1_index(div_rn(ax, sq))
+    a = div_rn(ax, sq)
     neg = x < 0  # where(x >= 0, q, -q): -0.0 gives +0.0; a negative x rounding to 0 keeps the sign
     if FAKE:
-        q = e2m1_value(idx)
-        y = with_sign(q, neg) * sq
+        y = with_sign(e2m1_round(a), neg) * sq
         store_cast(y_ptr, r.to(tl.int64) * sy + col, y, m, BF16)
     else:
+        idx = e2m1_code(a)
         code = idx | tl.where(neg, 8, 0)
-        lo, hi = tl.split(tl.reshape(code, (TR, TB, 8, 2)))
-        pcol = bb[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
-        pm = (r < R) & (pcol * 2 < C)
-        tl.store(packed_ptr + r.to(tl.int64) * (C // 2) + pcol, (lo | (hi << 4)).to(tl.uint8), mask=pm)
+        if WORDS:  # codes 8h .. 8h+7 of a row -> one little-endian word: byte k holds codes 2k (low) and 2k+1
+            shift = (tl.arange(0, 8) * 4)[None, None, :]
+            word = tl.sum(tl.reshape(code, (TR, TB * 2, 8)) << shift, axis=2)  # disjoint bits: the sum is an OR
+            hh = tl.program_id(1) * (TB * 2) + tl.arange(0, TB * 2)
+            wm = (rr[:, None] < R) & (hh[None, :] * 8 < C)
+            tl.store(packed_ptr + rr[:, None].to(tl.int64) * (C // 8) + hh[None, :], word, mask=wm)
+        else:
+            lo, hi = tl.split(tl.reshape(code, (TR, TB, 8, 2)))
+            pcol = bb[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
+            pm = (r < R) & (pcol * 2 < C)
+            tl.store(packed_ptr + r.to(tl.int64) * (C // 2) + pcol, (lo | (hi << 4)).to(tl.uint8), mask=pm)
         stored = tl.where(quirk, 0.001953125, s_e4m3)  # 2**-9, the smallest positive E4M3
         tl.store(scale_ptr + rr[:, None].to(tl.int64) * NB + bb[None, :],
                  e4m3_byte(stored, stored < 0).to(tl.uint8), mask=bmask)
         nonzero = tl.where(m & (idx != 0), 1, 0)
         bad = tl.sum(tl.sum(tl.where(quirk, tl.sum(nonzero, axis=2), 0), axis=1), axis=0)
-        tl.atomic_add(bad_ptr, bad)
+        if bad > 0:  # almost never: one atomic per program on one address would serialise the whole grid
+            tl.atomic_add(bad_ptr, bad)
 
 
-def _block_map(granularity: str, block: int | None, shape, values: torch.Tensor):
-    """(BR, BC, row stride, col stride) of a per-granularity tensor for a 2-D weight of `shape`: BR and BC are
-    compile-time constants (1 or the block edge), so the element-to-block map costs no runtime division."""
-    if granularity == "tensor":
-        return 1, 1, 0, 0
-    if granularity == "channel":
-        return 1, 1, 1, 0
-    nb_c = values.shape[-1]
-    if granularity == "group":
-        return 1, block, nb_c, 1
-    return block, block, nb_c, 1
+def _chunking(granularity: str, block: int | None, values: torch.Tensor):
+    """Launch constants of a per-granularity tensor `values` for `_chunk_tile` / `_chunk_scale`:
+    (BR, BC, SSR, SSB, CB, CH, NBT). Column chunks never cross a block edge: a block of at most TILE_C columns is
+    one chunk; a larger block is cut into chunks of its largest divisor up to TILE_C."""
+    if granularity in ("tensor", "channel"):
+        cb, br, bc, ssb = TILE_C, 1, 1, 0
+        ssr = 0 if granularity == "tensor" else 1
+    else:
+        bc = block
+        br = block if granularity == "block" else 1
+        cb = bc if bc <= TILE_C else max(d for d in range(1, TILE_C + 1) if bc % d == 0)
+        ssr, ssb = values.shape[-1], 1
+    ch = triton.next_power_of_2(cb)
+    return br, bc, ssr, ssb, cb, ch, max(1, TILE_C // ch)
 
 
 def _out(r, c, dtype, device):
@@ -117,28 +146,29 @@ def _out(r, c, dtype, device):
     return y, (y.view(torch.int16) if bf16 else y), bf16
 
 
-def _grid(r, c):
-    return (triton.cdiv(r, TILE_R), triton.cdiv(c, TILE_C))
+def _grid(r, c, cb, nbt):
+    return (triton.cdiv(r, TILE_R), triton.cdiv(-(-c // cb), nbt))
 
 
 def fold_fp8(x, granularity, block, scale, inv, out_dtype):
     """FP8 fold of a 2-D x with the per-granularity (scale, inv) of fp8.choose_fp8_inv_scale, in out_dtype."""
     r, c = x.shape
-    br, bc, ssr, ssc = _block_map(granularity, block, x.shape, scale)
+    br, bc, ssr, ssb, cb, ch, nbt = _chunking(granularity, block, scale)
     y, ya, bf16 = _out(r, c, out_dtype, x.device)
-    _fp8_kernel[_grid(r, c)](x, scale.float().contiguous(), inv.float().contiguous(), ya, ya, r, c, x.stride(0),
-                             y.stride(0), ssr, ssc, BR=br, BC=bc, FAKE=True, BF16=bf16, TR=TILE_R, TC=TILE_C, **_OPTS)
+    _fp8_kernel[_grid(r, c, cb, nbt)](x, scale.float().contiguous(), inv.float().contiguous(), ya, ya, r, c,
+                                      x.stride(0), y.stride(0), ssr, ssb, BR=br, BC=bc, FAKE=True, BF16=bf16,
+                                      TR=TILE_R, NBT=nbt, CB=cb, CH=ch, **_OPTS)
     return y
 
 
 def encode_fp8(x, granularity, block, scale):
     """E4M3 codes (torch.float8_e4m3fn) of a 2-D x: float8(clamp(x * scale, -448, 448))."""
     r, c = x.shape
-    br, bc, ssr, ssc = _block_map(granularity, block, x.shape, scale)
+    br, bc, ssr, ssb, cb, ch, nbt = _chunking(granularity, block, scale)
     codes = torch.empty((r, c), dtype=torch.uint8, device=x.device)
     s = scale.float().contiguous()
-    _fp8_kernel[_grid(r, c)](x, s, s, codes, codes, r, c, x.stride(0), c, ssr, ssc, BR=br, BC=bc, FAKE=False,
-                             BF16=False, TR=TILE_R, TC=TILE_C, **_OPTS)
+    _fp8_kernel[_grid(r, c, cb, nbt)](x, s, s, codes, codes, r, c, x.stride(0), c, ssr, ssb, BR=br, BC=bc,
+                                      FAKE=False, BF16=False, TR=TILE_R, NBT=nbt, CB=cb, CH=ch, **_OPTS)
     return codes.view(torch.float8_e4m3fn)
 
 
@@ -153,10 +183,11 @@ def int_scales(amax, maxb):
 
 def fold_int(x, granularity, block, amax, maxb, minb, out_dtype):
     r, c = x.shape
-    br, bc, ssr, ssc = _block_map(granularity, block, x.shape, amax)
+    _, bc, ssr, ssb, cb, ch, nbt = _chunking(granularity, block, amax)
     y, ya, bf16 = _out(r, c, out_dtype, x.device)
-    _int_kernel[_grid(r, c)](x, int_scales(amax, maxb), ya, r, c, x.stride(0), y.stride(0), ssr, ssc,
-                             float(maxb), float(minb), BR=br, BC=bc, BF16=bf16, TR=TILE_R, TC=TILE_C, **_OPTS)
+    _int_kernel[_grid(r, c, cb, nbt)](x, int_scales(amax, maxb), ya, r, c, x.stride(0), y.stride(0), ssr, ssb,
+                                      float(maxb), float(minb), BC=bc, BF16=bf16, TR=TILE_R, NBT=nbt, CB=cb,
+                                      CH=ch, **_OPTS)
     return y
 
 
@@ -172,13 +203,17 @@ def _nvfp4_launch(x, gs, block_amax, fake, out_dtype):
     if fake:
         y, ya, bf16 = _out(r, c, out_dtype, x.device)
         _nvfp4_kernel[grid](x, gs1, bam, ya, ya, ya, ya, r, c, x.stride(0), y.stride(0), nb,
-                            HAS_BAMAX=block_amax is not None, FAKE=True, BF16=bf16, TR=NV_TR, TB=NV_TB, **_OPTS)
+                            HAS_BAMAX=block_amax is not None, FAKE=True, BF16=bf16, TR=NV_TR, TB=NV_TB, WORDS=False,
+                            **_OPTS)
         return y
     packed = torch.empty((r, c // 2), dtype=torch.uint8, device=x.device)
     scales = torch.empty((r, nb), dtype=torch.uint8, device=x.device)
     bad = torch.zeros((1,), dtype=torch.int32, device=x.device)
-    _nvfp4_kernel[grid](x, gs1, bam, packed, packed, scales, bad, r, c, x.stride(0), 0, nb,
-                        HAS_BAMAX=block_amax is not None, FAKE=False, BF16=False, TR=NV_TR, TB=NV_TB, **_OPTS)
+    words = c % 8 == 0
+    out = packed.view(torch.int32) if words else packed
+    _nvfp4_kernel[grid](x, gs1, bam, out, out, scales, bad, r, c, x.stride(0), 0, nb,
+                        HAS_BAMAX=block_amax is not None, FAKE=False, BF16=False, TR=NV_TR, TB=NV_TB, WORDS=words,
+                        **_OPTS)
     return packed, scales.view(torch.float8_e4m3fn), bad
 
 

@@ -73,6 +73,32 @@ def e2m1_index(a):
 
 
 @triton.jit
+def e2m1_code(a):
+    """|x|/sq -> E2M1 magnitude code 0..7, equal to `e2m1_index` (the threshold table) for every float32 a >= 0
+    and NaN, in fewer operations: a >= 1 rounds its mantissa to one bit on the bit pattern (nearest, ties to
+    even: 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4, and everything from 7 up, inf too, saturates to
+    code 7 = 6.0); a < 1 is the subnormal range, round(2a) by the 2**23 trick (0.25 -> 0, 0.75 -> 1.0); NaN
+    passes no threshold and gives 0. The codes follow the value's exponent and mantissa bit: code = bits >> 22
+    minus 252 for 1.0 (0x3F800000) up."""
+    bits = a.to(tl.int32, bitcast=True)
+    lsb = (bits >> 22) & 1
+    normal = tl.minimum(((bits + 0x1FFFFF + lsb) >> 22) - 252, 7)
+    sub = ((a * 2.0 + 8388608.0) - 8388608.0).to(tl.int32)
+    return tl.where(a >= 1.0, normal, tl.where(a < 1.0, sub, 0))
+
+
+@triton.jit
+def e2m1_round(a):
+    """|x|/sq -> E2M1 magnitude (float32 0, 0.5, 1, 1.5, 2, 3, 4, 6), equal to e2m1_value(e2m1_index(a)) for
+    every float32 a >= 0 and NaN (see e2m1_code), computed on the float: no code, no table."""
+    bits = a.to(tl.int32, bitcast=True)
+    lsb = (bits >> 22) & 1
+    normal = tl.minimum(((bits + 0x1FFFFF + lsb) & -4194304).to(tl.float32, bitcast=True), 6.0)
+    sub = ((a * 2.0 + 8388608.0) - 8388608.0) * 0.5
+    return tl.where(a >= 1.0, normal, tl.where(a < 1.0, sub, 0.0))
+
+
+@triton.jit
 def e2m1_value(idx):
     """E2M1 magnitude (float32) of code 0..7: 0, 0.5, 1, 1.5, 2, 3, 4, 6."""
     small = idx.to(tl.float32) * 0.5  # codes 0..4 -> 0 .. 2

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .jitlib import div_rn, e2m1_index, e2m1_value, e4m3_round, pair_tree_sum, rint, with_sign
+from .jitlib import div_rn, e2m1_round, e4m3_round, pair_tree_sum, rint, with_sign
 
 MAX_INT_BLOCK = 256  # INT groups up to this size (padded to a power of two) run here; larger ones use torch
 
@@ -39,7 +39,7 @@ def _nvfp4_search_kernel(x_ptr, gs_ptr, ratio_ptr, out_ptr, R, C, stride_r, NB,
         s = tl.minimum(div_rn(cand, six_gs), 448.0)
         sq = e4m3_round(s) * gs
         sq = tl.where(sq < 1e-5, 1.0, sq)
-        q = e2m1_value(e2m1_index(div_rn(ax, sq[:, None])))
+        q = e2m1_round(div_rn(ax, sq[:, None]))
         y = with_sign(q, x < 0) * sq[:, None]
         d = (y - x).to(tl.float64)
         err = pair_tree_sum(d * d, 4)
