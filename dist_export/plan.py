@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from .layout import shard_filename
 from .ownership import lpt
 from .storage.header import ST_ITEMSIZE, TensorMeta
-from .numerics import QuantSpec
+from .numerics import QuantSpec, get_format, has_tensor_amax
 from .recipe import InputSpec, Recipe
 
 log = logging.getLogger(__name__)
@@ -191,9 +191,11 @@ def _matrix_shape(shape: tuple[int, ...], stacked: str | None) -> tuple[int, ...
 
 
 def _check_shape_fits(name: str, shape: tuple[int, ...], spec: QuantSpec) -> None:
-    if spec.fmt == "nvfp4" and shape[-1] % 2:
-        raise ValueError(f"tensor {name!r} has an odd input dim {shape[-1]}; NVFP4 packs two values per byte: "
-                         f"exclude this module in the recipe or use another recipe for it")
+    per_byte = get_format(spec.fmt).values_per_byte
+    if shape[-1] % per_byte:
+        raise ValueError(f"tensor {name!r} has an input dim {shape[-1]} that is not a multiple of {per_byte}; "
+                         f"{spec.fmt} packs {per_byte} values per byte: exclude this module in the recipe or use "
+                         f"another recipe for it")
     if 0 in shape:
         raise ValueError(f"tensor {name!r} is empty (shape {list(shape)}); refusing to quantize an empty weight")
 
@@ -208,11 +210,6 @@ _GROUP_RULES = {
         (re.compile(r"^(.*\.experts)\.\d+\.(down_proj|w2)$"), "experts_down"),
     ],
 }
-
-
-def has_tensor_amax(spec: QuantSpec | None) -> bool:
-    """Shared amax applies to per-tensor amax (FP8 per tensor, NVFP4 global scale); block amax is per block."""
-    return spec is not None and (spec.granularity == "tensor" or spec.fmt == "nvfp4")
 
 
 def plan_groups(items: list[Item], share: tuple[str, ...]) -> dict[str, tuple[str, ...]]:

@@ -17,7 +17,8 @@ from importlib import resources
 
 import yaml
 
-from .numerics import QuantSpec
+from .numerics import QuantSpec, get_format
+from .numerics.registry import format_names
 from .recipe_names import available_recipes, packaged_recipes  # noqa: F401  (torch-free, re-exported)
 
 log = logging.getLogger(__name__)
@@ -52,20 +53,36 @@ class InputSpec:
     dynamic: bool = False
 
     def __post_init__(self) -> None:
-        if self.fmt not in ("fp8", "nvfp4", "int8"):
-            raise ValueError(f"input quantizer format {self.fmt!r} is not supported; valid: ['fp8', 'int8', 'nvfp4']")
+        valid = activation_formats()
+        if self.fmt not in valid:
+            raise ValueError(f"input quantizer format {self.fmt!r} is not supported; valid: {valid}")
+        fmt = get_format(self.fmt)
         if self.granularity not in INPUT_GRANULARITIES:
             raise ValueError(f"input granularity {self.granularity!r} unknown; valid: {list(INPUT_GRANULARITIES)}")
-        if self.fmt == "nvfp4" and (self.granularity, self.block_size) != ("group", 16):
-            raise ValueError("nvfp4 input quantizers use granularity 'group' with block_size 16")
+        if fmt.block_size is not None and (self.granularity, self.block_size) != ("group", fmt.block_size):
+            raise ValueError(f"{self.fmt} input quantizers use granularity 'group' with block_size {fmt.block_size}")
         if self.granularity == "group" and not self.block_size:
             raise ValueError("input granularity 'group' needs block_size")
-        if self.granularity in ("token", "group") and self.fmt != "nvfp4" and not self.dynamic:
+        if self.granularity in ("token", "group") and not fmt.tensor_amax and not self.dynamic:
             raise ValueError(f"input granularity {self.granularity!r} needs dynamic: true (static amax is per tensor)")
 
     @property
     def needs_calibration(self) -> bool:
         return not self.dynamic
+
+
+def activation_formats() -> list[str]:
+    """The registered numeric formats that can quantize inputs (`NumericFormat.activations`)."""
+    return [n for n in format_names() if get_format(n).activations]
+
+
+def _defaults(fmt_name) -> tuple[str, int | None]:
+    """(granularity, block_size) a recipe entry without them gets: the format's own (NVFP4: group of 16)."""
+    try:
+        fmt = get_format(fmt_name)
+    except (ValueError, TypeError):
+        return "tensor", None  # the spec refuses the unknown format with the list of valid ones
+    return fmt.default_granularity, fmt.block_size
 
 
 @dataclass(frozen=True)
@@ -139,8 +156,8 @@ def _weight_spec(where: str, d: dict) -> QuantSpec:
     if "format" not in d:
         raise ValueError(f"{where}: missing 'format'")
     fmt = d["format"]
-    default_gran = "group" if fmt == "nvfp4" else "tensor"
-    block = d.get("block_size", 16 if fmt == "nvfp4" else None)
+    default_gran, default_block = _defaults(fmt)
+    block = d.get("block_size", default_block)
     try:
         return QuantSpec(fmt, d.get("granularity", default_gran), block,
                          d.get("scale_search", "max"), int(d.get("mse_candidates", 64)))
@@ -155,11 +172,12 @@ def _input_spec(where: str, d: dict | None) -> InputSpec | None:
     if "format" not in d:
         raise ValueError(f"{where}: missing 'format'")
     fmt = d["format"]
+    default_gran, default_block = _defaults(fmt)
     try:
         return InputSpec(
             fmt,
-            d.get("granularity", "group" if fmt == "nvfp4" else "tensor"),
-            d.get("block_size", 16 if fmt == "nvfp4" else None),
+            d.get("granularity", "tensor" if default_block is None else default_gran),
+            d.get("block_size", default_block),
             bool(d.get("dynamic", False)),
         )
     except ValueError as e:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from dist_export.numerics import QuantSpec, compute_amax, fake_quant, quantize, registry
+from dist_export.numerics import spec as numeric_spec
 from dist_export.numerics import kernels as kernels_mod
 from dist_export.numerics.kernels.formats import FormatKernels
 from dist_export.numerics.mse import search_block_amax
@@ -47,7 +48,7 @@ def _with_stand_in(monkeypatch, fmt_name, **ops):
 
     stand_in = FormatKernels(**{op: spy(op, fn) for op, fn in ops.items()})
     fmt = registry.get_format(fmt_name)
-    monkeypatch.setitem(registry._FORMATS, fmt_name, dataclasses.replace(fmt, kernels=stand_in))
+    monkeypatch.setitem(numeric_spec._FORMATS, fmt_name, dataclasses.replace(fmt, kernels=stand_in))
     monkeypatch.setattr(kernels_mod, "enabled", lambda t: True)
     return calls
 
@@ -63,7 +64,7 @@ def test_dispatch_uses_the_kernel_and_falls_back_when_it_declines(monkeypatch):
     assert torch.equal(quantize(w, spec, amax)["qdata"].view(torch.uint8),
                        registry.get_format("fp8").quantize(w.float(), spec, amax)["qdata"].view(torch.uint8))
     assert calls == ["fake_quant", "quantize"]
-    monkeypatch.setitem(registry._FORMATS, "fp8", dataclasses.replace(registry.get_format("fp8"),
+    monkeypatch.setitem(numeric_spec._FORMATS, "fp8", dataclasses.replace(registry.get_format("fp8"),
                                                                      kernels=FormatKernels()))
     assert torch.equal(fake_quant(w, spec, amax), want)  # no kernel for the op: torch path
 

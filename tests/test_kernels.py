@@ -192,15 +192,13 @@ def _candidate_errors(w, spec, amax):
     """Per-candidate errors [K, rows, blocks] by the torch reference's own pieces (fixed-order sums)."""
     from dist_export.numerics.blocks import reduce_abs_max
     from dist_export.numerics.mse import _blocks, _fold_candidates, candidate_ratios
-    from dist_export.numerics.nvfp4 import global_scale
     from dist_export.numerics.pairwise import pairwise_sum
 
     x = w.float()
     xb, bs = _blocks(x, spec)
     base = reduce_abs_max(x, "group", bs) if spec.fmt == "nvfp4" else amax.float()
-    gs = global_scale(amax) if spec.fmt == "nvfp4" else None
     cand = base.unsqueeze(0) * candidate_ratios(spec.mse_candidates, x.device).view(-1, 1, 1)
-    return cand, pairwise_sum((_fold_candidates(xb, cand, spec, gs) - xb.unsqueeze(0)).double().square())
+    return cand, pairwise_sum((_fold_candidates(xb, cand, spec, amax) - xb.unsqueeze(0)).double().square())
 
 
 @pytest.mark.parametrize("fmt,bs", [("nvfp4", 16), ("int4", 16)])

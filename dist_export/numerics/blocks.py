@@ -11,8 +11,6 @@ import threading
 
 import torch
 
-from .spec import QuantSpec
-
 _DEFERRED = threading.local()
 
 
@@ -91,11 +89,3 @@ def expand_to(values: torch.Tensor, shape: torch.Size, granularity: str, block_s
     if granularity == "group":
         return values.repeat_interleave(b, dim=-1)[..., : shape[-1]]
     return values.repeat_interleave(b, dim=0).repeat_interleave(b, dim=1)[: shape[0], : shape[1]]
-
-
-def compute_amax(w: torch.Tensor, spec: QuantSpec, name: str = "tensor") -> torch.Tensor:
-    """Weight amax under max calibration (float32), at the spec's granularity; NVFP4 gives the tensor amax."""
-    check_finite(w, name)
-    if spec.fmt == "nvfp4":
-        return reduce_abs_max(w, "tensor", None)
-    return reduce_abs_max(w, spec.granularity, spec.block_size)

@@ -48,4 +48,5 @@ def dequantize_fp8(tensors: dict, spec: QuantSpec, shape) -> torch.Tensor:
     return tensors["qdata"].float() * expand_to(inv, torch.Size(shape), spec.granularity, spec.block_size)
 
 
-register_format(NumericFormat("fp8", fake_quant_fp8, quantize_fp8, dequantize_fp8))
+register_format(NumericFormat("fp8", fake_quant_fp8, quantize_fp8, dequantize_fp8,
+                             granularities=("tensor", "channel", "block"), activations=True, modelopt_num_bits=(4, 3)))

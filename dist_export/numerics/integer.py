@@ -35,5 +35,12 @@ def fake_quant_int(x: torch.Tensor, spec: QuantSpec, amax: torch.Tensor, block_a
     return fake_quant_int_elementwise(x, amax_el, spec.fmt)
 
 
-register_format(NumericFormat("int8", fake_quant_int))
-register_format(NumericFormat("int4", fake_quant_int))
+def search_fold_int(xb: torch.Tensor, cand: torch.Tensor, spec: QuantSpec, amax: torch.Tensor) -> torch.Tensor:
+    """The fold of blocks xb [r, nb, bs] under candidate amaxes cand [K, r, nb] (the MSE search's candidates)."""
+    amax_el = cand.unsqueeze(-1).expand(-1, -1, -1, xb.shape[-1])
+    return fake_quant_int_elementwise(xb.unsqueeze(0).expand_as(amax_el), amax_el, spec.fmt)
+
+
+_INT_FACTS = dict(granularities=("tensor", "channel", "group"), search_fold=search_fold_int)
+register_format(NumericFormat("int8", fake_quant_int, activations=True, modelopt_num_bits=8, **_INT_FACTS))
+register_format(NumericFormat("int4", fake_quant_int, modelopt_num_bits=4, **_INT_FACTS))

@@ -29,9 +29,6 @@ from __future__ import annotations
 import torch
 
 from .blocks import _pad_to, reduce_abs_max
-from .constants import F8E4M3_MAX, F4E2M1_MAX, NVFP4_SQ_FLOOR
-from .integer import fake_quant_int_elementwise
-from .nvfp4 import global_scale, round_e2m1_magnitude
 from .pairwise import pairwise_sum
 from .registry import get_format, kernel_for
 from .spec import QuantSpec
@@ -50,9 +47,7 @@ def candidate_ratios(k: int, device) -> torch.Tensor:
 
 def _blocks(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, int]:
     """x [out, in] -> [out, nblocks, bs] (zero-padded) and bs."""
-    if spec.fmt == "nvfp4":
-        bs = 16
-    elif spec.granularity == "group":
+    if spec.granularity == "group":
         bs = spec.block_size
     else:  # channel / tensor: one block per row (tensor search is done per row, then max-combined below)
         bs = x.shape[-1]
@@ -60,34 +55,28 @@ def _blocks(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, int]:
     return xp.reshape(x.shape[0], xp.shape[-1] // bs, bs), bs
 
 
-def _fold_candidates(xb: torch.Tensor, cand: torch.Tensor, spec: QuantSpec, gs) -> torch.Tensor:
-    """Fold blocks xb [r, nb, bs] with candidate amax cand [K, r, nb] -> [K, r, nb, bs] (fp32)."""
-    amax_el = cand.unsqueeze(-1).expand(-1, -1, -1, xb.shape[-1])
-    x = xb.unsqueeze(0).expand_as(amax_el)
-    if spec.fmt in ("int4", "int8"):
-        return fake_quant_int_elementwise(x, amax_el, spec.fmt)
-    s = torch.clamp(cand / (torch.full_like(gs, F4E2M1_MAX) * gs), max=F8E4M3_MAX)
-    sq = s.to(torch.float8_e4m3fn).float() * gs
-    sq = torch.where(sq < NVFP4_SQ_FLOOR, torch.ones_like(sq), sq).unsqueeze(-1)
-    q = round_e2m1_magnitude(x.abs() / sq)
-    return torch.where(x >= 0, q, -q) * sq
+def _fold_candidates(xb: torch.Tensor, cand: torch.Tensor, spec: QuantSpec, amax: torch.Tensor) -> torch.Tensor:
+    """Fold blocks xb [r, nb, bs] with candidate amax cand [K, r, nb] -> [K, r, nb, bs] (fp32): the format's own
+    elementwise fold (`NumericFormat.search_fold`; `amax` is the amax the search was given)."""
+    return get_format(spec.fmt).search_fold(xb, cand, spec, amax)
 
 
 def search_block_amax(w: torch.Tensor, spec: QuantSpec, amax: torch.Tensor, tick=None):
-    """(amax, block_amax): INT returns the searched per-group amax (and None); NVFP4 keeps the global amax
-    and returns the searched per-block amax."""
+    """(amax, block_amax): INT returns the searched per-group amax (and None); a tensor-amax format (NVFP4)
+    keeps the global amax and returns the searched per-block amax."""
     x = w.float()
     if x.dim() != 2:
         raise ValueError(f"MSE scale search needs a 2-D weight, got {tuple(x.shape)}")
-    kernel = kernel_for(get_format(spec.fmt), "search", w)
+    fmt = get_format(spec.fmt)
+    kernel = kernel_for(fmt, "search", w)
     found = kernel(w, spec, amax.to(w.device)) if kernel is not None else None
     if found is not None:
         if tick is not None:
             tick()
         return found
     xb, bs = _blocks(x, spec)
-    base = reduce_abs_max(x, "group", bs) if spec.fmt == "nvfp4" or spec.granularity != "group" else amax.float()
-    gs = global_scale(amax.to(x.device)) if spec.fmt == "nvfp4" else None
+    base = reduce_abs_max(x, "group", bs) if fmt.tensor_amax or spec.granularity != "group" else amax.float()
+    amax_here = amax.to(x.device)
     ratios = candidate_ratios(spec.mse_candidates, x.device).view(-1, 1, 1)
     per_row = spec.mse_candidates * xb.shape[1] * bs * 4 * 6  # candidate folds and temporaries, fp32
     rows = max(1, chunk_bytes(x.device) // max(per_row, 1))
@@ -95,12 +84,12 @@ def search_block_amax(w: torch.Tensor, spec: QuantSpec, amax: torch.Tensor, tick
     for r0 in range(0, x.shape[0], rows):
         blk, b = xb[r0:r0 + rows], base[r0:r0 + rows]
         cand = b.unsqueeze(0) * ratios  # [K, r, nb]
-        err = pairwise_sum((_fold_candidates(blk, cand, spec, gs) - blk.unsqueeze(0)).double().square())
+        err = pairwise_sum((_fold_candidates(blk, cand, spec, amax_here) - blk.unsqueeze(0)).double().square())
         best = torch.argmin(err, dim=0, keepdim=True)  # first minimum on ties
         chosen[r0:r0 + rows] = torch.gather(cand, 0, best).squeeze(0)
         if tick is not None:
             tick()
-    if spec.fmt == "nvfp4":
+    if fmt.tensor_amax:
         return amax, chosen
     if spec.granularity == "tensor":
         return chosen.amax(), None

@@ -29,14 +29,19 @@ def global_scale(gamax: torch.Tensor) -> torch.Tensor:
     return torch.where(gs <= 0, torch.full_like(gs, NVFP4_GS_FLOOR), gs)
 
 
+def block_multipliers(bmax: torch.Tensor, gs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 block scale as float32, sq the fold multiplies by) for block amaxes `bmax` under global scale gs."""
+    s = torch.clamp(bmax / (torch.full_like(gs, F4E2M1_MAX) * gs), max=F8E4M3_MAX)
+    s_e4m3 = s.to(torch.float8_e4m3fn).float()
+    sq = s_e4m3 * gs
+    return s_e4m3, torch.where(sq < NVFP4_SQ_FLOOR, torch.ones_like(sq), sq)
+
+
 def _block_scales(x: torch.Tensor, gamax: torch.Tensor, block_amax: torch.Tensor | None):
     """(e4m3 block scale as float32, sq used by the fold, gs), per block of 16."""
     gs = global_scale(gamax)
     bmax = reduce_abs_max(x, "group", BLOCK) if block_amax is None else block_amax.float()
-    s = torch.clamp(bmax / (torch.full_like(gs, F4E2M1_MAX) * gs), max=F8E4M3_MAX)
-    s_e4m3 = s.to(torch.float8_e4m3fn).float()
-    sq = s_e4m3 * gs
-    sq = torch.where(sq < NVFP4_SQ_FLOOR, torch.ones_like(sq), sq)
+    s_e4m3, sq = block_multipliers(bmax, gs)
     return s_e4m3, sq, gs
 
 
@@ -67,6 +72,16 @@ def _signed_q(x: torch.Tensor, gamax: torch.Tensor, block_amax):
 def fake_quant_nvfp4(x: torch.Tensor, spec: QuantSpec, amax: torch.Tensor, block_amax=None) -> torch.Tensor:
     signed, sq_el, *_ = _signed_q(x, amax, block_amax)
     return signed * sq_el
+
+
+def search_fold_nvfp4(xb: torch.Tensor, cand: torch.Tensor, spec: QuantSpec, amax: torch.Tensor) -> torch.Tensor:
+    """The fold of blocks xb [r, nb, 16] under candidate block amaxes cand [K, r, nb] and the global amax `amax`
+    (the MSE search's candidates): the same arithmetic as `fake_quant_nvfp4` with `block_amax` = a candidate."""
+    _, sq = block_multipliers(cand, global_scale(amax))
+    sq = sq.unsqueeze(-1)
+    x = xb.unsqueeze(0).expand(*cand.shape, xb.shape[-1])
+    q = round_e2m1_magnitude(x.abs() / sq)
+    return torch.where(x >= 0, q, -q) * sq
 
 
 def encode_e2m1(signed_q: torch.Tensor) -> torch.Tensor:
@@ -119,4 +134,8 @@ def dequantize_nvfp4(tensors: dict, spec: QuantSpec, shape) -> torch.Tensor:
     return values * expand_to(block, torch.Size(shape), "group", BLOCK)
 
 
-register_format(NumericFormat("nvfp4", fake_quant_nvfp4, quantize_nvfp4, dequantize_nvfp4))
+register_format(NumericFormat(
+    "nvfp4", fake_quant_nvfp4, quantize_nvfp4, dequantize_nvfp4, granularities=("group",), block_size=BLOCK,
+    tensor_amax=True, values_per_byte=2, search_fold=search_fold_nvfp4, activations=True, modelopt_num_bits=(2, 1),
+    modelopt_block_sizes={-1: BLOCK, "type": "dynamic", "scale_bits": (4, 3)},
+    cpu_input_reason="NVFP4 activation fake quant asserts a CUDA amax in ModelOpt 0.47 (needs a GPU)"))

@@ -1,6 +1,11 @@
-"""Registry of numeric formats: adding a format adds a module that calls `register_format`, not an if/elif.
+"""Dispatch to the registered numeric formats: adding a format adds a module that calls `register_format`
+(`spec.py` holds the table and `NumericFormat`, re-exported here), not an if/elif.
 
-Each format supplies pure tensor functions (no I/O, no process group):
+A format carries its own facts (`NumericFormat`'s fields: valid granularities and defaults, a fixed block size,
+the tensor-amax rule, packing, its MSE-search fold, ModelOpt's description of it); recipes, the planner, the
+amax rules, the MSE search, the vllm-fq state file and the ModelOpt mapping read them, and no module outside
+a format's own one branches on a format's name. Each format supplies pure tensor functions (no I/O, no process
+group):
   fake_quant(x, spec, amax, block_amax) -> float32 folded values (the caller casts once, RNE, to the weight dtype)
   quantize(x, spec, amax, block_amax)   -> dict of real-quant tensors (qdata and scales), or None if the format
                                            has no real-quant layout here
@@ -15,48 +20,29 @@ functions, which stay the definition (the reference of the kernel tests). Both g
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
 from . import kernels as _kernels
-from .blocks import check_finite
-from .spec import QuantSpec
+from .blocks import check_finite, reduce_abs_max
+from .spec import (NumericFormat, QuantSpec, attach_kernels, format_for_modelopt_bits, format_names,  # noqa: F401
+                   get_format, register_format)
 
 
-@dataclass(frozen=True)
-class NumericFormat:
-    name: str
-    fake_quant: Callable[..., torch.Tensor]
-    quantize: Optional[Callable[..., dict]] = None
-    dequantize: Optional[Callable[..., torch.Tensor]] = None
-    kernels: Optional[object] = None  # kernels.formats.FormatKernels, or None (torch path everywhere)
+def has_tensor_amax(spec: Optional[QuantSpec]) -> bool:
+    """The weight has one amax for the whole tensor (per-tensor granularity, or a tensor-amax format such as
+    NVFP4): shared-amax groups apply; block amax is per block."""
+    return spec is not None and (spec.granularity == "tensor" or get_format(spec.fmt).tensor_amax)
 
 
-_FORMATS: dict[str, NumericFormat] = {}
-
-
-def register_format(fmt: NumericFormat) -> NumericFormat:
-    if fmt.name in _FORMATS:
-        raise ValueError(f"format {fmt.name!r} registered twice")
-    _FORMATS[fmt.name] = fmt
-    return fmt
-
-
-def attach_kernels(name: str, kernels) -> None:
-    """Give the registered format `name` its GPU kernels (called by `kernels/formats.py`, which imports the
-    formats' torch helpers, so the formats themselves never import their kernels)."""
-    from dataclasses import replace
-
-    _FORMATS[name] = replace(get_format(name), kernels=kernels)
-
-
-def get_format(name: str) -> NumericFormat:
-    try:
-        return _FORMATS[name]
-    except KeyError:
-        raise ValueError(f"unknown numeric format {name!r}; valid: {sorted(_FORMATS)}") from None
+def compute_amax(w: torch.Tensor, spec: QuantSpec, name: str = "tensor") -> torch.Tensor:
+    """Weight amax under max calibration (float32), at the spec's granularity; a tensor-amax format (NVFP4)
+    gives the tensor amax."""
+    check_finite(w, name)
+    if get_format(spec.fmt).tensor_amax:
+        return reduce_abs_max(w, "tensor", None)
+    return reduce_abs_max(w, spec.granularity, spec.block_size)
 
 
 def kernel_for(fmt: NumericFormat, op: str, w: torch.Tensor) -> Optional[Callable]:

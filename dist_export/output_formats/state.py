@@ -24,6 +24,7 @@ from collections import Counter
 import torch
 
 from ..calibration.file import input_quantizer_name
+from ..numerics import get_format
 
 MODELOPT_VERSION = "0.47.0"  # the version string of the schema we write; the consumer checks it
 
@@ -40,16 +41,31 @@ def _base_properties() -> dict:
     }
 
 
+def _own_copy(value, shared: dict):
+    """`value` with every tuple replaced by this module's one copy of it. Pickle memoizes by identity, so the
+    formats' own tuple objects would change the file's bytes (not its content); one copy per value keeps them as
+    they were when this module spelled the tuples as literals (which Python merges into one constant)."""
+    if isinstance(value, dict):
+        return {k: _own_copy(v, shared) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return shared.setdefault(value, tuple(list(value)))
+    return value
+
+
+_TUPLES: dict = {}
+
+
 def input_quantizer_properties(spec, amax_dtype: torch.dtype) -> dict:
     """ModelOpt quantizer properties of one input quantizer (None spec: disabled)."""
     props = _base_properties()
     if spec is None:
         return props
+    fmt = get_format(spec.fmt)
     props["_disabled"] = False
-    props["_num_bits"] = {"fp8": (4, 3), "nvfp4": (2, 1), "int8": 8}[spec.fmt]
+    props["_num_bits"] = _own_copy(fmt.modelopt_num_bits, _TUPLES)
     props["_dynamic"] = spec.dynamic
-    if spec.fmt == "nvfp4":
-        props["_block_sizes"] = {-1: 16, "type": "dynamic", "scale_bits": (4, 3)}
+    if fmt.modelopt_block_sizes is not None:
+        props["_block_sizes"] = _own_copy(fmt.modelopt_block_sizes, _TUPLES)
     elif spec.granularity == "token":
         # One amax per row of the 2-D activations vLLM feeds. ModelOpt itself saves _axis (0, 1), which on 2-D
         # inputs reduces to a single per-tensor amax: measured with ModelOpt 0.47, so we do not copy it.
@@ -63,11 +79,12 @@ def input_quantizer_properties(spec, amax_dtype: torch.dtype) -> dict:
 
 def input_quantizer_config(spec) -> dict:
     """The quantize-config `cfg` of an input quantizer, in ModelOpt's schema."""
-    cfg = {"num_bits": {"fp8": (4, 3), "nvfp4": (2, 1), "int8": 8}[spec.fmt], "axis": None,
+    fmt = get_format(spec.fmt)
+    cfg = {"num_bits": _own_copy(fmt.modelopt_num_bits, _TUPLES), "axis": None,
            "block_sizes": None, "type": "dynamic" if spec.dynamic else "static", "enable": True,
            "fake_quant": True, "unsigned": False, "narrow_range": False, "calibrator": "max"}
-    if spec.fmt == "nvfp4":
-        cfg["block_sizes"] = {-1: 16, "type": "dynamic", "scale_bits": (4, 3)}
+    if fmt.modelopt_block_sizes is not None:
+        cfg["block_sizes"] = _own_copy(fmt.modelopt_block_sizes, _TUPLES)
     elif spec.granularity == "token":
         cfg["block_sizes"] = {-1: None}
     elif spec.granularity == "group":
@@ -132,8 +149,8 @@ def cpu_unsupported_reason(spec) -> str | None:
     """Why ModelOpt 0.47's vLLM worker cannot run this input quantizer on a CPU device, or None."""
     if spec is None:
         return None
-    if spec.fmt == "nvfp4":
-        return "NVFP4 activation fake quant asserts a CUDA amax in ModelOpt 0.47 (needs a GPU)"
+    if get_format(spec.fmt).cpu_input_reason:
+        return get_format(spec.fmt).cpu_input_reason
     if spec.granularity == "group":
         return (f"dynamic FP8 block activation quant (groups of {spec.block_size}) asserts on `scale_bits` in "
                 f"ModelOpt 0.47's _dynamic_block_quantize_forward on CPU (needs a GPU)")

@@ -16,14 +16,15 @@ from dataclasses import dataclass, field
 import torch
 
 from ..numerics import QuantSpec
+from ..numerics.registry import format_for_modelopt_bits
 from ..recipe import InputSpec, Recipe, Rule
 
 STATE_FORMAT = "dist_export-quantizer-state-1"
 FINGERPRINT_SAMPLES = 4096
-_FMT = {(4, 3): "fp8", 8: "int8", 4: "int4", (2, 1): "nvfp4"}
 
 
-def _bits(value):
+def num_bits_key(value):
+    """ModelOpt's `num_bits` (an int, or a list/tuple (exponent, mantissa) bits) as a hashable key."""
     return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
@@ -136,15 +137,21 @@ def input_spec(record: dict | None):
     p = record["properties"]
     if p.get("_disabled", True):
         return None
-    bits, bs, dynamic = _bits(p.get("_num_bits")), p.get("_block_sizes"), bool(p.get("_dynamic"))
+    bits, bs, dynamic = num_bits_key(p.get("_num_bits")), p.get("_block_sizes"), bool(p.get("_dynamic"))
+    fmt = format_for_modelopt_bits(bits)
+    if fmt is None or not fmt.activations:
+        return None
     amax = record["buffers"].get("_amax")
     static_tensor = not dynamic and amax is not None and amax.numel() == 1
-    if bits == (2, 1) and bs and bs.get(-1) == 16 and amax is not None and amax.numel() == 1:
-        return InputSpec("nvfp4", "group", 16)
-    if bits in ((4, 3), 8) and bs is None and p.get("_axis") is None and static_tensor:
-        return InputSpec(_FMT[bits])
+    if fmt.block_size is not None:  # dynamic blocks of the format's own size under one static amax (NVFP4)
+        if bs and bs.get(-1) == fmt.block_size and amax is not None and amax.numel() == 1:
+            return InputSpec(fmt.name, "group", fmt.block_size)
+        return None
+    if bs is None and p.get("_axis") is None and static_tensor:
+        return InputSpec(fmt.name)
+    # ModelOpt's dynamic per-token input quantizers (FP8_PER_CHANNEL_PER_TOKEN) are E4M3 only.
     if bits == (4, 3) and dynamic and (bs == {-1: None} or (bs is None and p.get("_axis") is not None)):
-        return InputSpec("fp8", "token", dynamic=True)
+        return InputSpec(fmt.name, "token", dynamic=True)
     return None
 
 

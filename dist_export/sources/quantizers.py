@@ -23,7 +23,8 @@ import math
 import torch
 
 from ..numerics import QuantSpec
-from .quantizer_state import _FMT, STATE_FORMAT, _bits, save_state
+from ..numerics.registry import format_for_modelopt_bits, format_names, get_format
+from .quantizer_state import STATE_FORMAT, num_bits_key, save_state
 
 
 def is_modelopt_quantizer(module) -> bool:
@@ -59,18 +60,21 @@ def _refuse_unexpressible(q, where: str) -> None:
 def weight_spec(q, shape: tuple[int, ...], where: str) -> QuantSpec:
     """Our QuantSpec for an enabled weight quantizer acting on a matrix of `shape` [out, in]."""
     _refuse_unexpressible(q, where)
-    bits = _bits(q._num_bits)
-    fmt = _FMT.get(bits)
+    bits = num_bits_key(q._num_bits)
+    fmt = format_for_modelopt_bits(bits)
     bs = q._block_sizes
     if fmt is None:
-        raise ValueError(f"{where}: num_bits {bits} has no dist_export format; supported: {sorted(map(str, _FMT))}")
+        known = sorted(str(get_format(n).modelopt_num_bits) for n in format_names()
+                       if get_format(n).modelopt_num_bits is not None)
+        raise ValueError(f"{where}: num_bits {bits} has no dist_export format; supported: {known}")
     if bs is not None and bs.get("scale_bits") == (8, 0):
         raise ValueError(f"{where}: MX formats (scale_bits (8, 0)) are not supported; use NVFP4, FP8, INT8 or INT4")
-    if fmt == "nvfp4":
-        if bs is None or bs.get(-1) != 16 or bs.get("type") != "dynamic" or _bits(bs.get("scale_bits")) != (4, 3):
-            raise ValueError(f"{where}: NVFP4 needs block_sizes {{-1: 16, 'type': 'dynamic', 'scale_bits': (4, 3)}} "
-                             f"(static per-block NVFP4 scales, e.g. from algorithm 'mse', are not supported); got {bs}")
-        return QuantSpec("nvfp4", "group", 16)
+    if fmt.modelopt_block_sizes is not None:  # a format with fixed blocks (NVFP4): exactly ModelOpt's description
+        want = fmt.modelopt_block_sizes
+        if bs is None or any(num_bits_key(bs.get(k)) != v for k, v in want.items()):
+            raise ValueError(f"{where}: {fmt.name.upper()} needs block_sizes {want} (static per-block "
+                             f"{fmt.name.upper()} scales, e.g. from algorithm 'mse', are not supported); got {bs}")
+        return QuantSpec(fmt.name, fmt.default_granularity, fmt.block_size)
     if bs is not None:
         if bs.get("type", "static") != "static" or any(k not in (-1, -2, 0, 1, "type") for k in bs):
             raise ValueError(f"{where}: block_sizes {bs} are not supported; use static blocks along the last dim "
@@ -78,15 +82,16 @@ def weight_spec(q, shape: tuple[int, ...], where: str) -> QuantSpec:
         last = bs.get(-1, bs.get(1))
         first = bs.get(-2, bs.get(0))
         if first is None:
-            return QuantSpec(fmt, "group", int(last))
-        if fmt != "fp8" or first != last:
-            raise ValueError(f"{where}: 2-D blocks {bs} are supported for FP8 square blocks only")
-        return QuantSpec(fmt, "block", int(last))
+            return QuantSpec(fmt.name, "group", int(last))
+        if "block" not in fmt.granularities or first != last:
+            raise ValueError(f"{where}: 2-D blocks {bs} are supported for square blocks of "
+                             f"{[n for n in format_names() if 'block' in get_format(n).granularities]} only")
+        return QuantSpec(fmt.name, "block", int(last))
     axis = q._axis
     if axis is None:
-        return QuantSpec(fmt, "tensor")
-    if axis in (0, (0,), [0]) or (fmt != "nvfp4" and axis in (-2, (-2,)) and len(shape) == 2):
-        return QuantSpec(fmt, "channel")
+        return QuantSpec(fmt.name, "tensor")
+    if axis in (0, (0,), [0]) or (not fmt.tensor_amax and axis in (-2, (-2,)) and len(shape) == 2):
+        return QuantSpec(fmt.name, "channel")
     raise ValueError(f"{where}: axis {axis} is not supported for weights; use axis 0 (per output channel) or None")
 
 
@@ -97,7 +102,7 @@ def amax_in_our_layout(q, spec: QuantSpec, shape: tuple[int, ...], where: str) -
         raise ValueError(f"{where}: the weight quantizer is enabled but has no calibrated amax; calibrate the model "
                          f"(mtq.quantize with a forward loop) before exporting")
     amax = amax.detach().float().cpu()
-    want = spec.amax_shape(shape) if spec.fmt != "nvfp4" else ()
+    want = () if get_format(spec.fmt).tensor_amax else spec.amax_shape(shape)
     if math.prod(want) != amax.numel():
         raise ValueError(f"{where}: amax has {amax.numel()} values, {spec.fmt}/{spec.granularity} on a {list(shape)} "
                          f"weight needs {math.prod(want)}")
@@ -108,7 +113,7 @@ def amax_in_our_layout(q, spec: QuantSpec, shape: tuple[int, ...], where: str) -
 
 def row_slice(amax: torch.Tensor, spec: QuantSpec, lo: int, hi: int, where: str) -> torch.Tensor:
     """The amax of rows [lo, hi) of the quantized matrix (gate or up half of a fused gate_up expert)."""
-    if spec.granularity == "tensor" or spec.fmt == "nvfp4":
+    if spec.granularity == "tensor" or get_format(spec.fmt).tensor_amax:
         return amax.clone()
     if spec.granularity in ("channel", "group"):
         return amax[lo:hi].clone()
