@@ -26,7 +26,7 @@ import torch
 
 from .layout import staged_path
 from .numerics.blocks import deferred_finite_checks, raise_if_nonfinite
-from .plan import Item
+from .plan import Item, item_outputs
 from .quantize import device_outputs
 from .sources.quantized import EncodedTensor
 from .storage.shard_file import ShardWriter
@@ -182,7 +182,7 @@ def run_pipeline(ctx, plan, source, output_format, out_dir, calib, groups, manif
             _put_checked(write_q, out, threads)
         result.items += 1
         if ctx.monitor:
-            ctx.monitor.advance(1, sum(t.nbytes for t in output_format.outputs(arrival.item)))
+            ctx.monitor.advance(1, sum(t.nbytes for t in item_outputs(output_format, arrival.item)))
 
     try:
         threads[0].start()  # the reader fills the first buffers while the output side is set up

@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .layout import shard_filename
 from .ownership import lpt
@@ -52,10 +52,19 @@ class Item:
     # or "out_in" ([E, out, in]); each expert slice is quantized as its own [out, in] matrix.
     stacked: str | None = None
     share_stack: bool = False  # all experts of the stack share one per-tensor amax
+    # KV-cache quantization (recipe.kv_cache): the K or V quantizer whose static scale this k_proj / v_proj item
+    # also carries, named as ModelOpt names it (`<attention>.k_bmm_quantizer` / `.v_bmm_quantizer`)
+    kv: str | None = None
 
     @property
     def quantized(self) -> bool:
         return self.weight is not None
+
+
+def item_outputs(output_format, item: Item) -> list[OutSpec]:
+    """Every tensor `item` becomes: the format's outputs, then its KV-cache scale where the item carries one."""
+    outs = output_format.outputs(item)
+    return outs + output_format.kv_outputs(item) if item.kv else outs
 
 
 @dataclass(frozen=True)
@@ -92,7 +101,7 @@ class ExportPlan:
         """Hash of everything ranks must agree on (layout, owners, quantizer choices, groups)."""
         data = {
             "shards": [(s.filename, s.owner, [(t.name, t.dtype, t.shape) for t in s.tensors]) for s in self.shards],
-            "items": [(i.name, repr(i.weight), repr(i.input), i.group, i.stacked, i.share_stack)
+            "items": [(i.name, repr(i.weight), repr(i.input), i.group, i.stacked, i.share_stack, i.kv)
                       for i in self.items.values()],
             "groups": sorted(self.groups.items()),
             "format": self.format,
@@ -157,7 +166,43 @@ def classify_tensors(tensors: dict[str, TensorMeta], recipe: Recipe) -> tuple[li
         items.append(Item(name, meta, module=module, weight=rule.weight, input=rule.input, stacked=stacked,
                           share_stack=stacked is not None and "experts" in recipe.share_weight_amax
                           and has_tensor_amax(rule.weight)))
+    if recipe.kv_cache is not None:
+        items = kv_cache_items(items, recipe)
     return items, excluded
+
+
+_KV_PROJ = re.compile(r"^(.+)\.([kv])_proj$")
+
+
+def kv_cache_items(items: list[Item], recipe: Recipe) -> list[Item]:
+    """Mark each attention layer's k_proj / v_proj item with its KV quantizer (`<attention>.k_bmm_quantizer`).
+
+    The real-quant layouts store the K/V scales next to those projections, so both must be quantized 2-D
+    weights; a layer with one of them excluded, or a model with no separate k_proj/v_proj (fused qkv, MLA) is
+    refused by name rather than exported with a KV cache the engine would quantize without our scales."""
+    by_name = {i.name: i for i in items}
+    layers: dict[str, dict[str, Item | None]] = {}
+    for name in by_name:
+        hit = _KV_PROJ.match(name[: -len(".weight")]) if name.endswith(".weight") else None
+        if hit:
+            layers.setdefault(hit.group(1), {"k": None, "v": None})[hit.group(2)] = by_name[name]
+    if not layers:
+        raise ValueError(f"recipe {recipe.name!r} asks for kv_cache: {recipe.kv_cache}, but the model has no "
+                         f"attention k_proj/v_proj weights (fused qkv or MLA attention is not supported yet)")
+    marked = {}
+    for attn, kv in sorted(layers.items()):
+        for role, item in kv.items():
+            if item is None or not item.quantized or item.stacked:
+                raise ValueError(f"recipe {recipe.name!r} asks for kv_cache: {recipe.kv_cache}, but "
+                                 f"{attn}.{role}_proj is {'missing' if item is None else 'not quantized'}; the "
+                                 f"K/V scales are stored with quantized k_proj and v_proj weights")
+            marked[item.name] = replace(item, kv=f"{attn}.{role}_bmm_quantizer")
+    return [marked.get(i.name, i) for i in items]
+
+
+def kv_cache_quantizers(items) -> list[str]:
+    """The KV quantizer names the items carry, sorted (calibration must provide each one's amax)."""
+    return sorted(i.kv for i in items if i.kv)
 
 
 _NUMBERED_WEIGHT = re.compile(r"\.weight(\d+)$")
@@ -293,12 +338,14 @@ def build_plan(tensors: dict[str, TensorMeta], recipe: Recipe, output_format, wo
                max_shard_bytes: int) -> ExportPlan:
     """The whole plan: classify items, form groups, lay out shards, pick owners."""
     items, excluded = classify_tensors(tensors, recipe)
+    if recipe.kv_cache is not None and not output_format.carries_kv_cache:
+        raise ValueError(f"--format {output_format.name} cannot carry the recipe's kv_cache: {recipe.kv_cache} "
+                         f"scales; use --format vllm-fq, modelopt or compressed-tensors, or drop kv_cache")
     output_format.check_items(items, recipe)
     groups = plan_groups(items, recipe.share_weight_amax)
     member_of = {m: g for g, ms in groups.items() for m in ms}
-    items = [Item(i.name, i.meta, i.module, i.weight, i.input, member_of.get(i.name), i.stacked, i.share_stack)
-             for i in items]
-    ordered = [(item, output_format.outputs(item)) for item in items]
+    items = [replace(i, group=member_of.get(i.name)) for i in items]
+    ordered = [(item, item_outputs(output_format, item)) for item in items]
     shard_lists = plan_shards(ordered, max_shard_bytes)
     costs = [sum(item_cost(i, o) for i, o in s) for s in shard_lists]
     owners = assign_owners(costs, world_size)
@@ -340,7 +387,8 @@ def plan_summary(plan: ExportPlan, output_format, nnodes: int = 1) -> dict:
     if plan.world_size % nnodes:
         raise ValueError(f"world size {plan.world_size} is not a multiple of nnodes={nnodes}; "
                          f"use a world size of nnodes * ranks per node")
-    per_shard = [[(plan.items[n], output_format.outputs(plan.items[n])) for n in s.items] for s in plan.shards]
+    per_shard = [[(plan.items[n], item_outputs(output_format, plan.items[n])) for n in s.items]
+                 for s in plan.shards]
 
     def entry(rank, item, outs):
         return (rank, item_cost(item, outs), item.meta.nbytes, sum(o.nbytes for o in outs))

@@ -38,7 +38,10 @@ def device_outputs(ctx, item: Item, w: torch.Tensor, output_format, calib, group
     block_amax = None
     if item.weight.scale_search == "mse":
         amax, block_amax = search_block_amax(w, item.weight, amax, tick=ctx.monitor.tick if ctx.monitor else None)
-    return output_format.produce(item, w, amax, block_amax, input_amax_for(item, calib))
+    outs = output_format.produce(item, w, amax, block_amax, input_amax_for(item, calib))
+    if item.kv:  # the layer's KV-cache scale rides with its k_proj / v_proj (plan.item_outputs)
+        outs = outs + output_format.kv_tensors(item, calib[item.kv].float().reshape(()).to(w.device))
+    return outs
 
 
 def fold_stack(ctx, item: Item, w: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,9 @@ DEFAULT_EXCLUDE = (
 )
 SHARE_KINDS = ("qkv", "gate_up", "experts")
 INPUT_GRANULARITIES = ("tensor", "token", "group")
+# KV-cache quantization a recipe may ask for: FP8 E4M3 with one static scale per attention layer for K and one
+# for V (amax of the key/value states after RoPE, from calibration); vLLM stores the cache as x / scale in FP8.
+KV_CACHE_FORMATS = ("fp8",)
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,7 @@ class Recipe:
     share_weight_amax: tuple[str, ...] = ()
     description: str = ""
     source: str = field(default="", compare=False)
+    kv_cache: str | None = None  # one of KV_CACHE_FORMATS, or None: the KV cache stays in the model dtype
 
     @property
     def exclude_patterns(self) -> tuple[str, ...]:
@@ -120,7 +124,8 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        return any(r.input is not None and r.input.needs_calibration for r in self.rules)
+        return self.kv_cache is not None or any(r.input is not None and r.input.needs_calibration
+                                                for r in self.rules)
 
     def to_dict(self) -> dict:
         """The recipe in its YAML schema (round-trips through `recipe_from_dict`)."""
@@ -133,10 +138,13 @@ class Recipe:
             return None if i is None else {"format": i.fmt, "granularity": i.granularity,
                                            "block_size": i.block_size, "dynamic": i.dynamic}
 
-        return {"name": self.name, "description": self.description,
-                "rules": [{"match": list(r.match), "weight": weight(r.weight), "input": inp(r.input)} for r in self.rules],
-                "exclude": list(self.exclude), "default_exclude": self.default_exclude,
-                "share_weight_amax": list(self.share_weight_amax)}
+        d = {"name": self.name, "description": self.description,
+             "rules": [{"match": list(r.match), "weight": weight(r.weight), "input": inp(r.input)} for r in self.rules],
+             "exclude": list(self.exclude), "default_exclude": self.default_exclude,
+             "share_weight_amax": list(self.share_weight_amax)}
+        if self.kv_cache is not None:  # absent when unset: recipes without it keep their fingerprints
+            d["kv_cache"] = self.kv_cache
+        return d
 
     @property
     def fingerprint(self) -> str:
@@ -195,7 +203,8 @@ def _strings(where: str, value) -> tuple[str, ...]:
 
 def recipe_from_dict(data: dict, source: str = "<dict>") -> Recipe:
     where = f"recipe {source}"
-    _check_keys(where, data, ("name", "description", "rules", "exclude", "default_exclude", "share_weight_amax"))
+    _check_keys(where, data, ("name", "description", "rules", "exclude", "default_exclude", "share_weight_amax",
+                              "kv_cache"))
     rules_data = data.get("rules")
     if not rules_data or not isinstance(rules_data, list):
         raise ValueError(f"{where}: 'rules' must be a non-empty list of {{match, weight, input}} entries")
@@ -212,6 +221,10 @@ def recipe_from_dict(data: dict, source: str = "<dict>") -> Recipe:
     if bad:
         raise ValueError(f"{where}: share_weight_amax has unknown group kind(s) {bad}; valid: {list(SHARE_KINDS)}")
     exclude = _strings(f"{where}: exclude", data.get("exclude") or [])
+    kv_cache = data.get("kv_cache")
+    if kv_cache is not None and kv_cache not in KV_CACHE_FORMATS:
+        raise ValueError(f"{where}: kv_cache {kv_cache!r} is not supported; valid: {list(KV_CACHE_FORMATS)} "
+                         f"(or leave it out: the KV cache stays in the model dtype)")
     return Recipe(
         name=str(data.get("name", os.path.splitext(os.path.basename(source))[0])),
         rules=tuple(rules),
@@ -220,6 +233,7 @@ def recipe_from_dict(data: dict, source: str = "<dict>") -> Recipe:
         share_weight_amax=share,
         description=str(data.get("description", "")),
         source=source,
+        kv_cache=kv_cache,
     )
 
 

@@ -115,7 +115,7 @@ def recompute_and_compare(out_dir: str, source_dir: str, record: dict, metas: di
     from .groups import measure_group_amax, merge_group_amax
     from .quantize import quantize_item
     from .runtime.dist import DistContext
-    from .plan import build_plan
+    from .plan import build_plan, item_outputs
     from .recipe import recipe_from_dict
 
     source = SourceCheckpoint(source_dir)
@@ -127,7 +127,7 @@ def recompute_and_compare(out_dir: str, source_dir: str, record: dict, metas: di
     fmt = get_output_format(record["format"])
     calib = {k: torch.tensor(v, dtype=torch.float32) for k, v in record.get("calibration", {}).items()}
     plan = build_plan(source.tensors, recipe, fmt, 1, 1 << 62)
-    expected = {o.name for item in plan.items.values() for o in fmt.outputs(item)}
+    expected = {o.name for item in plan.items.values() for o in item_outputs(fmt, item)}
     for name in sorted(set(metas) - expected):
         rep.defect(f"{name}: not expected from the source (extra tensor)")
     for name in sorted(expected - set(metas)):

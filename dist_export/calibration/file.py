@@ -1,6 +1,8 @@
 """Calibration files: activation amax per input quantizer, in checkpoint key space, as safetensors.
 
-Keys are quantizer paths (`model.layers.0.self_attn.q_proj.input_quantizer`), values 0-d float32 amax.
+Keys are quantizer paths (`model.layers.0.self_attn.q_proj.input_quantizer`; with recipe.kv_cache also
+`model.layers.0.self_attn.k_bmm_quantizer` / `.v_bmm_quantizer`, the key / value states after RoPE), values
+0-d float32 amax.
 Metadata binds the file to the model (names, dtypes and shapes of every tensor) and to the recipe, so a
 calibration made for another model or recipe is refused instead of silently misapplied.
 """
@@ -74,8 +76,10 @@ def load_calibration(path: str, recipe, signature: str, required: list[str]) -> 
 
 
 def required_input_quantizers(plan) -> list[str]:
-    return sorted(input_quantizer_name(i.module) for i in plan.items.values()
-                  if i.quantized and i.input is not None and i.input.needs_calibration)
+    """Every amax the export needs: static input quantizers, and the K/V quantizers of recipe.kv_cache."""
+    return sorted([input_quantizer_name(i.module) for i in plan.items.values()
+                   if i.quantized and i.input is not None and i.input.needs_calibration]
+                  + [i.kv for i in plan.items.values() if i.kv])
 
 
 def fused_input_amax(module: str, calib: dict[str, torch.Tensor]) -> torch.Tensor:

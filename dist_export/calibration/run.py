@@ -5,6 +5,9 @@ the input of each Linear the recipe quantizes, and the result is written in chec
 in-memory experts (transformers 5 `*Experts` modules holding 3-D `gate_up_proj`/`down_proj`) are observed per
 expert by replaying the routing inside a wrapper. Experts that no calibration token reached get the layer's
 max over routed experts (explicit and logged: serving engines apply one input scale per fused MoE layer).
+With recipe.kv_cache the model runs a registered attention function that records max|key| and max|value| of
+each attention layer as the attention receives them (after RoPE and any k_norm: what the engine's KV cache
+stores) and then runs transformers' SDPA attention unchanged.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from .data import CalibrationData, load_samples, random_token_samples
 from .file import input_quantizer_name, model_signature, save_calibration
 from ..sources.checkpoint import SourceCheckpoint
 from ..sources.keymap import checkpoint_keys, expert_slots
-from ..plan import classify_tensors
+from ..plan import classify_tensors, kv_cache_quantizers
 
 log = logging.getLogger(__name__)
 _EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|w1|w3|down_proj|w2)$")
@@ -92,6 +95,47 @@ def _hook_fused_experts(model, expert_modules: dict[str, dict[int, dict[str, str
     return handles
 
 
+KV_OBSERVER = "dist_export_kv_observer"  # the attention implementation name calibration registers
+
+
+class _KvObserver:
+    """Attention function (transformers' AttentionInterface) recording K/V amax per attention module."""
+
+    def __init__(self, rec: _AmaxRecorder):
+        self.rec = rec
+        self.names: dict[int, tuple[str, str]] = {}  # id(attention module) -> (k quantizer, v quantizer)
+
+    def __call__(self, module, query, key, value, attention_mask, **kwargs):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        names = self.names.get(id(module))
+        if names is not None:
+            self.rec.observe(names[0], key)
+            self.rec.observe(names[1], value)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _register_kv_observer(observer: _KvObserver) -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(KV_OBSERVER, observer)
+    AttentionMaskInterface.register(KV_OBSERVER, sdpa_mask)
+
+
+def _kv_attention_modules(model, kv_targets: set[str]) -> dict[str, tuple[str, str]]:
+    """{memory attention module path: (k quantizer, v quantizer)} for the checkpoint-space K/V targets."""
+    meta_state = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in model.state_dict().items()}
+    found = {}
+    for key, names in checkpoint_keys(model, meta_state).items():
+        if key.endswith(".k_proj.weight") and len(names) == 1:
+            attention = names[0][: -len(".k_proj.weight")]
+            k, v = f"{attention}.k_bmm_quantizer", f"{attention}.v_bmm_quantizer"
+            if k in kv_targets and v in kv_targets:
+                found[key[: -len(".k_proj.weight")]] = (k, v)
+    return found
+
+
 def calibrate(model_dir: str, recipe, out: str, data: str | None = None, num_samples: int = 16, seq_len: int = 128,
               seed: int = 0, device_map: str | None = None, trust_remote_code: bool = False) -> dict:
     from transformers import AutoModelForCausalLM
@@ -104,13 +148,22 @@ def calibrate(model_dir: str, recipe, out: str, data: str | None = None, num_sam
     source = SourceCheckpoint(model_dir)
     items, _ = classify_tensors(source.tensors, recipe)
     targets = [i.module for i in items if i.quantized and i.input is not None and i.input.needs_calibration]
-    if not targets:
+    kv_targets = kv_cache_quantizers(items)
+    if not targets and not kv_targets:
         raise ValueError(f"recipe {recipe.name!r} has no static input quantizers; it needs no calibration")
+    rec = _AmaxRecorder()
+    observer = _KvObserver(rec)
+    extra = {}
+    if kv_targets:
+        _register_kv_observer(observer)
+        extra["attn_implementation"] = KV_OBSERVER
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", device_map=device_map,
-                                                 trust_remote_code=trust_remote_code)
+                                                 trust_remote_code=trust_remote_code, **extra)
     model.eval()
     chosen = calibration_samples(model_dir, model.config.vocab_size, data, num_samples, seq_len, seed)
-    rec = _AmaxRecorder()
+    if kv_targets:
+        paths = _kv_attention_modules(model, set(kv_targets))
+        observer.names = {id(model.get_submodule(p)): names for p, names in paths.items()}
     plain, expert_modules = _memory_targets(model, set(targets))
     handles = _hook_linears(model, plain, rec) + _hook_fused_experts(model, expert_modules, rec)
     device = next(model.parameters()).device
@@ -126,6 +179,11 @@ def calibrate(model_dir: str, recipe, out: str, data: str | None = None, num_sam
     if missing:
         raise RuntimeError(f"calibration saw no input for {len(missing)} modules, e.g. {missing[0]!r}; "
                            f"they are not Linear modules of the loaded model")
+    missing_kv = [q for q in kv_targets if q not in rec.amax]
+    if missing_kv:
+        raise RuntimeError(f"calibration saw no key/value states for {len(missing_kv)} KV quantizers, e.g. "
+                           f"{missing_kv[0]!r}: that attention does not run through transformers' attention "
+                           f"interface, so recipe kv_cache is not supported for this model")
     save_calibration(out, rec.amax, recipe, model_signature(source.tensors), data=chosen.record)
     log.info("calibrated %d input quantizers on %d samples (%s) -> %s", len(rec.amax), len(chosen.samples),
              chosen.record.get("kind"), out)

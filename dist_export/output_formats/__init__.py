@@ -20,6 +20,7 @@ class OutputFormat:
 
     name = ""
     file_names: tuple[str, ...] = ()  # every name `extra_files` may write (basenames in the export folder)
+    carries_kv_cache = False  # whether the layout stores KV-cache scales (recipe.kv_cache); planning refuses else
 
     def check_items(self, items: list[Item], recipe) -> None:
         """Refuse (ValueError) any quantizer this format cannot describe, before any I/O."""
@@ -38,6 +39,14 @@ class OutputFormat:
         """Outputs of `item` with the input pre-quant scale folded into the weight (weight-only AWQ)."""
         raise ValueError(f"--format {self.name} cannot store {item.name} with its pre-quant scale (AWQ) folded; "
                          f"use --format vllm-fq")
+
+    def kv_outputs(self, item: Item) -> list[OutSpec]:
+        """The KV-cache scale tensors a k_proj / v_proj item with `item.kv` adds (after `outputs(item)`)."""
+        return []
+
+    def kv_tensors(self, item: Item, kv_amax: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """Those tensors from the calibrated amax (0-d float32, on the item's device), in `kv_outputs` order."""
+        return []
 
     def update_config(self, config: dict, plan, recipe) -> dict:
         return config

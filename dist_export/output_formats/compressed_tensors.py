@@ -22,6 +22,8 @@ Every scale is chosen so that compressed-tensors' own decompression (`dequantize
   decompresses NVFP4 to bfloat16, so bfloat16 weights only.
 Input scales follow compressed-tensors' conventions (FP8 `input_scale = amax / 448`, NVFP4
 `input_global_scale = 2688 / amax`) with one value per fused group (q/k/v, gate/up: the max), as vLLM needs.
+KV cache (recipe `kv_cache: fp8`): `kv_cache_scheme` FP8 per tensor, `<attention>.k_scale` / `.v_scale` F32 [1]
+= calibrated amax of the key / value states after RoPE / 448, written with the layer's k_proj / v_proj.
 """
 from __future__ import annotations
 
@@ -262,8 +264,18 @@ register_scheme([("nvfp4", "group", ("nvfp4", "group", False))],
 # ---- the config ----
 
 def kv_cache_scheme(plan, recipe) -> dict | None:
-    """compressed-tensors' `kv_cache_scheme` slot: None until recipes carry KV-cache quantization."""
-    return None
+    """compressed-tensors' `kv_cache_scheme` (QuantizationArgs of the K/V states): FP8 E4M3, one static symmetric
+    scale per attention layer (`<attention>.k_scale` / `.v_scale` = amax / 448); None without recipe.kv_cache."""
+    if recipe.kv_cache is None:
+        return None
+    return {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None, "strategy": "tensor",
+            "dynamic": False, "observer": "minmax"}
+
+
+def _kv_scale_name(item) -> str:
+    """`<attention>.k_scale` / `.v_scale`: where llm-compressor puts them and vLLM's default mapping reads them."""
+    attention, quantizer = item.kv.rsplit(".", 1)
+    return f"{attention}.{quantizer[0]}_scale"
 
 
 def config_groups(plan) -> dict:
@@ -285,6 +297,15 @@ def config_groups(plan) -> dict:
 
 class CompressedTensors(OutputFormat):
     name = "compressed-tensors"
+    carries_kv_cache = True
+
+    def kv_outputs(self, item):
+        # float32 (llm-compressor writes the model dtype; vLLM and compressed-tensors read either): the scale
+        # stays amax / 448 exactly, so the largest calibrated K/V value maps to 448, not past it
+        return [OutSpec(_kv_scale_name(item), "F32", (1,))]
+
+    def kv_tensors(self, item, kv_amax):
+        return [(_kv_scale_name(item), (kv_amax / F8E4M3_MAX).reshape(1))]
 
     def load_hint(self, out_dir: str) -> str:
         return (f"vllm serve {out_dir} (or transformers with the compressed-tensors package)")

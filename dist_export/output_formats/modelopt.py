@@ -11,7 +11,9 @@ owns the item, `update_config`/`extra_files` on rank 0 at commit.
 
 Stored scales are exactly the multipliers of the fake-quant fold, so dequantization equals the `vllm-fq`
 export bit for bit. vLLM fuses q/k/v and gate/up: their input scales are one value per fused group (max), and
-NVFP4 `weight_scale_2` agree because the recipe shares the weight amax over those groups.
+NVFP4 `weight_scale_2` agree because the recipe shares the weight amax over those groups. KV cache (recipe
+`kv_cache: fp8`): `<attention>.k_proj.k_scale` / `.v_proj.v_scale` F32 [] = calibrated K / V amax (after RoPE)
+/ 448, `kv_cache_quant_algo: FP8` in hf_quant_config.json, `kv_cache_scheme` in config.json.
 
 Config, in the two places ModelOpt writes it: `hf_quant_config.json` holds ModelOpt's own record
 (`{"producer", "quantization": {"quant_algo", "kv_cache_quant_algo", "group_size", "exclude_modules",
@@ -105,6 +107,15 @@ def quant_algo(item) -> str:
 class ModelOptHF(OutputFormat):
     name = "modelopt"
     file_names = (HF_QUANT_CONFIG_NAME,)
+    carries_kv_cache = True
+
+    # KV cache as ModelOpt exports it: `<attention>.k_proj.k_scale` / `.v_proj.v_scale` F32 [] = amax / 448
+    # (its postprocess_state_dict of k_bmm_quantizer._amax); vLLM maps them onto the attention layer.
+    def kv_outputs(self, item):
+        return [OutSpec(f"{item.module}.{item.kv.rsplit('.', 1)[1][0]}_scale", "F32", ())]
+
+    def kv_tensors(self, item, kv_amax):
+        return [(f"{item.module}.{item.kv.rsplit('.', 1)[1][0]}_scale", (kv_amax / F8E4M3_MAX).reshape(()))]
 
     def load_hint(self, out_dir: str) -> str:
         return (f"vllm serve {out_dir} (vLLM reads quant_method modelopt from config.json), or TensorRT-LLM")
@@ -138,7 +149,7 @@ class ModelOptHF(OutputFormat):
         algos = self._algos(plan)
         kinds = {a.name: a for a in algos.values()}
         q: dict = {"quant_algo": next(iter(kinds)) if len(kinds) == 1 else "MIXED_PRECISION",
-                   "kv_cache_quant_algo": None}
+                   "kv_cache_quant_algo": "FP8" if plan_kv_cache(plan) else None}
         sizes = {a.group_size for a in kinds.values()} - {None}
         if len(sizes) == 1:
             q["group_size"] = sizes.pop()
@@ -164,6 +175,8 @@ class ModelOptHF(OutputFormat):
             qc["group_size"] = q["group_size"]  # vLLM reads it from here for NVFP4
         if "quantized_layers" in q:
             qc["quantized_layers"] = q["quantized_layers"]
+        if q["kv_cache_quant_algo"] == "FP8":  # ModelOpt 0.47's convert_hf_quant_config_format, as vLLM reads it
+            qc["kv_cache_scheme"] = {"dynamic": False, "num_bits": 8, "type": "float"}
         config = dict(config)
         config["quantization_config"] = qc
         return config
@@ -187,6 +200,10 @@ class ModelOptHF(OutputFormat):
                 w = metas.get(name[: -len("_scale")])
                 if w is None or w.dtype != "U8" or m.shape != (w.shape[0], -(-(w.shape[1] * 2) // NVFP4_GROUP)):
                     rep.defect(f"{name}: shape {list(m.shape)} does not fit the packed NVFP4 weight")
+
+
+def plan_kv_cache(plan) -> bool:
+    return any(i.kv for i in plan.items.values())
 
 
 def _layer_entry(algo: Algo) -> dict:

@@ -6,7 +6,11 @@ quantizer's properties is ModelOpt 0.47's (`quantizer_state`), filled from our r
   * weight quantizers are absent: their effect is folded into the weights;
   * every quantized Linear gets an input quantizer (disabled where the recipe has none) and a disabled output
     quantizer, as ModelOpt's own export writes them;
-  * static input quantizers carry their calibrated amax (0-d, model dtype) in `modelopt_state_weights`.
+  * static input quantizers carry their calibrated amax (0-d, model dtype) in `modelopt_state_weights`;
+  * with recipe `kv_cache: fp8`, each attention layer's `k_bmm_quantizer` / `v_bmm_quantizer` (ModelOpt's K/V
+    quantizers, `<attention>.k_bmm_quantizer` in the HF model, `<attention>.attn.k_bmm_quantizer` once the
+    worker maps it onto vLLM's Attention) is static FP8 per tensor with its calibrated amax, enabled by a
+    `*[kv]_bmm_quantizer` entry as in ModelOpt's FP8_KV_CFG.
 Names are in checkpoint key space (per-expert names for MoE), the names vLLM's loader maps.
 
 The quantize config is in ModelOpt's own shape: everything off, one wildcard `*input_quantizer` entry for the
@@ -131,6 +135,7 @@ def build_quant_cfg(plan) -> list[dict]:
         quant_cfg.append({"quantizer_name": "*input_quantizer", "parent_class": None, "cfg": cfg, "enable": True})
     quant_cfg.append({"quantizer_name": "*lm_head*", "parent_class": None, "cfg": None, "enable": False})
     seen = set()
+    kv = _KV_SPEC if any(i.kv for i in plan.items.values()) else None
     for module in sorted(per_module):
         cfg = per_module[module]
         if default is not None and cfg is not None and _cfg_key(cfg) == default:
@@ -141,7 +146,16 @@ def build_quant_cfg(plan) -> list[dict]:
             seen.add(pattern)
             quant_cfg.append({"quantizer_name": pattern, "parent_class": None, "cfg": cfg,
                               "enable": cfg is not None})
+    if kv is not None:
+        quant_cfg.append({"quantizer_name": "*[kv]_bmm_quantizer", "parent_class": None,
+                          "cfg": input_quantizer_config(kv), "enable": True})
     return quant_cfg
+
+
+def _kv_spec():
+    from ..recipe import InputSpec
+
+    return InputSpec("fp8", "tensor", None, False)  # static FP8 per tensor: what recipe kv_cache: fp8 means
 
 
 # Input quantizers ModelOpt 0.47's fake quant cannot run on CPU (measured; formats.md section 2).
@@ -155,6 +169,9 @@ def cpu_unsupported_reason(spec) -> str | None:
         return (f"dynamic FP8 block activation quant (groups of {spec.block_size}) asserts on `scale_bits` in "
                 f"ModelOpt 0.47's _dynamic_block_quantize_forward on CPU (needs a GPU)")
     return None
+
+
+_KV_SPEC = _kv_spec()
 
 
 def _model_dtype(plan) -> torch.dtype:
@@ -179,6 +196,9 @@ def build_vllm_fq_state(plan, recipe, calib: dict[str, torch.Tensor]) -> dict:
             entry["_amax"] = calib[in_name].to(dtype).reshape(()).clone()
         weights[in_name] = entry
         weights[f"{item.module}.output_quantizer"] = {}
+        if item.kv:
+            qstate[item.kv] = input_quantizer_properties(_KV_SPEC, dtype)
+            weights[item.kv] = {"_amax": calib[item.kv].to(dtype).reshape(()).clone()}
     quantize_config = {"quant_cfg": build_quant_cfg(plan), "algorithm": "max"}
     return {
         "modelopt_state_dict": [

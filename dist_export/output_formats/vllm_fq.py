@@ -28,6 +28,7 @@ def serving_warnings(items) -> list[str]:
 class VllmFakeQuant(OutputFormat):
     name = "vllm-fq"
     file_names = (STATE_FILE_NAME,)
+    carries_kv_cache = True  # in the state file (k_bmm/v_bmm quantizers), no tensors
 
     def load_hint(self, out_dir: str) -> str:
         return (f"MODELOPT_STATE_PATH={out_dir}/{STATE_FILE_NAME} python vllm_serve_fakequant.py {out_dir} "
