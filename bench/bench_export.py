@@ -89,6 +89,7 @@ def main() -> int:
                          "seconds instead of minutes for qwen3-8b; the values differ from a cpu-generated model)")
     ap.add_argument("--baseline-recipes", default=None,
                     help="comma list: run the alternatives (--baselines) only for these recipes (default: all)")
+    ap.add_argument("--no-render", action="store_true", help="do not render docs/benchmarks/<results name>.md")
     ap.add_argument("--deadline", type=float, default=None,
                     help="unix time: a run that would not finish by then (estimated from the recipe's previous "
                          "run, or 2x the copy floor) is skipped and listed under 'skipped' in the results")
@@ -187,6 +188,8 @@ def main() -> int:
 
     save(args.results, results)
     print(f"results: {args.results}")
+    if args.no_render:
+        return 0
     try:
         from report import render
 

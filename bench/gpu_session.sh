@@ -69,16 +69,26 @@ make_model() {
 open(sys.argv[3], 'w'))" "$t" "$DEVICE" "$R/make-model.json"
 }
 
-# ---- GPU tests: the kernels (compiled), the dispatch, GPU vs CPU exports, the NaN refusal on a GPU ----
-TEST_FILES=${TEST_FILES:-"tests/test_kernels.py tests/test_kernel_dispatch.py tests/test_gpu.py tests/test_bad_inputs.py::test_nan_weight_on_gpu"}
+# ---- GPU tests: the kernels (compiled), the dispatch, GPU vs CPU exports, the NaN refusal on a GPU. Two groups
+# run at the same time (the kernels' CPU references and the CPU exports of test_gpu take most of the time), each
+# with pytest-xdist workers where it is installed ----
+TEST_GROUPS=${TEST_GROUPS:-"tests/test_kernels.py;tests/test_kernel_dispatch.py tests/test_gpu.py tests/test_bad_inputs.py::test_nan_weight_on_gpu"}
 gpu_tests() {
-  local par=()
-  "$PY" -c "import xdist" 2>/dev/null && par=(-n "${TEST_WORKERS:-6}")
-  echo "$TEST_FILES ${par[*]}" >"$R/gpu-tests.files"
-  # shellcheck disable=SC2086
-  timeout -k 5 "${TESTS_S:-150}" "$PY" -m pytest -v -p no:cacheprovider "${par[@]}" --junitxml="$R/gpu-tests.xml" \
-    -o junit_family=xunit1 --durations=10 $TEST_FILES >"$R/gpu-tests.txt" 2>&1
-  echo $? >"$R/gpu-tests.rc"
+  local par=() i=0 pids=() files group rc=0
+  "$PY" -c "import xdist" 2>/dev/null && par=(-n "${TEST_WORKERS:-3}")
+  IFS=';' read -r -a groups <<<"$TEST_GROUPS"
+  echo "${TEST_GROUPS//;/ } ${par[*]}" >"$R/gpu-tests.files"
+  for group in "${groups[@]}"; do
+    i=$((i + 1))
+    # shellcheck disable=SC2086
+    OMP_NUM_THREADS=${TEST_THREADS:-3} timeout -k 5 "${TESTS_S:-150}" "$PY" -m pytest -v -p no:cacheprovider \
+      "${par[@]}" --basetemp="/tmp/gpu-session-pytest-$i" --junitxml="$R/gpu-tests-$i.xml" -o junit_family=xunit1 \
+      --durations=10 $group >"$R/gpu-tests-$i.txt" 2>&1 &
+    pids+=($!)
+  done
+  for i in "${!pids[@]}"; do wait "${pids[$i]}" || rc=$?; done
+  cat "$R"/gpu-tests-*.txt >"$R/gpu-tests.txt"
+  echo "$rc" >"$R/gpu-tests.rc"
 }
 
 "$PY" - "$R/machine.json" "$TAG" "$BUDGET_S" <<'EOF'
@@ -109,7 +119,10 @@ install_wheels >"$R/wheels.txt" 2>&1 &
 W_PID=$!
 M_PID=
 if [[ "${EXPORTS:-1}" != 0 ]]; then make_model & M_PID=$!; fi
-if [[ "${TESTS:-1}" != 0 ]]; then gpu_tests; log "tests done (exit $(cat "$R/gpu-tests.rc")): $(tail -1 "$R/gpu-tests.txt")"; fi
+if [[ "${TESTS:-1}" != 0 ]]; then
+  gpu_tests
+  log "tests done (exit $(cat "$R/gpu-tests.rc")): $(for f in "$R"/gpu-tests-*.txt; do tail -1 "$f"; done | tr '\n' ' ')"
+fi
 wait "$W_PID"
 "$PY" -c "import modelopt, json, sys; m = json.load(open(sys.argv[1])); m['modelopt'] = modelopt.__version__; \
 json.dump(m, open(sys.argv[1], 'w'), indent=1)" "$R/machine.json" 2>>"$R/wheels.txt" || log "ModelOpt not importable"
@@ -125,7 +138,7 @@ if [[ "${EXPORTS:-1}" != 0 && -f "$R/make-model.json" ]]; then
   timeout -k 5 $(( $(left) - KEEP > 10 ? $(left) - KEEP : 10 )) "$PY" bench/bench_export.py --arch "$ARCH" \
     --preset "$PRESET" --workdir "$WORK" --device "$DEVICE" --ranks 1 --repeat "${REPEAT:-2}" \
     --recipes "${RECIPES:-nvfp4-mse,nvfp4-mse-wide,int4-w4a16}" --baselines modelopt \
-    --baseline-recipes nvfp4-mse --deadline $((DEADLINE - KEEP)) --results "$R/export.json" \
+    --baseline-recipes nvfp4-mse --deadline $((DEADLINE - KEEP)) --results "$R/export.json" --no-render \
     >"$R/export.txt" 2>&1
   log "exports done (exit $?): $(grep -c '"tool"' "$R/export.txt") runs"
   rm -rf "$WORK"/out-* "$WORK"/modelopt-* "$WORK/copy"

@@ -138,26 +138,33 @@ def kernels_section(res: dict | None) -> list[str]:
 
 
 def tests_section(folder: str) -> list[str]:
-    xml = os.path.join(folder, "gpu-tests.xml")
-    txt = os.path.join(folder, "gpu-tests.txt")
+    """From the junit files of the test groups (gpu-tests-<i>.xml; a group stopped by its time limit has none)."""
     rc = _read(os.path.join(folder, "gpu-tests.rc")).strip()
     files = _read(os.path.join(folder, "gpu-tests.files")).strip()
-    if os.path.isfile(xml):
+    if not files:
+        return ["GPU tests: not run."]
+    groups = sorted(f for f in os.listdir(folder) if f.startswith("gpu-tests-") and f.endswith(".txt"))
+    n = dict.fromkeys(("tests", "failures", "errors", "skipped"), 0)
+    secs, bad, lines = 0.0, [], []
+    for txt in groups:
+        xml = os.path.join(folder, txt[:-4] + ".xml")
+        if not os.path.isfile(xml):
+            tail = [ln for ln in _read(os.path.join(folder, txt)).splitlines() if ln.strip()][-2:]
+            lines.append(f"- group `{txt}` has no junit file (stopped by the time limit?); its last lines: "
+                         + " / ".join(f"`{t[:160]}`" for t in tail))
+            continue
         root = ET.parse(xml).getroot()
         suites = [root] if root.tag == "testsuite" else list(root)
-        n = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
-        secs = sum(float(s.get("time", 0)) for s in suites)
-        passed = n["tests"] - n["failures"] - n["errors"] - n["skipped"]
-        head = (f"GPU tests (`{files}`): {passed} passed, {n['failures']} failed, {n['errors']} errors, "
-                f"{n['skipped']} skipped in {secs:.0f} s (pytest exit {rc or '?'}); log `{{tag}}-gpu-tests.txt`.")
-        bad = [f"- {c.get('classname', '')}::{c.get('name')}" for s in suites for c in s.iter("testcase")
-               if c.find("failure") is not None or c.find("error") is not None]
-        return [head] + bad[:30]
-    if os.path.isfile(txt):
-        tail = [ln for ln in _read(txt).splitlines() if ln.strip()][-3:]
-        return [f"GPU tests (`{files}`): no junit file (stopped by the time limit? exit {rc or '?'}); last lines "
-                f"of the log: " + " / ".join(f"`{t[:160]}`" for t in tail)]
-    return ["GPU tests: not run."]
+        for k in n:
+            n[k] += sum(int(x.get(k, 0)) for x in suites)
+        secs = max(secs, sum(float(x.get("time", 0)) for x in suites))
+        bad += [f"- failed: {c.get('classname', '')}::{c.get('name')}" for x in suites for c in x.iter("testcase")
+                if c.find("failure") is not None or c.find("error") is not None]
+    passed = n["tests"] - n["failures"] - n["errors"] - n["skipped"]
+    head = (f"GPU tests (`{files}`, groups run at the same time): {passed} passed, {n['failures']} failed, "
+            f"{n['errors']} errors, {n['skipped']} skipped; slowest group {secs:.0f} s; pytest exit {rc or '?'}; "
+            f"log `bench/results/{{tag}}-gpu-tests.txt`.")
+    return [head] + lines + bad[:30]
 
 
 def _read(path: str) -> str:
