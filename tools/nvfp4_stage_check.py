@@ -9,7 +9,7 @@ import modelopt.torch.quantization as mtq
 import transformers
 
 from dist_export.numerics import fake_quant
-from dist_export.numerics.nvfp4 import _block_scales
+from dist_export.numerics.nvfp4 import block_scales
 from dist_export.sources.quantizers import amax_in_our_layout, weight_spec
 from dist_export.sources.synthetic import ensure_synthetic
 from nvfp4_modelopt_gpu import bits, replica
@@ -36,8 +36,8 @@ with torch.no_grad():
         c["cpu_vs_exact_replica"] += int((bits(cpu) != bits(rep)).sum())
         c["cuda_vs_exact_replica"] += int((bits(gpu) != bits(rep)).sum())
         c["cpu_vs_modelopt"] += int((bits(cpu) != bits(theirs)).sum())
-        sg = _block_scales(w.float(), amax.cuda(), None)
-        sc = _block_scales(w.float().cpu(), amax, None)
+        sg = block_scales(w.float(), amax.cuda(), None)
+        sc = block_scales(w.float().cpu(), amax, None)
         for key, a, b in zip(("s_e4m3", "sq", "gs"), sg, sc):
             c[f"{key}_cuda_vs_cpu"] += int((a.cpu().reshape(-1).view(torch.int32) != b.reshape(-1).view(torch.int32)).sum())
         bg = w.float().abs().reshape(-1, 16).amax(1).cpu()

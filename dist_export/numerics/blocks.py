@@ -51,7 +51,8 @@ def raise_if_nonfinite(names: list[str], counts: torch.Tensor) -> None:
             _refuse(name, int(n_nan), int(n_inf))
 
 
-def _pad_to(x: torch.Tensor, dim: int, multiple: int) -> torch.Tensor:
+def pad_to(x: torch.Tensor, dim: int, multiple: int) -> torch.Tensor:
+    """`x` zero-padded along `dim` to a multiple of `multiple` (x itself when it already is one)."""
     size = x.shape[dim]
     pad = (-size) % multiple
     if pad == 0:
@@ -70,12 +71,12 @@ def reduce_abs_max(x: torch.Tensor, granularity: str, block_size: int | None) ->
         return a.reshape(a.shape[0], -1).amax(dim=1, keepdim=True)
     b = block_size
     if granularity == "group":
-        a = _pad_to(a, -1, b)
+        a = pad_to(a, -1, b)
         return a.reshape(*a.shape[:-1], a.shape[-1] // b, b).amax(dim=-1)
     if granularity == "block":
         if a.dim() != 2:
             raise ValueError(f"2-D block quantization needs a 2-D weight, got shape {tuple(x.shape)}")
-        a = _pad_to(_pad_to(a, 0, b), 1, b)
+        a = pad_to(pad_to(a, 0, b), 1, b)
         m, n = a.shape
         return a.reshape(m // b, b, n // b, b).amax(dim=(1, 3))
     raise ValueError(f"unknown granularity {granularity!r}")

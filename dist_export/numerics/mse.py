@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from .blocks import _pad_to, reduce_abs_max
+from .blocks import pad_to, reduce_abs_max
 from .pairwise import pairwise_sum
 from .registry import get_format, kernel_for
 from .spec import QuantSpec
@@ -51,7 +51,7 @@ def _blocks(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, int]:
         bs = spec.block_size
     else:  # channel / tensor: one block per row (tensor search is done per row, then max-combined below)
         bs = x.shape[-1]
-    xp = _pad_to(x, -1, bs)
+    xp = pad_to(x, -1, bs)
     return xp.reshape(x.shape[0], xp.shape[-1] // bs, bs), bs
 
 

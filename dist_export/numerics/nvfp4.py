@@ -37,7 +37,7 @@ def block_multipliers(bmax: torch.Tensor, gs: torch.Tensor) -> tuple[torch.Tenso
     return s_e4m3, torch.where(sq < NVFP4_SQ_FLOOR, torch.ones_like(sq), sq)
 
 
-def _block_scales(x: torch.Tensor, gamax: torch.Tensor, block_amax: torch.Tensor | None):
+def block_scales(x: torch.Tensor, gamax: torch.Tensor, block_amax: torch.Tensor | None):
     """(e4m3 block scale as float32, sq used by the fold, gs), per block of 16."""
     gs = global_scale(gamax)
     bmax = reduce_abs_max(x, "group", BLOCK) if block_amax is None else block_amax.float()
@@ -60,7 +60,7 @@ def round_e2m1_magnitude(a: torch.Tensor) -> torch.Tensor:
 
 
 def _signed_q(x: torch.Tensor, gamax: torch.Tensor, block_amax):
-    s_e4m3, sq, gs = _block_scales(x, gamax, block_amax)
+    s_e4m3, sq, gs = block_scales(x, gamax, block_amax)
     sq_el = expand_to(sq, x.shape, "group", BLOCK)
     q = round_e2m1_magnitude(x.abs() / sq_el)
     # As the reference kernel: where(x >= 0, q, -q). An input of -0.0 gives +0.0; a negative x that rounds to

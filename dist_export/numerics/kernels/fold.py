@@ -75,7 +75,7 @@ def _int_kernel(x_ptr, scale_ptr, y_ptr, R, C, sx, sy, SSR, SSB, MAXB, MINB, BC:
 def _nvfp4_kernel(x_ptr, gs_ptr, bamax_ptr, y_ptr, packed_ptr, scale_ptr, bad_ptr, R, C, sx, sy, NB,
                   HAS_BAMAX: tl.constexpr, FAKE: tl.constexpr, BF16: tl.constexpr, TR: tl.constexpr, TB: tl.constexpr,
                   WORDS: tl.constexpr):
-    """Tile of TR rows x TB blocks of 16; element arithmetic of nvfp4._block_scales/_signed_q. WORDS (widths a
+    """Tile of TR rows x TB blocks of 16; element arithmetic of nvfp4.block_scales/_signed_q. WORDS (widths a
     multiple of 8): the packed codes are written as int32 words of 8 codes (packed_ptr is the uint8 output
     viewed as int32), not byte by byte."""
     rr = tl.program_id(0) * TR + tl.arange(0, TR)
