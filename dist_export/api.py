@@ -16,7 +16,8 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 from . import __version__
-from .calibration.file import load_calibration, model_signature, required_input_quantizers
+from .calibration.file import (calibration_data_record, load_calibration, model_signature,
+                               required_input_quantizers)
 from .commit import commit_export
 from .execute import RankResult, execute_rank, reusable_shards
 from .groups import groups_to_measure_first, measure_group_amax, merge_group_amax
@@ -46,30 +47,38 @@ def resolve_model(model: str | None, revision: str | None = None) -> str:
     return resolve(model, revision).path
 
 
-def export(model=None, out_dir: str = "out", *, ctx: DistContext | None = None, **options) -> dict:
+def export(model=None, out_dir: str = "out", *, revision: str | None = None, ctx: DistContext | None = None,
+           **options) -> dict:
     """Export `model` to `out_dir` with the given options, on every rank of the launch.
 
     Args:
-        model: a Hugging Face checkpoint folder, `synthetic:<arch>-<preset>`, or an in-memory transformers model
-            (on CPU, GPUs or dispatched with offload; never changed). None exports the built-in synthetic model.
+        model: a Hugging Face checkpoint folder, a Hub id `org/name` (HF cache first, offline mode respected),
+            `synthetic:<arch>-<preset>`, or an in-memory transformers model (on CPU, GPUs or dispatched with
+            offload; never changed). None exports the built-in synthetic model, with a warning.
+        revision: branch, tag or commit of a Hub id (default: main).
         out_dir: the output folder (new, empty, or an earlier export with `overwrite`/`resume`).
         ctx: an existing `DistContext` (tests, embedding); by default one is made from the launcher's environment.
-        **options: the fields of `ExportOptions` (recipe, format, calib, overwrite, resume, device,
-            max_shard_size, hang_timeout, dead_timeout, verify, fault, quantizer_state, nproc_per_node), keyword
-            only. A ModelOpt-quantized model with recipe=None is exported with its own quantizers.
+        **options: the fields of `ExportOptions` (recipe, format, calib or calibration, overwrite, resume,
+            device, max_shard_size, hang_timeout, dead_timeout, verify, fault, quantizer_state, nproc_per_node),
+            keyword only. A ModelOpt-quantized model with recipe=None is exported with its own quantizers.
 
     Returns:
         The run summary (every rank; rank 0's includes every rank's numbers).
     """
     opts = ExportOptions.from_kwargs(options)
+    live = model is not None and not isinstance(model, str)
+    if live and revision is not None:
+        raise ValueError("revision applies to a Hub id, not to an in-memory model")
     if opts.nproc_per_node is not None:
-        if model is None or isinstance(model, str):
+        if not live:
             raise ValueError("nproc_per_node is for in-memory ModelOpt-quantized models; for a folder run "
                              "`dist-export export --nproc-per-node N` (or torchrun) instead")
         from .sources.workers import export_in_workers
 
         return export_in_workers(model, out_dir, opts)
-    if model is not None and not isinstance(model, str):
+    if opts.calibration is not None:
+        return _export_calibrated(model, out_dir, opts, ctx, options, revision)
+    if live:
         from .sources.memory import in_memory_source
 
         with in_memory_source(model, opts.recipe, opts.calib) as (source, side, calib, state):
@@ -81,10 +90,33 @@ def export(model=None, out_dir: str = "out", *, ctx: DistContext | None = None, 
             return run_export(lambda: opened, out_dir, replace(opts, calib=calib), ctx)
 
     def open_folder():
-        src_dir = resolve_model(model)
+        src_dir = resolve_model(model, revision)
         return OpenedSource(src_dir, SourceCheckpoint(src_dir), model or DEFAULT_MODEL)
 
     return run_export(open_folder, out_dir, opts, ctx)
+
+
+def _export_calibrated(model, out_dir: str, opts: ExportOptions, ctx: DistContext | None, options: dict,
+                       revision: str | None) -> dict:
+    """`calibration={...}`: calibrate `model` (a folder or a live model) on every rank, data-parallel, into a
+    private file per rank, then export with it as `calib`; the file is removed afterwards."""
+    import shutil
+    import tempfile
+
+    from .calibration.run import calibrate_for_export
+
+    own = ctx is None
+    ctx = ctx or init_distributed(opts.device)
+    tmp = tempfile.mkdtemp(prefix="dist_export_calib_")
+    try:
+        path = os.path.join(tmp, "calibration.safetensors")
+        target = resolve_model(model, revision) if model is None or isinstance(model, str) else model
+        calibrate_for_export(ctx, target, opts.recipe, path, opts.calibration)
+        return export(model, out_dir, revision=revision, ctx=ctx, **{**options, "calibration": None, "calib": path})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if own:
+            ctx.close()
 
 
 @dataclass
@@ -102,6 +134,7 @@ class _Inputs:
     output_format: object
     plan: ExportPlan
     calib: dict
+    calib_data: dict | None = None  # how the calibration samples were chosen (the calibration file's record)
 
 
 def run_export(open_source, out_dir: str, opts: ExportOptions, ctx: DistContext | None = None) -> dict:
@@ -158,7 +191,7 @@ def plan_inputs(open_source, out_dir: str | None, opts: ExportOptions, world_siz
                          f"--out calib.safetensors`, then pass --calib calib.safetensors")
     calib = (load_calibration(opts.calib, rec, model_signature(opened.source.tensors), required)
              if opts.calib else {})
-    return _Inputs(opened, rec, fmt, plan, calib)
+    return _Inputs(opened, rec, fmt, plan, calib, calibration_data_record(opts.calib) if opts.calib else None)
 
 
 def _export(ctx: DistContext, open_source, out_dir: str, opts: ExportOptions, fault) -> dict:
@@ -227,10 +260,13 @@ def _export(ctx: DistContext, open_source, out_dir: str, opts: ExportOptions, fa
 def _record(inputs: _Inputs, results, fingerprint: dict) -> dict:
     """The record lets `verify --source` recompute everything; it names no path, so the same inputs give the same
     bytes wherever (and from whatever source object) they come."""
-    return {"dist_export": __version__, "recipe": inputs.recipe.to_dict(), "format": inputs.output_format.name,
-            "calibration": {k: float(v) for k, v in sorted(inputs.calib.items())},
-            "source_signature": model_signature(inputs.opened.source.tensors), "fingerprint": fingerprint,
-            "shards": {f: {"sha256": i["sha256"], "size": i["size"]} for r in results for f, i in r.shards.items()}}
+    record = {"dist_export": __version__, "recipe": inputs.recipe.to_dict(), "format": inputs.output_format.name,
+              "calibration": {k: float(v) for k, v in sorted(inputs.calib.items())},
+              "source_signature": model_signature(inputs.opened.source.tensors), "fingerprint": fingerprint,
+              "shards": {f: {"sha256": i["sha256"], "size": i["size"]} for r in results for f, i in r.shards.items()}}
+    if inputs.calib_data is not None:
+        record["calibration_data"] = inputs.calib_data
+    return record
 
 
 def source_dirs(opened: OpenedSource) -> list[str]:

@@ -82,16 +82,27 @@ def _add_export(sub):
 
 
 def _add_calibrate(sub):
-    p = sub.add_parser("calibrate", help="max-calibrate activation amax for a recipe's static input quantizers")
+    p = sub.add_parser("calibrate", help="max-calibrate activation amax for a recipe's static input quantizers "
+                                         "(data-parallel under a launcher: each rank a slice of the samples)")
     _add_model(p)
     p.add_argument("--recipe", required=True, metavar="RECIPE", help=_recipe_help())
     p.add_argument("--out", required=True, help="calibration file to write (.safetensors)")
-    p.add_argument("--data", default=None, help="text or JSONL file; default: seeded random token ids")
+    data = p.add_mutually_exclusive_group(required=True)
+    data.add_argument("--data", default=None, help="a .txt file (one sample per line), a .jsonl file (`text` or "
+                      "chat `messages`, rendered with the tokenizer's chat template) or a dataset folder")
+    data.add_argument("--random-tokens", action="store_true",
+                      help="seeded random token ids instead of data: for tests only (useless scales)")
     p.add_argument("--num-samples", type=_positive_int, default=16, help="calibration samples")
     p.add_argument("--seq-len", type=_positive_int, default=128, help="tokens per sample (longer ones are cut)")
-    p.add_argument("--seed", type=int, default=0, help="seed of --data-less random token ids")
-    p.add_argument("--device-map", default=None, help='e.g. "auto" or "cpu" (transformers device_map)')
+    p.add_argument("--batch-size", type=_positive_int, default=1,
+                   help="samples per forward (right-padded; padded tokens are not observed)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --random-tokens")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
+    p.add_argument("--device-map", default=None, help='e.g. "auto": one process spreads the model over the GPUs '
+                                                      '(transformers device_map)')
     p.add_argument("--trust-remote-code", action="store_true", help="let transformers import the model's own code")
+    p.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+                   help="start N ranks on this machine, each calibrating its share of the samples")
 
 
 def _add_make_model(sub):
@@ -193,12 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_export(args) -> int:
-    from .api import export, resolve_model
+    from .api import export
     from .runtime.dist import launcher_env
 
-    model = resolve_model(args.model, args.revision) if args.revision else args.model
-    summary = export(model, args.out, recipe=args.recipe, format=args.format, calib=args.calib,
-                     overwrite=args.overwrite, resume=args.resume,
+    summary = export(args.model, args.out, revision=args.revision, recipe=args.recipe, format=args.format,
+                     calib=args.calib, overwrite=args.overwrite, resume=args.resume,
                      allow_foreign_files=args.allow_foreign_files, device=args.device,
                      max_shard_size=args.max_shard_size, hang_timeout=args.hang_timeout,
                      dead_timeout=args.dead_timeout, verify=not args.no_verify,
@@ -211,13 +221,11 @@ def cmd_export(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from .api import resolve_model
     from .calibration.run import calibrate
-    from .recipe import load_recipe
 
-    calibrate(resolve_model(args.model, args.revision), load_recipe(args.recipe), args.out, data=args.data,
-              num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed, device_map=args.device_map,
-              trust_remote_code=args.trust_remote_code)
+    calibrate(args.model, args.recipe, args.out, data=args.data, num_samples=args.num_samples, seq_len=args.seq_len,
+              seed=args.seed, device_map=args.device_map, trust_remote_code=args.trust_remote_code,
+              batch_size=args.batch_size, revision=args.revision, device=args.device)
     return 0
 
 

@@ -25,6 +25,9 @@ class ExportOptions:
             Given together with quantizers, it must agree with them (the first disagreement stops the export).
         format: output format name (`vllm-fq`, `fp8-block`, `modelopt`, ...).
         calib: calibration file from `dist-export calibrate` (static activation recipes need one).
+        calibration: calibrate in this run instead, on every rank (each a slice of the samples): a dict of
+            `data` (text / JSONL / dataset folder; None: random tokens, for tests), `num_samples`, `seq_len`,
+            `batch_size`, `seed`, `tokenizer` (needed with `data` for an in-memory model), `trust_remote_code`.
         overwrite: replace an earlier export in the output folder (only files its record names, checksums
             matching; a folder holding any other file is refused unless `allow_foreign_files`).
         resume: finish an interrupted export, reusing shards whose checksums match the record.
@@ -46,6 +49,7 @@ class ExportOptions:
     recipe: object = None
     format: str = "vllm-fq"
     calib: str | None = None
+    calibration: dict | None = None
     overwrite: bool = False
     resume: bool = False
     allow_foreign_files: bool = False
@@ -62,6 +66,11 @@ class ExportOptions:
         if self.overwrite and self.resume:
             raise ValueError("--overwrite and --resume exclude each other: --resume keeps finished shards, "
                              "--overwrite replaces them; pass one")
+        if self.calibration is not None and not isinstance(self.calibration, dict):
+            raise ValueError(f"calibration must be a dict of calibrate() options (data, num_samples, ...), got "
+                             f"{type(self.calibration).__name__}")
+        if self.calibration is not None and self.calib is not None:
+            raise ValueError("pass calib (a calibration file) or calibration (calibrate in this run), not both")
         if self.device not in (None, "cpu", "cuda"):
             raise ValueError(f"device {self.device!r} is not one of 'cpu', 'cuda' (or None for automatic)")
         for name in ("hang_timeout", "dead_timeout"):

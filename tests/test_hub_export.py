@@ -85,3 +85,27 @@ def test_missing_revision_offline_is_one_line(tmp_path, hub):
 def test_no_model_announces_the_demo():
     proc = run_cli("plan", "--world-size", "2")
     assert "no --model given: using the built-in DEMO model synthetic:llama-tiny" in proc.stderr
+
+
+def test_python_api_takes_a_revision(tmp_path, hub):
+    """export(..., revision=) and calibrate(..., revision=) pick the named snapshot (a fresh process: the HF cache
+    location is read when huggingface_hub is imported)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out, calib = str(tmp_path / "out"), str(tmp_path / "c.safetensors")
+    code = ("import dist_export; from dist_export.calibration.run import calibrate; "
+            f"dist_export.export('acme/q3', {out!r}, revision='bare', recipe='fp8-pc-pt'); "
+            f"calibrate('acme/q3', 'fp8', {calib!r}, revision='bare', num_samples=2, seq_len=8)")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env={**os.environ, **hub}, timeout=300)
+    bare = os.path.join(hub["HF_HUB_CACHE"], "models--acme--q3", "snapshots", "b" * 40)
+    with safe_open(os.path.join(bare, "model.safetensors"), "pt") as f:
+        want = f.get_tensor("model.embed_tokens.weight")  # excluded: copied byte for byte from the snapshot
+    assert (_weight(out) == want).all()
+    from dist_export.calibration.file import model_signature
+    from dist_export.sources.checkpoint import SourceCheckpoint
+
+    with safe_open(calib, "pt") as f:
+        assert f.metadata()["model_signature"] == model_signature(SourceCheckpoint(bare).tensors)

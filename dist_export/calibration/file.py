@@ -75,6 +75,19 @@ def load_calibration(path: str, recipe, signature: str, required: list[str]) -> 
     return amax
 
 
+def calibration_data_record(path: str) -> dict | None:
+    """How the samples of a calibration file were chosen (its `data` metadata: kind, name, sha256, samples,
+    tokens), for the export record; None for a file written without one."""
+    import json
+
+    with safe_open(path, "pt") as f:
+        text = (f.metadata() or {}).get("data")
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        raise ValueError(f"calibration file {path}: its data record is not JSON") from None
+
+
 def required_input_quantizers(plan) -> list[str]:
     """Every amax the export needs: static input quantizers, and the K/V quantizers of recipe.kv_cache."""
     return sorted([input_quantizer_name(i.module) for i in plan.items.values()

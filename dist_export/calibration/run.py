@@ -1,7 +1,10 @@
-"""`dist-export calibrate`: max calibration of activation (input) amax for every quantized Linear.
+"""`dist-export calibrate` (every rank; rank 0 writes the file): max calibration of activation (input) amax for
+every quantized Linear.
 
-The model is loaded with transformers (CPU, one GPU, or `device_map="auto"`), forward hooks record max|x| at
-the input of each Linear the recipe quantizes, and the result is written in checkpoint key space. Fused
+The model is loaded with transformers (each rank's device: its GPU where one exists; or `device_map="auto"` in
+one process), or given in memory; forward hooks record max|x| at the input of each Linear the recipe quantizes,
+over this rank's slice of the samples (padded positions of a batch excluded), the ranks' amax are reduced with a
+max all-reduce, and the result is written in checkpoint key space. Fused
 in-memory experts (transformers 5 `*Experts` modules holding 3-D `gate_up_proj`/`down_proj`) are observed per
 expert by replaying the routing inside a wrapper. Experts that no calibration token reached get the layer's
 max over routed experts (explicit and logged: serving engines apply one input scale per fused MoE layer).
@@ -11,12 +14,14 @@ stores) and then runs transformers' SDPA attention unchanged.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import re
 
 import torch
 
-from .data import CalibrationData, load_samples, random_token_samples
+from .data import CalibrationData, batches, load_samples, random_token_samples, rank_slice
 from .file import input_quantizer_name, model_signature, save_calibration
 from ..sources.checkpoint import SourceCheckpoint
 from ..sources.keymap import checkpoint_keys, expert_slots
@@ -26,29 +31,52 @@ log = logging.getLogger(__name__)
 _EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|w1|w3|down_proj|w2)$")
 
 
-def calibration_samples(model_dir: str, vocab_size: int, data: str | None, num_samples: int, seq_len: int,
-                        seed: int) -> CalibrationData:
+def calibration_samples(model_dir: str | None, vocab_size: int, data: str | None, num_samples: int, seq_len: int,
+                        seed: int, tokenizer=None, announce: bool = True) -> CalibrationData:
     """Samples (token id lists) and the record of how they were chosen (calibration/data.py): a text, JSONL
-    (`text` or chat `messages`) file or dataset folder read with the model's tokenizer, or, without `data`,
-    seeded random ids, announced as fit for tests only."""
+    (`text` or chat `messages`) file or dataset folder read with the model's tokenizer (`tokenizer`, else the one
+    in `model_dir`), or, without `data`, seeded random ids, announced as fit for tests only."""
     if data is None:
-        log.warning("no --data: calibrating on %d RANDOM token sequences (fine for tests, not for real scales); "
-                    "pass --data FILE.jsonl|FILE.txt|DATASET_FOLDER", num_samples)
+        if announce:
+            log.warning("no --data: calibrating on %d RANDOM token sequences (fine for tests, not for real scales); "
+                        "pass --data FILE.jsonl|FILE.txt|DATASET_FOLDER", num_samples)
         return random_token_samples(vocab_size, num_samples, seq_len, seed)
-    from transformers import AutoTokenizer
+    if tokenizer is None:
+        if model_dir is None:
+            raise ValueError("--data needs a tokenizer: pass tokenizer= with an in-memory model")
+        from transformers import AutoTokenizer
 
-    try:
-        tok = AutoTokenizer.from_pretrained(model_dir)
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"--data needs the model's tokenizer, which failed to load from {model_dir}: {e}") from None
-    return load_samples(data, tok, num_samples, seq_len)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"--data needs the model's tokenizer, which failed to load from {model_dir}: "
+                             f"{e}") from None
+    return load_samples(data, tokenizer, num_samples, seq_len)
 
 
 class _AmaxRecorder:
+    """max|x| per input quantizer; `mask` ([B, T], set per batch) keeps padded positions out."""
+
     def __init__(self):
         self.amax: dict[str, torch.Tensor] = {}
+        self.mask: torch.Tensor | None = None
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """x without its padded tokens: [B, T, ...] by the mask, or flattened [B*T, ...] rows."""
+        m = self.mask
+        if m is None or bool(m.all()):
+            return x
+        if x.dim() >= 2 and tuple(x.shape[:2]) == tuple(m.shape):
+            return x[m.to(x.device, torch.bool)]
+        if x.shape[0] == m.numel():
+            return x[m.reshape(-1).to(x.device, torch.bool)]
+        raise RuntimeError(f"cannot tell padded tokens in an input of shape {list(x.shape)} (batch {list(m.shape)});"
+                           f" calibrate with --batch-size 1")
 
     def observe(self, name: str, x: torch.Tensor) -> None:
+        self.observe_rows(name, self.rows(x))
+
+    def observe_rows(self, name: str, x: torch.Tensor) -> None:
         if x.numel() == 0:
             return
         a = x.detach().abs().amax().float().cpu()
@@ -77,6 +105,9 @@ def _hook_fused_experts(model, expert_modules: dict[str, dict[int, dict[str, str
             index = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
             hidden = hidden.reshape(-1, hidden.shape[-1])
             index = index.reshape(hidden.shape[0], -1)
+            if rec.mask is not None and not bool(rec.mask.all()):
+                keep = rec.mask.reshape(-1).to(hidden.device, torch.bool)
+                hidden, index = hidden[keep], index[keep]
             stack = _experts.get(-1)  # one quantizer for a whole stack: observe every expert into it
             for e in range(mod.gate_up_proj.shape[0]):
                 names = stack or _experts.get(e)
@@ -86,10 +117,10 @@ def _hook_fused_experts(model, expert_modules: dict[str, dict[int, dict[str, str
                 x = hidden[rows]
                 for role in ("gate", "up"):
                     if role in names:
-                        rec.observe(names[role], x)
+                        rec.observe_rows(names[role], x)
                 down = names.get("down")
                 if down:
-                    rec.observe(down, _expert_hidden(mod, e, x))
+                    rec.observe_rows(down, _expert_hidden(mod, e, x))
 
         handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
     return handles
@@ -109,9 +140,9 @@ class _KvObserver:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         names = self.names.get(id(module))
-        if names is not None:
-            self.rec.observe(names[0], key)
-            self.rec.observe(names[1], value)
+        if names is not None:  # [B, heads, T, d] -> [B, T, heads, d]: the batch mask applies to dims 0, 1
+            self.rec.observe(names[0], key.transpose(1, 2))
+            self.rec.observe(names[1], value.transpose(1, 2))
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -136,58 +167,172 @@ def _kv_attention_modules(model, kv_targets: set[str]) -> dict[str, tuple[str, s
     return found
 
 
-def calibrate(model_dir: str, recipe, out: str, data: str | None = None, num_samples: int = 16, seq_len: int = 128,
-              seed: int = 0, device_map: str | None = None, trust_remote_code: bool = False) -> dict:
-    from transformers import AutoModelForCausalLM
+def calibrate(model, recipe, out: str | None = None, data: str | None = None, num_samples: int = 16,
+              seq_len: int = 128, seed: int = 0, device_map: str | None = None, trust_remote_code: bool = False, *,
+              batch_size: int = 1, revision: str | None = None, tokenizer=None, device: str | None = None,
+              ctx=None) -> dict[str, torch.Tensor]:
+    """Max-calibrate the input amax of every static input quantizer of `recipe`; returns {quantizer: 0-d amax}
+    on every rank, and rank 0 writes `out` (when given).
 
+    `model`: a folder, Hub id or `synthetic:...` (loaded with transformers on each rank's device, or with
+    `device_map` in a single process), or an in-memory transformers model (used as it is, never changed; hooks
+    are removed afterwards). Under a launcher every rank takes its slice of the samples (samples r, r+W, ...),
+    and the amax are reduced with a max all-reduce: max is exact, so the result equals one process calibrating
+    every sample, bit for bit, wherever each sample's activations do not depend on its batch (`batch_size` 1,
+    or the same batches; padded positions are never observed). `ctx`: an existing `DistContext`.
+    """
+    from ..runtime.dist import init_distributed
+
+    own = ctx is None
+    ctx = ctx or init_distributed(device)
+    try:
+        amax, record, signature, recipe = _calibrate(ctx, model, recipe, data, num_samples, seq_len, seed,
+                                                     device_map, trust_remote_code, batch_size, revision, tokenizer)
+        if out is not None:
+            ctx.on_rank0("write calibration", save_calibration, out, amax, recipe, signature, data=record)
+        if ctx.is_rank0:
+            log.info("calibrated %d input quantizers on %d samples (%s, %d rank%s)%s", len(amax), record["samples"],
+                     record.get("kind"), ctx.world_size, "s" if ctx.world_size > 1 else "", f" -> {out}" if out else "")
+        return amax
+    finally:
+        if own:
+            ctx.close()
+
+
+def calibrate_for_export(ctx, model, recipe, path: str, options: dict) -> None:
+    """`export(..., calibration={...})`: calibrate on every rank of `ctx` (data-parallel) and write the result to
+    `path` on every rank (each rank's own private file, the same bytes everywhere)."""
+    valid = {"data", "num_samples", "seq_len", "seed", "batch_size", "tokenizer", "trust_remote_code", "revision"}
+    unknown = sorted(set(options) - valid)
+    if unknown:
+        raise TypeError(f"calibration= got unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
+    o = {"data": None, "num_samples": 16, "seq_len": 128, "seed": 0, "batch_size": 1, "tokenizer": None,
+         "trust_remote_code": False, "revision": None, **options}
+    amax, record, signature, recipe = _calibrate(ctx, model, recipe, o["data"], o["num_samples"], o["seq_len"],
+                                                 o["seed"], None, o["trust_remote_code"], o["batch_size"],
+                                                 o["revision"], o["tokenizer"])
+    save_calibration(path, amax, recipe, signature, data=record)
+    if ctx.is_rank0:
+        log.info("calibrated %d input quantizers on %d samples (%s, %d rank%s) for this export", len(amax),
+                 record["samples"], record.get("kind"), ctx.world_size, "s" if ctx.world_size > 1 else "")
+
+
+def _calibrate(ctx, model, recipe, data, num_samples, seq_len, seed, device_map, trust_remote_code,
+               batch_size, revision, tokenizer):
+    """(amax on every rank, the data record, the model signature, the recipe)."""
     from ..recipe import Recipe, load_recipe
-    from ..sources.hub import resolve_model
 
-    model_dir = resolve_model(model_dir).path if isinstance(model_dir, str) else model_dir
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    source = SourceCheckpoint(model_dir)
-    items, _ = classify_tensors(source.tensors, recipe)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"--batch-size must be a positive integer, got {batch_size!r}")
+    live = model is not None and not isinstance(model, str)
+    if live:
+        from ..sources.memory import MemorySource
+
+        model_dir, tensors = None, MemorySource(model).tensors
+    else:
+        from ..sources.hub import resolve_model
+
+        model_dir = resolve_model(model, revision).path
+        tensors = SourceCheckpoint(model_dir).tensors
+        if device_map is not None and ctx.is_distributed:
+            raise ValueError("--device-map spreads one model over this machine's GPUs; with several ranks each "
+                             "rank calibrates its own copy on its own GPU: drop --device-map, or run one process")
+    items, _ = classify_tensors(tensors, recipe)
     targets = [i.module for i in items if i.quantized and i.input is not None and i.input.needs_calibration]
     kv_targets = kv_cache_quantizers(items)
     if not targets and not kv_targets:
         raise ValueError(f"recipe {recipe.name!r} has no static input quantizers; it needs no calibration")
-    rec = _AmaxRecorder()
-    observer = _KvObserver(rec)
-    extra = {}
-    if kv_targets:
-        _register_kv_observer(observer)
-        extra["attn_implementation"] = KV_OBSERVER
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", device_map=device_map,
-                                                 trust_remote_code=trust_remote_code, **extra)
-    model.eval()
-    chosen = calibration_samples(model_dir, model.config.vocab_size, data, num_samples, seq_len, seed)
-    if kv_targets:
-        paths = _kv_attention_modules(model, set(kv_targets))
-        observer.names = {id(model.get_submodule(p)): names for p, names in paths.items()}
-    plain, expert_modules = _memory_targets(model, set(targets))
-    handles = _hook_linears(model, plain, rec) + _hook_fused_experts(model, expert_modules, rec)
-    device = next(model.parameters()).device
-    try:
-        with torch.no_grad():
-            for ids in chosen.samples:
-                model(torch.tensor([ids], dtype=torch.long, device=device))
-    finally:
-        for h in handles:
-            h.remove()
-    _fill_unrouted_experts(targets, rec)
-    missing = [m for m in targets if input_quantizer_name(m) not in rec.amax]
+    if kv_targets and live:
+        raise ValueError(f"recipe {recipe.name!r} quantizes the KV cache: its calibration loads the model with an "
+                         f"observing attention; calibrate the saved folder instead of the in-memory model")
+    observer = _KvObserver(None) if kv_targets else None
+    lm = model if live else ctx.local_step("load model", _load_model, model_dir, device_map, trust_remote_code,
+                                           ctx.device, observer)
+    if observer is not None:
+        paths = _kv_attention_modules(lm, set(kv_targets))
+        observer.names = {id(lm.get_submodule(p)): names for p, names in paths.items()}
+    chosen = ctx.agree("calibration data", lambda: calibration_samples(
+        model_dir, lm.config.vocab_size, data, num_samples, seq_len, seed, tokenizer, ctx.is_rank0), _samples_digest)
+    mine = rank_slice(chosen.samples, ctx.rank, ctx.world_size)
+    pad = _pad_id(tokenizer, lm)
+    local = ctx.local_step("calibrate", _observe, lm, targets, mine, batch_size, pad, observer)
+    amax = _max_all_reduce(ctx, local, sorted([input_quantizer_name(m) for m in targets] + list(kv_targets)))
+    _fill_unrouted_experts(targets, amax)
+    missing = [m for m in targets if input_quantizer_name(m) not in amax]
     if missing:
         raise RuntimeError(f"calibration saw no input for {len(missing)} modules, e.g. {missing[0]!r}; "
                            f"they are not Linear modules of the loaded model")
-    missing_kv = [q for q in kv_targets if q not in rec.amax]
+    missing_kv = [q for q in kv_targets if q not in amax]
     if missing_kv:
         raise RuntimeError(f"calibration saw no key/value states for {len(missing_kv)} KV quantizers, e.g. "
                            f"{missing_kv[0]!r}: that attention does not run through transformers' attention "
                            f"interface, so recipe kv_cache is not supported for this model")
-    save_calibration(out, rec.amax, recipe, model_signature(source.tensors), data=chosen.record)
-    log.info("calibrated %d input quantizers on %d samples (%s) -> %s", len(rec.amax), len(chosen.samples),
-             chosen.record.get("kind"), out)
+    return amax, chosen.record, model_signature(tensors), recipe
+
+
+def _load_model(model_dir: str, device_map, trust_remote_code: bool, device, observer=None):
+    """The model on this rank's device; with a KV observer, its attention runs through the observer."""
+    from transformers import AutoModelForCausalLM
+
+    extra = {}
+    if observer is not None:
+        _register_kv_observer(observer)
+        extra["attn_implementation"] = KV_OBSERVER
+    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", device_map=device_map,
+                                              trust_remote_code=trust_remote_code, **extra)
+    if device_map is None and device is not None and device.type != "cpu":
+        lm.to(device)  # GPU by default where one exists: this rank's own
+    return lm.eval()
+
+
+def _samples_digest(chosen: CalibrationData) -> str:
+    h = hashlib.sha256(json.dumps(chosen.record, sort_keys=True).encode())
+    for ids in chosen.samples:
+        h.update(json.dumps(ids).encode())
+    return h.hexdigest()
+
+
+def _pad_id(tokenizer, lm) -> int:
+    for source in (tokenizer, getattr(lm, "generation_config", None), lm.config):
+        for attr in ("pad_token_id", "eos_token_id"):
+            value = getattr(source, attr, None) if source is not None else None
+            if isinstance(value, list):
+                value = value[0] if value else None
+            if isinstance(value, int):
+                return value
+    return 0
+
+
+def _observe(lm, targets: list[str], samples: list[list[int]], batch_size: int, pad_id: int, observer=None) -> dict:
+    """This rank's max|x| per input quantizer (and K/V amax, with `observer`) over its samples (hooks on the model,
+    removed afterwards)."""
+    rec = _AmaxRecorder()
+    if observer is not None:
+        observer.rec = rec
+    plain, expert_modules = _memory_targets(lm, set(targets))
+    handles = _hook_linears(lm, plain, rec) + _hook_fused_experts(lm, expert_modules, rec)
+    device = next(lm.parameters()).device
+    try:
+        with torch.no_grad():
+            for ids, mask in batches(samples, batch_size, pad_id):
+                rec.mask = mask if batch_size > 1 else None
+                lm(input_ids=ids.to(device), attention_mask=mask.to(device) if batch_size > 1 else None)
+    finally:
+        for h in handles:
+            h.remove()
     return rec.amax
+
+
+def _max_all_reduce(ctx, local: dict, names: list[str]) -> dict[str, torch.Tensor]:
+    """The job-wide max of every rank's amax (a max all-reduce over `names`, the same list on every rank; a name
+    no rank observed stays out)."""
+    values = torch.tensor([float(local[n]) if n in local else float("-inf") for n in names], dtype=torch.float32)
+    if ctx.is_distributed:
+        import torch.distributed as dist
+
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return {n: values[i].clone() for i, n in enumerate(names) if values[i] != float("-inf")}
 
 
 def _expert_hidden(mod, e: int, x: torch.Tensor) -> torch.Tensor:
@@ -225,18 +370,18 @@ def _memory_targets(model, targets: set[str]):
     return plain, experts
 
 
-def _fill_unrouted_experts(targets: list[str], rec: _AmaxRecorder) -> None:
+def _fill_unrouted_experts(targets: list[str], amax: dict[str, torch.Tensor]) -> None:
     by_layer: dict[tuple[str, str], list[str]] = {}
     for m in targets:
         hit = _EXPERT.match(m)
         if hit:
             by_layer.setdefault((hit.group(1), hit.group(3)), []).append(input_quantizer_name(m))
     for (prefix, proj), names in by_layer.items():
-        seen = [rec.amax[n] for n in names if n in rec.amax]
-        unseen = [n for n in names if n not in rec.amax]
+        seen = [amax[n] for n in names if n in amax]
+        unseen = [n for n in names if n not in amax]
         if unseen and seen:
             fill = torch.stack(seen).amax()
             for n in unseen:
-                rec.amax[n] = fill.clone()
+                amax[n] = fill.clone()
             log.warning("%s.*.%s: %d experts got no calibration tokens; their input amax is the layer max %.4g",
                         prefix, proj, len(unseen), float(fill))
