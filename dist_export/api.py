@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, replace
 from . import __version__
 from .calibration.file import (calibration_data_record, load_calibration, model_signature,
                                required_input_quantizers)
-from .commit import commit_export
+from .commit import publish_export, stage_export
 from .execute import RankResult, execute_rank, reusable_shards
 from .groups import groups_to_measure_first, measure_group_amax, merge_group_amax
 from .layout import CONFIG_NAME, staged_path
@@ -233,24 +233,32 @@ def _export(ctx: DistContext, open_source, out_dir: str, opts: ExportOptions, fa
         group_amax = merge_group_amax(plan, parts, required=first)
         results = ctx.step("export", execute_rank, ctx, plan, source, fmt, out_dir, inputs.calib, group_amax,
                            manifest, fault, reused=reused)
-        # 4. Rank 0 checks and publishes; the index comes last.
+        # 4. Rank 0 writes and checks everything but the index (inside the last step: a defect fails every
+        # rank and publishes nothing); once every rank knows that outcome, no peer is watched any more and
+        # rank 0 publishes: the index comes last.
         record = _record(inputs, results, manifest.fingerprint)
-        ctx.on_rank0("commit", commit_export, plan, out_dir, inputs.opened.side_dir, source.load_config(), rec,
-                     fmt, inputs.calib, record, staged_path, lock.foreign if lock else frozenset())
+        tick = ctx.monitor.tick if ctx.monitor else None
+        staged = ctx.on_rank0("commit", stage_export, plan, out_dir, inputs.opened.side_dir, source.load_config(),
+                              rec, fmt, inputs.calib, record, staged_path, lock.foreign if lock else frozenset(),
+                              opts.verify, tick)
+        if ctx.monitor:
+            if ctx.is_rank0:
+                ctx.monitor.close_bar(complete=True)  # every rank's items are on disk; nothing is drawn after this
+            ctx.monitor.finish()
+        if ctx.is_rank0:
+            publish_export(staged)
     except BaseException:
         remove_own_temporaries()  # this process's own unfinished files, nothing else
         raise
     finally:
         if lock is not None:
             lock.release()
-    if ctx.monitor and ctx.is_rank0:
-        ctx.monitor.close_bar(complete=True)  # every rank's items are on disk; nothing is drawn after this
     summary = _summary(results, time.monotonic() - t0, out_dir, plan)
     summary["stage_seconds"] = dict(ctx.stage_seconds)  # start-up = interpreter and imports, then each stage
     summary["quantization"] = quantization_summary(plan, rec)
     if ctx.is_rank0:
         _log_summary(summary)
-        verified = _verify_published(out_dir) if opts.verify else None
+        verified = staged.verify_line
         log.info("%s", format_report(summary, summary["quantization"], model=inputs.opened.display_name,
                                      recipe=rec.name, format_name=fmt.name, load_hint=fmt.load_hint(out_dir),
                                      world_size=ctx.world_size, verify_line=verified))
@@ -287,15 +295,6 @@ def will_write(inputs: _Inputs) -> set[str]:
         side = inputs.opened.side_dir
         names |= set(list_side_files(side, source_root(side), format_file_names()))
     return names
-
-
-def _verify_published(out_dir: str) -> str:
-    from .verify import verify_export
-
-    report = verify_export(out_dir)  # structure, scales, checksums; `verify --source` recomputes
-    if not report["ok"]:
-        raise RuntimeError(f"verify found defects in {out_dir}: {report['defects'][:3]}")
-    return f"verify: {report['tensors']} tensors checked, no defects"
 
 
 def _log_plan(plan: ExportPlan) -> None:

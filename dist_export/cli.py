@@ -75,7 +75,7 @@ def _add_export(sub):
                    help="seconds without progress before a rank counts as hung")
     p.add_argument("--dead-timeout", type=float, default=DEFAULTS.dead_timeout,
                    help="seconds without heartbeat before a rank counts as dead")
-    p.add_argument("--no-verify", action="store_true", help="skip the structural check after writing")
+    p.add_argument("--no-verify", action="store_true", help="skip the structural check of the staged export before it is published")
     p.add_argument("--summary-json", default=None, help="write the run summary (timings, bytes, RSS) here")
     p.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
                    help="start N ranks on this machine (one per GPU) without torchrun")
@@ -207,6 +207,8 @@ def cmd_export(args) -> int:
     from .api import export
     from .runtime.dist import launcher_env
 
+    if args.summary_json:
+        _check_summary_path(args.summary_json)  # before the export: a run that fails here has published nothing
     summary = export(args.model, args.out, revision=args.revision, recipe=args.recipe, format=args.format,
                      calib=args.calib, overwrite=args.overwrite, resume=args.resume,
                      allow_foreign_files=args.allow_foreign_files, device=args.device,
@@ -218,6 +220,16 @@ def cmd_export(args) -> int:
         with open(args.summary_json, "w") as f:
             json.dump(summary, f, indent=1)
     return 0
+
+
+def _check_summary_path(path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"--summary-json {path} is a folder; pass a file name")
+    if not os.path.isdir(folder):
+        raise ValueError(f"--summary-json {path}: the folder {folder} does not exist; create it or pass another path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"--summary-json {path}: the folder {folder} is not writable; pass another path")
 
 
 def cmd_calibrate(args) -> int:

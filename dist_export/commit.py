@@ -1,10 +1,13 @@
-"""Stage 3, rank 0 only, after every rank reported success: check what was written, then publish.
+"""Stage 3, rank 0 only, after every rank reported success: check what was written, stage, verify, publish.
 
 Order matters: shard headers are checked against the plan; every small file is built in memory (config.json,
 the side files, the format's extra files, the index); the export record, naming each of them and each shard with
 its sha256 and size (the proof of ownership a later --overwrite or --resume relies on, see storage/outdir.py),
-is written first, then the small files, and last the index (private temporary, fsync, rename) or, for a single
-file, the rename to `model.safetensors`. Until that final step no loader can see a complete checkpoint. Every
+is written first, then the small files; the quick verify runs on that staged view (`stage_export`, inside the
+last cross-rank step, so a defect is every rank's failure and nothing is published). Only after that step, when
+every rank knows the outcome and no peer is watched any more, `publish_export` writes the index (private
+temporary, fsync, rename) or renames the single file to `model.safetensors`. Until that final step no loader
+can see a complete checkpoint, and a run that exits non-zero has published nothing. Every
 temporary lives in `.dist_export/tmp/`; a link in --out is never written through (`atomic.py`).
 """
 from __future__ import annotations
@@ -14,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 
 from .layout import CONFIG_NAME, INDEX_NAME, MANIFEST_DIR, RECORD_NAME, SINGLE_NAME
 from .output_formats import format_file_names
@@ -81,11 +85,24 @@ def _out_path(out_dir: str, rel: str) -> str:
     return safe_join(out_dir, os.path.join(*parts), "side file")
 
 
-def commit_export(plan: ExportPlan, out_dir: str, source_dir: str | None, source_config: dict, recipe,
-                  output_format, calib: dict, record: dict, staged, foreign=frozenset()) -> None:
-    """Publish the export; the index (or the single file's final name) comes last. Every file's bytes are known
-    before the first write, so the record names all of them with their sha256 (what a later --overwrite may
-    remove) and none of them lands on a `foreign` entry of --out (kept with --allow-foreign-files)."""
+@dataclass
+class Staged:
+    """An export whose every file but the index (or the single file's final name) is in place and checked:
+    what `publish_export` makes visible."""
+
+    out_dir: str
+    index: bytes | None  # the index's bytes (several shards), or None
+    single: str | None  # the staged path of the single model.safetensors, or None
+    verify_line: str | None = None
+
+
+def stage_export(plan: ExportPlan, out_dir: str, source_dir: str | None, source_config: dict, recipe,
+                 output_format, calib: dict, record: dict, staged, foreign=frozenset(), verify: bool = True,
+                 tick=None) -> Staged:
+    """Write and check everything but the index. Every file's bytes are known before the first write, so the
+    record names all of them with their sha256 (what a later --overwrite may remove) and none of them lands on a
+    `foreign` entry of --out (kept with --allow-foreign-files). With `verify`, the quick verify (structure,
+    every format's own checks, checksums) runs on this staged view and any defect raises: nothing is published."""
     check_written_shards(plan, out_dir, staged)
     extras = output_format.extra_files(plan, recipe, calib)
     unlisted = sorted(set(extras) - set(output_format.file_names))
@@ -114,9 +131,26 @@ def commit_export(plan: ExportPlan, out_dir: str, source_dir: str | None, source
     for rel, data in files.items():
         if rel != INDEX_NAME:
             write_atomic(_out_path(out_dir, rel), data, tmp)
-    if plan.single_file:
-        os.replace(staged(out_dir, plan, SINGLE_NAME), os.path.join(out_dir, SINGLE_NAME))
+    result = Staged(out_dir, files.get(INDEX_NAME), staged(out_dir, plan, SINGLE_NAME) if plan.single_file else None)
+    if verify:
+        from .verify import verify_export
+
+        pending = ({"index": json.loads(result.index)} if result.index is not None
+                   else {"single": os.path.basename(result.single)})
+        report = verify_export(out_dir, pending=pending, tick=tick)  # structure, scales, checksums
+        if not report["ok"]:
+            raise RuntimeError(f"verify found defects in the export, so nothing was published (no index): "
+                               f"{report['defects'][:3]}")
+        result.verify_line = f"verify: {report['tensors']} tensors checked, no defects"
+    return result
+
+
+def publish_export(st: Staged) -> None:
+    """Rank 0, after every rank knows the commit succeeded: the index (or the single file's final name) last,
+    then our private folder goes. Only a rename or an atomic write of checked bytes is left to fail here."""
+    if st.single is not None:
+        os.replace(st.single, os.path.join(st.out_dir, SINGLE_NAME))
     else:
-        write_atomic(os.path.join(out_dir, INDEX_NAME), files[INDEX_NAME], tmp)
-    shutil.rmtree(os.path.join(out_dir, MANIFEST_DIR), ignore_errors=True)
-    fsync_dir(out_dir)
+        write_atomic(os.path.join(st.out_dir, INDEX_NAME), st.index, tmp_dir(st.out_dir))
+    shutil.rmtree(os.path.join(st.out_dir, MANIFEST_DIR), ignore_errors=True)
+    fsync_dir(st.out_dir)

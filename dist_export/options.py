@@ -37,7 +37,7 @@ class ExportOptions:
         max_shard_size: largest output file, as bytes or text such as "500MB" or "1GB".
         hang_timeout: seconds without progress before a rank counts as hung.
         dead_timeout: seconds without a heartbeat before a rank counts as dead.
-        verify: run the structural check of the folder after writing.
+        verify: run the structural check of the staged export before publishing it (a defect publishes nothing).
         quantizer_state: a file from `dist_export.save_quantizer_state(model, path)` (the quantizers of a
             ModelOpt-calibrated model, exported from its checkpoint folder on every rank); an in-memory ModelOpt
             model fills it with the same content read from the model.

@@ -40,33 +40,38 @@ class Report:
                 "tensors": self.tensors, **self.extra}
 
 
-def _shard_files(out_dir: str, rep: Report) -> dict[str, str] | None:
+def _shard_files(out_dir: str, rep: Report, pending: dict) -> dict[str, str] | None:
     """{tensor name: file} from the index, or from the single file's header."""
     index_path = os.path.join(out_dir, INDEX_NAME)
-    if os.path.isfile(index_path):
-        with open(index_path) as f:
-            index = json.load(f)
+    if "index" in pending or os.path.isfile(index_path):
+        if "index" in pending:
+            index = pending["index"]
+        else:
+            with open(index_path) as f:
+                index = json.load(f)
         rep.extra["index_total_size"] = index.get("metadata", {}).get("total_size")
         return index.get("weight_map", {})
-    if os.path.isfile(os.path.join(out_dir, SINGLE_NAME)):
+    if "single" in pending or os.path.isfile(os.path.join(out_dir, SINGLE_NAME)):
         return None
     rep.defect(f"no {INDEX_NAME} and no {SINGLE_NAME}: the export is incomplete")
     return {}
 
 
-def _check_structure(out_dir: str, rep: Report) -> dict:
-    weight_map = _shard_files(out_dir, rep)
+def _check_structure(out_dir: str, rep: Report, pending: dict, tick) -> dict:
+    weight_map = _shard_files(out_dir, rep, pending)
     files = sorted(set(weight_map.values())) if weight_map is not None else [SINGLE_NAME]
     metas = {}
     total = 0
     for file in files:
-        path = os.path.join(out_dir, file)
+        tick()
+        disk = pending.get("single", file) if file == SINGLE_NAME else file  # not yet under its final name
+        path = os.path.join(out_dir, disk)
         if not os.path.isfile(path):
             rep.defect(f"{file}: named by the index but missing")
             continue
         try:
             file_meta, _ = read_header(path)
-            entries = file_tensor_metas(out_dir, file)
+            entries = file_tensor_metas(out_dir, disk)
         except CorruptFileError as e:
             rep.defect(str(e))
             continue
@@ -97,14 +102,22 @@ def _check_formats(out_dir: str, metas: dict, config: dict, rep: Report) -> None
         fmt.check_folder(out_dir, metas, config, rep)
 
 
-def _check_checksums(out_dir: str, record: dict, rep: Report) -> None:
+def _check_checksums(out_dir: str, record: dict, rep: Report, pending: dict, tick) -> None:
     """Re-read every shard and compare its sha256 with the record (files hashed in parallel threads:
     hashlib and file reads release the GIL, so this runs at disk or page-cache speed)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    files = [(f, i) for f, i in sorted(record.get("shards", {}).items()) if os.path.isfile(os.path.join(out_dir, f))]
+    def disk(f):
+        return os.path.join(out_dir, pending.get("single", f) if f == SINGLE_NAME else f)
+
+    def digest(f):
+        d = file_sha256(disk(f))
+        tick()
+        return d
+
+    files = [(f, i) for f, i in sorted(record.get("shards", {}).items()) if os.path.isfile(disk(f))]
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        digests = list(pool.map(lambda fi: file_sha256(os.path.join(out_dir, fi[0])), files))
+        digests = list(pool.map(lambda fi: digest(fi[0]), files))
     for (file, info), digest in zip(files, digests):
         if digest != info["sha256"]:
             rep.defect(f"{file}: sha256 differs from the export record (the file changed after export)")
@@ -148,12 +161,17 @@ def recompute_and_compare(out_dir: str, source_dir: str, record: dict, metas: di
     rep.extra["recomputed"] = len(expected_names)
 
 
-def verify_export(out_dir: str, source_dir: str | None = None) -> dict:
+def verify_export(out_dir: str, source_dir: str | None = None, pending: dict | None = None, tick=None) -> dict:
+    """`pending`: what the commit has not published yet, checked as if it were (`{"index": the index}` or
+    `{"single": the staged single file's name}`); `tick()` is called as files are read (the monitor's progress,
+    so peers waiting on the commit never call this rank hung)."""
     rep = Report()
+    pending = pending or {}
+    tick = tick or (lambda: None)
     if not os.path.isdir(out_dir):
         rep.defect(f"{out_dir} does not exist")
         return rep.as_dict()
-    metas = _check_structure(out_dir, rep)
+    metas = _check_structure(out_dir, rep, pending, tick)
     config = {}
     if os.path.isfile(os.path.join(out_dir, CONFIG_NAME)):
         with open(os.path.join(out_dir, CONFIG_NAME)) as f:
@@ -166,9 +184,10 @@ def verify_export(out_dir: str, source_dir: str | None = None) -> dict:
     if os.path.isfile(record_path):
         with open(record_path) as f:
             record = json.load(f)
-        _check_checksums(out_dir, record, rep)
+        _check_checksums(out_dir, record, rep, pending, tick)
     # ours only: a foreign `notes.tmp` kept with --allow-foreign-files is no defect; temporaries live in MANIFEST_DIR
-    leftovers = [f for f in os.listdir(out_dir) if f.endswith(STAGED_SUFFIX) or f == MANIFEST_DIR]
+    leftovers = [f for f in os.listdir(out_dir) if (f.endswith(STAGED_SUFFIX) or f == MANIFEST_DIR)
+                 and not pending]  # while the commit stages, both are where they belong
     if leftovers:
         rep.defect(f"temporary files left behind: {leftovers[:3]}")
     if source_dir is not None:

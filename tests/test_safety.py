@@ -428,3 +428,52 @@ def test_synthetic_cache_ignores_planted_links(tmp_path, monkeypatch):
     path = ensure_synthetic(MODEL)
     assert os.path.isfile(os.path.join(path, "config.json")) and not (tmp_path / "elsewhere").exists()
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o755
+
+
+# ----------------------------------------------------------------------------- 3. publish last
+
+
+def test_zero_calibration_amax_publishes_nothing(tmp_path, capsys):
+    """A zero amax gives a zero input_scale; the quick verify refuses it before the single file gets its name."""
+    from safetensors import safe_open
+
+    calib = str(tmp_path / "c.safetensors")
+    rc, err = cli(capsys, "calibrate", "--model", MODEL, "--recipe", "fp8", "--random-tokens", "--out", calib)
+    assert rc == 0, err[-2000:]
+    with safe_open(calib, "pt") as f:
+        meta, amax = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    victim = sorted(amax)[0]
+    amax[victim] = torch.tensor(0.0)
+    save_file(amax, calib, metadata=meta)
+    out = tmp_path / "out"
+    rc, err = export(capsys, out, "--calib", calib, "--format", "modelopt", recipe="fp8")
+    refused(rc, err, victim.replace("input_quantizer", "input_scale"), "nothing was published")
+    assert not published(out)
+
+
+def test_a_verify_defect_publishes_nothing_and_resume_finishes(tmp_path, capsys, monkeypatch):
+    from dist_export.output_formats import get_output_format
+
+    fmt = type(get_output_format("vllm-fq"))
+    real = fmt.check_folder
+
+    def defect(self, out_dir, metas, config, rep):
+        rep.defect("injected defect")
+
+    monkeypatch.setattr(fmt, "check_folder", defect)
+    out = str(tmp_path / "out")
+    for shards in ("40KB", "1GB"):  # an index, and a single file
+        rc, err = export(capsys, out, "--max-shard-size", shards, "--overwrite")
+        refused(rc, err, "injected defect", "nothing was published")
+        assert not published(out)
+    monkeypatch.setattr(fmt, "check_folder", real)
+    rc, err = export(capsys, out, "--max-shard-size", "1GB", "--resume")
+    assert rc == 0 and published(out), err[-2000:]
+    assert "reusing" in err and "verify: 20 tensors checked, no defects" in err, err[-2000:]
+
+
+def test_summary_json_into_a_missing_folder_refused_up_front(tmp_path, capsys):
+    out = tmp_path / "out"
+    rc, err = export(capsys, out, "--summary-json", str(tmp_path / "nope" / "s.json"))
+    refused(rc, err, "--summary-json", "nope", "does not exist")
+    assert not os.path.exists(out)
