@@ -169,9 +169,13 @@ def plan_inputs(open_source, out_dir: str | None, opts: ExportOptions, world_siz
     if opts.quantizer_state is not None:  # the model's own ModelOpt quantizers (sources/quantizer_state.py)
         from .sources.quantizer_state import recipe_from_quantizers
 
-        rec, values, checked = recipe_from_quantizers(opts.quantizer_state, opts.recipe, opened.source, fmt)
+        rec, values, checked = recipe_from_quantizers(opts.quantizer_state, opts.recipe, opened.source, fmt,
+                                                      opts.modelopt_kernels)
         opened = replace(opened, source=checked)
     else:
+        if opts.modelopt_kernels:
+            raise ValueError("modelopt_kernels runs a ModelOpt-quantized model's own quantizers; this export has "
+                             "none (pass a ModelOpt-quantized model or --quantizer-state)")
         rec = opts.recipe if isinstance(opts.recipe, Recipe) else load_recipe(opts.recipe or DEFAULT_RECIPE)
     if out_dir is not None:
         check_output_dir(out_dir, opts.overwrite, opts.resume, opts.allow_foreign_files, source_dirs(opened))

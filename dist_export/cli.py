@@ -60,6 +60,10 @@ def _add_export(sub):
     p.add_argument("--quantizer-state", default=None, metavar="FILE",
                    help="the quantizers of a ModelOpt-calibrated model, from dist_export.save_quantizer_state(model, "
                         "FILE); --model is the checkpoint folder that model was loaded from (or saved to)")
+    p.add_argument("--modelopt-kernels", action="store_true",
+                   help="with --quantizer-state: run each weight through its own ModelOpt quantizer on the rank "
+                        "(bit for bit ModelOpt's export on that device; needs ModelOpt, --format vllm-fq) instead of "
+                        "dist_export's exact arithmetic")
     p.add_argument("--out", required=True, help="output folder (new or empty)")
     p.add_argument("--format", default=DEFAULTS.format, choices=_formats(), help="output format")
     p.add_argument("--calib", default=DEFAULTS.calib, help="calibration file from `dist-export calibrate`")
@@ -214,7 +218,7 @@ def cmd_export(args) -> int:
                      allow_foreign_files=args.allow_foreign_files, device=args.device,
                      max_shard_size=args.max_shard_size, hang_timeout=args.hang_timeout,
                      dead_timeout=args.dead_timeout, verify=not args.no_verify,
-                     quantizer_state=args.quantizer_state)
+                     quantizer_state=args.quantizer_state, modelopt_kernels=args.modelopt_kernels)
     layout = launcher_env()
     if args.summary_json and (layout is None or layout["rank"] == 0):  # torchrun, Slurm or one process: rank 0
         with open(args.summary_json, "w") as f:

@@ -43,6 +43,9 @@ class ExportOptions:
             model fills it with the same content read from the model.
         nproc_per_node: for a ModelOpt-quantized in-memory model, run N worker processes (one per GPU) that
             export the folder the model was loaded from with its quantizers (sources/workers.py).
+        modelopt_kernels: with the model's own quantizers, run each weight through its ModelOpt quantizer on the
+            rank (bit for bit ModelOpt's own export on that device; ModelOpt needed on every rank, vllm-fq only)
+            instead of dist_export's exact arithmetic (formats.md).
         fault: test hook, a `runtime.faults.Fault` (None reads DIST_EXPORT_FAULT from the environment).
     """
 
@@ -61,6 +64,7 @@ class ExportOptions:
     fault: object = None
     quantizer_state: object = None
     nproc_per_node: int | None = None
+    modelopt_kernels: bool = False
 
     def __post_init__(self):
         if self.overwrite and self.resume:

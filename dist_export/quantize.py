@@ -24,11 +24,18 @@ def device_outputs(ctx, item: Item, w: torch.Tensor, output_format, calib, group
     """Quantize one weight on its device; returns the format's output tensors (still on the device).
 
     A weight whose quantizer came with the model (`calib.weights`, a `QuantizerValues`; sources/quantizers.py)
-    uses that quantizer's calibrated amax; a pre-quant scale ModelOpt's exporter folds is folded after."""
+    uses that quantizer's calibrated amax (with `modelopt_kernels`: the quantizer itself, rebuilt here); a
+    pre-quant scale ModelOpt's exporter folds is folded after."""
     given = getattr(calib, "weights", {}).get(item.name)
     if given is not None:
         amax, pre_quant_scale = given
-        outs = output_format.produce(item, w, amax.to(w.device), None, input_amax_for(item, calib))
+        record = calib.kernels.get(item.name)
+        if record is not None:  # modelopt_kernels: the model's own quantizer, rebuilt on this rank
+            from .sources.modelopt_kernel import modelopt_fake_quant
+
+            outs = [(item.name, modelopt_fake_quant(record, w))]
+        else:
+            outs = output_format.produce(item, w, amax.to(w.device), None, input_amax_for(item, calib))
         if pre_quant_scale is not None:
             outs = output_format.fold_pre_quant_scale(item, outs, pre_quant_scale)
         return outs

@@ -162,6 +162,7 @@ class QuantizerRecipe(Recipe):
 
     modules: dict = field(default_factory=dict, compare=False, repr=False)
     digest: str = ""
+    kernels: str = "dist_export"  # or "modelopt": each weight through its own ModelOpt quantizer on the rank
 
     def excluded_by(self, module: str) -> str | None:
         return None if module in self.modules else "no enabled weight quantizer"
@@ -184,12 +185,13 @@ class QuantizerRecipe(Recipe):
                     "input": None if i is None else [i.fmt, i.granularity, i.block_size, i.dynamic]}
 
         return {"name": self.name, "description": self.description, "quantizer_state": self.digest,
-                "modules": {m: spec(r) for m, r in sorted(self.modules.items())}}
+                "weight_arithmetic": self.kernels, "modules": {m: spec(r) for m, r in sorted(self.modules.items())}}
 
 
-def quantizer_recipe(state: dict):
+def quantizer_recipe(state: dict, modelopt_kernels: bool = False):
     """(recipe, values) of a quantizer state: the recipe names every quantized module's formats; the values
-    hold the calibrated numbers (`QuantizerValues`)."""
+    hold the calibrated numbers (`QuantizerValues`) and, with `modelopt_kernels`, the weight quantizers' records
+    the ranks rebuild (sources/modelopt_kernel.py)."""
     modules = {}
     for name, e in state["weights"].items():
         module = name[: -len(".weight")] if name.endswith(".weight") else name
@@ -198,8 +200,11 @@ def quantizer_recipe(state: dict):
     digest = state_digest({k: v for k, v in state.items() if k != "fingerprints"})
     recipe = QuantizerRecipe(name="modelopt-quantizers", rules=(), default_exclude=False,
                            description=f"the model's own ModelOpt {state.get('modelopt_version', '')} quantizers",
-                           modules=modules, digest=digest)
-    return recipe, QuantizerValues.from_state(state)
+                           modules=modules, digest=digest, kernels="modelopt" if modelopt_kernels else "dist_export")
+    values = QuantizerValues.from_state(state)
+    if modelopt_kernels:
+        values.kernels = {n: e.get("modelopt") for n, e in state["weights"].items()}
+    return recipe, values
 
 
 class QuantizerValues(dict):
@@ -213,6 +218,8 @@ class QuantizerValues(dict):
     modes: list
     mode_metadata: list
     version: str
+    quantizer_names: dict
+    kernels: dict
 
     @classmethod
     def from_state(cls, state: dict) -> "QuantizerValues":
@@ -223,6 +230,8 @@ class QuantizerValues(dict):
                     and not rec["properties"].get("_disabled", True):
                 values[path] = amax.detach().float().reshape(())
         values.weights = {n: (e["amax"], e["pre_quant_scale"]) for n, e in state["weights"].items()}
+        values.quantizer_names = {n: e["quantizer"] for n, e in state["weights"].items()}
+        values.kernels = {}
         values.activations = state["activations"]
         values.modes = state.get("modes", [])
         values.mode_metadata = state.get("mode_metadata") or [{"has_quantizer_state": True} for _ in values.modes]
@@ -316,7 +325,7 @@ def check_format_takes(fmt, values) -> None:
                              f"carries every quantizer, or disable it")
 
 
-def recipe_from_quantizers(quantizer_state, recipe, source, fmt):
+def recipe_from_quantizers(quantizer_state, recipe, source, fmt, modelopt_kernels: bool = False):
     """(recipe, values, source) of an export whose recipe is a model's own quantizers (plan stage, every rank).
 
     `quantizer_state` is a file from `save_quantizer_state` or the same dict built in memory. The source must
@@ -331,8 +340,12 @@ def recipe_from_quantizers(quantizer_state, recipe, source, fmt):
         path, state = "the model's quantizer state", quantizer_state
     folder = getattr(source, "folder", None)
     check_signature(state, source.tensors, path, folder or "the in-memory model")
-    qrecipe, values = quantizer_recipe(state)
+    qrecipe, values = quantizer_recipe(state, modelopt_kernels)
     check_format_takes(fmt, values)
+    if modelopt_kernels:
+        from .modelopt_kernel import plan_checks
+
+        plan_checks(fmt, values)
     if recipe is not None:
         check_recipe_agrees(recipe if isinstance(recipe, Recipe) else load_recipe(recipe), qrecipe, values,
                             source.tensors)

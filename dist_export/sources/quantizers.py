@@ -27,6 +27,9 @@ from ..numerics.registry import format_for_modelopt_bits, format_names, get_form
 from .quantizer_state import STATE_FORMAT, num_bits_key, save_state
 
 
+SLICE_TAG = "__slice__"
+
+
 def is_modelopt_quantizer(module) -> bool:
     return type(module).__module__.startswith("modelopt.") and "Quantizer" in type(module).__name__
 
@@ -145,6 +148,8 @@ def plain_data(value):
         return tuple(plain_data(v) for v in value)
     if value is None or isinstance(value, (str, int, float, bool, torch.dtype)):
         return value
+    if isinstance(value, slice):  # StaticBlockScaleQuantizer._slices; modelopt_kernel.from_plain turns it back
+        return {SLICE_TAG: (value.start, value.stop, value.step)}
     if isinstance(value, torch.Tensor):
         return value.detach().cpu().clone()
     if hasattr(value, "model_dump"):
@@ -186,11 +191,14 @@ class _Reader:
         out = self._keys(self.model, {probe: torch.empty(1, 1, device="meta")})[probe]
         return out[0][: -len(".weight")] if len(out) == 1 and out[0].endswith(".weight") else module_name
 
-    def add_weight(self, name: str, where: str, spec: QuantSpec, amax: torch.Tensor, pqs) -> None:
+    def add_weight(self, name: str, where: str, spec: QuantSpec, amax: torch.Tensor, pqs, q=None) -> None:
+        """`q`: the weight quantizer itself, recorded for `modelopt_kernels` where the rank can rebuild it (a plain
+        TensorQuantizer acting on this whole tensor, or with one amax for the tensor)."""
         if name in self.weights:
             raise ValueError(f"{where}: tensor {name!r} has two weight quantizers")
         self.weights[name] = {"quantizer": where, "format": spec.fmt, "granularity": spec.granularity,
-                              "block_size": spec.block_size, "amax": amax, "pre_quant_scale": pqs}
+                              "block_size": spec.block_size, "amax": amax, "pre_quant_scale": pqs,
+                              "modelopt": _kernel_record(q)}
 
     def linear(self, module_name: str, module, q) -> None:
         where = f"{module_name}.weight_quantizer"
@@ -204,7 +212,7 @@ class _Reader:
                              f"the folder with its quantizer state instead")
         spec = weight_spec(q, tuple(w.shape), where)
         amax = amax_in_our_layout(q, spec, tuple(w.shape), where)
-        self.add_weight(names[0], where, spec, amax, _folded_pre_quant_scale(module, module_name))
+        self.add_weight(names[0], where, spec, amax, _folded_pre_quant_scale(module, module_name), q)
 
     def fused_experts(self, module_name: str, module, attr: str, quantizers) -> None:
         from .keymap import expert_slots
@@ -228,13 +236,15 @@ class _Reader:
             amax = amax_in_our_layout(q, spec, shape, qwhere)
             if proj == "gate_up_proj":
                 half = shape[0] // 2
-                self.add_weight(slots[(e, "gate")], qwhere, spec, row_slice(amax, spec, 0, half, qwhere), pqs)
-                self.add_weight(slots[(e, "up")], qwhere, spec, row_slice(amax, spec, half, 2 * half, qwhere), pqs)
+                whole = q if amax.numel() == 1 else None  # a per-row amax would need splitting: not rebuilt
+                self.add_weight(slots[(e, "gate")], qwhere, spec, row_slice(amax, spec, 0, half, qwhere), pqs, whole)
+                self.add_weight(slots[(e, "up")], qwhere, spec, row_slice(amax, spec, half, 2 * half, qwhere), pqs,
+                                whole)
             else:
                 role = {"down_proj": "down", "up_proj": "up", "gate_proj": "gate"}.get(proj)
                 if role is None or (e, role) not in slots:
                     raise ValueError(f"{where}: fused experts weight {proj!r} has no checkpoint names dist_export knows")
-                self.add_weight(slots[(e, role)], qwhere, spec, amax, pqs)
+                self.add_weight(slots[(e, role)], qwhere, spec, amax, pqs, q)
 
     def fused_input(self, module_name: str, module, attr: str, q) -> None:
         """A fused-experts shared quantizer (`gate_up_proj_input_quantizer`): one copy per expert's name."""
@@ -248,6 +258,17 @@ class _Reader:
 
     def other(self, module_name: str, attr: str, q) -> None:
         self.activations[f"{self.module_path(module_name)}.{attr}"] = quantizer_record(q)
+
+
+def _kernel_record(q):
+    """The weight quantizer's ModelOpt record, or None where a rank could not rebuild it (a class other than
+    TensorQuantizer / StaticBlockScaleQuantizer, or properties a weights_only file cannot hold)."""
+    if q is None or type(q).__name__ not in ("TensorQuantizer", "StaticBlockScaleQuantizer"):
+        return None
+    try:
+        return quantizer_record(q)
+    except ValueError:
+        return None
 
 
 def _folded_pre_quant_scale(module, module_name: str, attr: str = "input_quantizer"):

@@ -45,6 +45,7 @@ def worker_argv(folder: str, state_path: str, out_dir: str, opts, summary_path: 
     argv += ["--overwrite"] if opts.overwrite else []
     argv += ["--resume"] if opts.resume else []
     argv += [] if opts.verify else ["--no-verify"]
+    argv += ["--modelopt-kernels"] if opts.modelopt_kernels else []
     return argv
 
 
