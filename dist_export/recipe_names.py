@@ -23,7 +23,6 @@ EQUIVALENTS: dict[str, dict[str, tuple[str, ...]]] = {
     "int4-w4a16": {"modelopt": ("INT4_BLOCKWISE_WEIGHT_ONLY_CFG",), "llm-compressor": ("W4A16",)},
     "int8-w8a16": {"modelopt": ("INT8_WEIGHT_ONLY_CFG", "int8_wo"), "llm-compressor": ()},
     "int8-w8a8": {"modelopt": (), "llm-compressor": ("W8A8",)},
-    "mxfp8": {"modelopt": ("MXFP8_DEFAULT_CFG", "mxfp8", "MXFP8"), "llm-compressor": ("MXFP8",)},
     "mxfp8-w8a16": {"modelopt": (), "llm-compressor": ("MXFP8A16",)},
     "mxfp4-w4a16": {"modelopt": (), "llm-compressor": ("MXFP4A16",)},
 }
@@ -50,6 +49,8 @@ NEAR_MISSES: dict[str, tuple[str, str]] = {
     "nvfp4_awq": ("nvfp4", "AWQ is not implemented; nvfp4 is NVFP4 W4A4 with max calibration"),
     "W8A16": ("int8-w8a16", "llm-compressor's W8A16 uses groups of 128; our int8-w8a16 is per output channel"),
     "W4A16_ASYM": ("int4-w4a16", "asymmetric (zero-point) INT4 is not implemented; int4-w4a16 is symmetric"),
+    "MXFP8": ("mxfp8-w8a16", "MXFP8 activations are not implemented; mxfp8-w8a16 quantizes the weights only"),
+    "MXFP8_DEFAULT_CFG": ("mxfp8-w8a16", "MXFP8 activations are not implemented; mxfp8-w8a16 is weight-only"),
     "MXFP4": ("mxfp4-w4a16", "MXFP4 activations are not implemented; mxfp4-w4a16 quantizes the weights only"),
     "MXFP4_DEFAULT_CFG": ("mxfp4-w4a16", "MXFP4 activations are not implemented; mxfp4-w4a16 is weight-only"),
 }

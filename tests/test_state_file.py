@@ -24,7 +24,7 @@ MODEL = "synthetic:llama-tiny"
 STATE_FILE = "vllm_fq_modelopt_state.pth"
 MODEL_DTYPE = torch.bfloat16
 STATIC_RECIPES = ("fp8", "nvfp4")
-DYNAMIC_RECIPES = ("fp8-pc-pt",)
+DYNAMIC_RECIPES = ("fp8-pc-pt", "int8-w8a8")
 _QUANTIZED_WEIGHT = re.compile(r"^(model\.layers\.\d+\.(?:self_attn|mlp)\.\w+_proj)\.weight$")
 
 
@@ -210,7 +210,7 @@ def _restore_as_vllm_worker_does(model, modelopt_state: dict):
     return model
 
 
-@pytest.mark.parametrize("recipe", ("fp8", "fp8-pc-pt"))
+@pytest.mark.parametrize("recipe", ("fp8", "fp8-pc-pt", "int8-w8a8"))
 def test_modelopt_restores_state(exports, recipe):
     pytest.importorskip("modelopt")
     import warnings

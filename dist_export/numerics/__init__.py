@@ -1,5 +1,5 @@
 """Quantization numerics: pure tensor functions, bit-exact with formats.md section 5 on CPU and CUDA."""
-from . import fp8, integer, nvfp4  # noqa: F401  (registers the formats)
+from . import fp8, integer, mx, nvfp4  # noqa: F401  (registers the formats)
 from .kernels import formats as _kernel_formats  # noqa: F401  (attaches each format's GPU kernels)
 from .blocks import check_finite, expand_to, reduce_abs_max
 from .registry import compute_amax, dequantize, fake_quant, get_format, has_tensor_amax, quantize

@@ -9,6 +9,9 @@ Per block with amax a = max|x| (docs/formats-notes.md, "MX"):
 Dividing by a power of two is exact, so `y` is exactly what a loader computes from the codes and the E8M0 byte
 `k + 127`. Elements above the format's max after scaling (a block's amax sits in [2**(k+emax), 2**(k+emax+1)),
 so up to 8 for E2M1 and up to 512 for E4M3) saturate to the max, as the OCP reference conversion does.
+
+Registered as the numeric formats "mxfp4" and "mxfp8" (granularity "group", blocks of 32, weights only: the
+recipes mxfp4-w4a16 and mxfp8-w8a16, exported as fake quant with `--format vllm-fq`).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import torch
 
 from .constants import F4E2M1_MAX, F8E4M3_MAX
 from .nvfp4 import round_e2m1_magnitude
+from .spec import NumericFormat, register_format
 
 MX_BLOCK = 32
 E8M0_MIN_EXP, E8M0_MAX_EXP = -127, 127  # E8M0 byte = exponent + 127; 255 is NaN
@@ -58,3 +62,14 @@ def mx_fake_quant(x: torch.Tensor, fmt: str, block_amax: torch.Tensor | None = N
     v = torch.ldexp(blocks, -k)
     y = torch.ldexp(_round_elements(v, fmt), k)
     return y.reshape(*x.shape[:-1], nblocks * MX_BLOCK)[..., :cols]
+
+
+def fake_quant_mx(x: torch.Tensor, spec, amax: torch.Tensor, block_amax: torch.Tensor | None = None) -> torch.Tensor:
+    """The registered fold: `amax` is the per-block amax (granularity "group", blocks of 32) that the planner's
+    max calibration computed; the scales come from it alone (no tensor amax)."""
+    return mx_fake_quant(x, spec.fmt, amax if amax.dim() else None)
+
+
+# Weight-only for now: fake quant (vllm-fq) only, no real-quant layout here, no activation quantizer.
+for _name in MX_ELEMENTS:
+    register_format(NumericFormat(_name, fake_quant_mx, granularities=("group",), block_size=MX_BLOCK))
