@@ -231,7 +231,7 @@ def _export(ctx: DistContext, open_source, out_dir: str, opts: ExportOptions, fa
             return _summary([RankResult(r) for r in range(ctx.world_size)], time.monotonic() - t0, out_dir, plan)
         # 3. Shards an earlier run finished, the shared amax of groups split over ranks (or partly finished),
         # then every rank executes its shards; the pipeline measures every other group as its members pass.
-        reused = ctx.local_step("resume check", reusable_shards, ctx, plan, out_dir, manifest)
+        reused = ctx.local_step("resume check", reusable_shards, ctx, plan, out_dir, manifest, source)
         first = groups_to_measure_first(plan, ctx.rank, reused) if plan.groups else set()
         parts = ctx.step("shared amax", measure_group_amax, ctx, plan, source, first)
         group_amax = merge_group_amax(plan, parts, required=first)

@@ -1,7 +1,8 @@
 """Stage 2 (execute), every rank: write every shard this rank owns, reusing the ones a killed run finished.
 
 `execute_rank` hands the pending shards to the thread pipeline (`pipeline.py`); `reusable_shards` decides,
-under `--resume`, which finished shards are kept (checksums verified against the manifest).
+under `--resume`, which finished shards are kept (checksums verified against the manifest, source bytes
+compared with the crc32 recorded when each shard was written).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from .groups import PipelineGroups
 from .layout import staged_path
 from .pipeline import run_pipeline
 from .plan import ExportPlan
-from .storage.manifest import Manifest
+from .storage.manifest import SOURCE_CRC_KEY, Manifest, tensor_crc
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +39,34 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def reusable_shards(ctx, plan: ExportPlan, out_dir: str, manifest: Manifest) -> dict[str, dict]:
-    """This rank's shards that --resume keeps (each file's checksum verified against its record), by filename."""
+def reusable_shards(ctx, plan: ExportPlan, out_dir: str, manifest: Manifest, source=None) -> dict[str, dict]:
+    """This rank's shards that --resume keeps, by filename: each file's checksum verified against its record and,
+    with `source`, every source tensor it came from read again and its crc32 compared with the one the reader
+    took when the shard was written (a source rewritten in place is caught; the shard is written again). The
+    monitor ticks per shard and per item read, so a rank busy checking many shards is never called hung."""
     reused = {}
+    tick = ctx.monitor.tick if ctx.monitor else (lambda: None)
     for shard in plan.owned_shards(ctx.rank):
         info = manifest.reusable(shard.filename, staged_path(out_dir, plan, shard.filename))
+        tick()
+        if info is not None and source is not None and not _same_source(plan, source, shard, info, tick):
+            log.warning("resume: the source tensors of %s changed since it was written; writing it again",
+                        shard.filename)
+            info = None
         if info is not None:
             reused[shard.filename] = info
     return reused
+
+
+def _same_source(plan: ExportPlan, source, shard, info: dict, tick) -> bool:
+    recorded = info.get(SOURCE_CRC_KEY)
+    if not isinstance(recorded, dict) or set(recorded) != set(shard.items):
+        return False  # a record that binds no source bytes (an older run's) is not trusted
+    for name in shard.items:
+        if tensor_crc(source.read(plan.items[name].meta)) != recorded[name]:
+            return False
+        tick()
+    return True
 
 
 def execute_rank(ctx, plan: ExportPlan, source, output_format, out_dir: str, calib: dict,

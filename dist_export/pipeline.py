@@ -29,6 +29,7 @@ from .numerics.blocks import deferred_finite_checks, raise_if_nonfinite
 from .plan import Item, item_outputs
 from .quantize import device_outputs
 from .sources.quantized import EncodedTensor
+from .storage.manifest import SOURCE_CRC_KEY, tensor_crc
 from .storage.shard_file import ShardWriter
 
 _DONE = object()
@@ -99,6 +100,7 @@ def run_pipeline(ctx, plan, source, output_format, out_dir, calib, groups, manif
     read_q: queue.Queue = queue.Queue(maxsize=2)
     write_q: queue.Queue = queue.Queue(maxsize=4)
     stop = threading.Event()
+    crcs: dict[str, dict[str, str]] = {}  # shard -> {item: crc32 of its source bytes}, filled by the reader
 
     def reader():
         for shard in shards:
@@ -115,6 +117,7 @@ def run_pipeline(ctx, plan, source, output_format, out_dir, calib, groups, manif
                     tensor = source.read(meta, out=in_ring.buffers[idx])
                 else:
                     tensor = source.read(meta)
+                crcs.setdefault(shard.filename, {})[name] = tensor_crc(tensor)  # binds a resume to these bytes
                 _retry(lambda t, job=(shard, name, tensor, idx): read_q.put(job, timeout=t), stop.is_set)
                 result.bytes_read += meta.nbytes
         _retry(lambda t: read_q.put(_DONE, timeout=t), stop.is_set)
@@ -129,7 +132,7 @@ def run_pipeline(ctx, plan, source, output_format, out_dir, calib, groups, manif
 
         def record(sha256, size):  # before the rename: a shard in --out is always named by a record of ours
             info.update(sha256=sha256, size=size)
-            manifest.record_shard(shard.filename, info)
+            manifest.record_shard(shard.filename, {**info, SOURCE_CRC_KEY: crcs[shard.filename]})
 
         w.finish(rename_to=staged_path(out_dir, plan, shard.filename), before_rename=record)
         result.shards[shard.filename] = {**info, "reused": False}

@@ -477,3 +477,78 @@ def test_summary_json_into_a_missing_folder_refused_up_front(tmp_path, capsys):
     rc, err = export(capsys, out, "--summary-json", str(tmp_path / "nope" / "s.json"))
     refused(rc, err, "--summary-json", "nope", "does not exist")
     assert not os.path.exists(out)
+
+
+# ------------------------------------------------------------------------------- 4. resume binds data
+
+
+def _double_in_place(src: str) -> None:
+    """Same layout, new values: every float tensor doubled in place (headers, offsets and sizes unchanged)."""
+    from dist_export.storage.header import file_tensor_metas
+
+    for f in sorted(os.listdir(src)):
+        if f.endswith(".safetensors"):
+            with open(os.path.join(src, f), "r+b") as fh:
+                for m in file_tensor_metas(src, f):
+                    fh.seek(m.start)
+                    t = torch.frombuffer(bytearray(fh.read(m.nbytes)), dtype=m.torch_dtype) if m.nbytes else None
+                    if t is not None and t.is_floating_point():
+                        fh.seek(m.start)
+                        fh.write((t * 2).view(torch.uint8).numpy().tobytes())
+
+
+def test_resume_after_the_source_changed_in_place_rewrites(tmp_path, capsys):
+    src = copy_model(tmp_path, model="synthetic:qwen3-moe-tiny")
+    out, ref = str(tmp_path / "out"), str(tmp_path / "ref")
+    args = ("--max-shard-size", "40KB")
+    proc = subprocess.run([sys.executable, "-m", "dist_export", "export", "--model", src, "--recipe", RECIPE,
+                           "--device", "cpu", *args, "--out", out], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": REPO, "DIST_EXPORT_FAULT": "kill:0:40"}, timeout=180)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    kept = [f for f in os.listdir(out) if f.startswith("model-")]
+    assert len(kept) >= 2, f"the killed run finished too few shards: {kept}"
+    _double_in_place(src)
+    rc, err = export(capsys, out, "--resume", *args, model=src)
+    assert rc == 0, err[-2000:]
+    assert err.count("changed since it was written") == len(kept), err[-3000:]
+    assert "reusing" not in err
+    rc, err = export(capsys, ref, *args, model=src)
+    assert rc == 0, err[-2000:]
+    assert tree(out) == tree(ref)
+
+
+def test_resume_of_an_unchanged_source_reuses_and_ticks_while_checking(tmp_path, capsys):
+    """Checking reused shards is work (their files hashed, their source tensors read again): it ticks the
+    monitor per shard and per item, so a rank busy checking many reused shards is never declared hung."""
+    from dist_export.api import resolve_model
+    from dist_export.execute import reusable_shards
+    from dist_export.output_formats import get_output_format
+    from dist_export.plan import build_plan
+    from dist_export.recipe import load_recipe
+    from dist_export.runtime.dist import DistContext
+    from dist_export.sources.checkpoint import SourceCheckpoint
+    from dist_export.storage.manifest import Manifest
+
+    out = str(tmp_path / "out")
+    proc = subprocess.run([sys.executable, "-m", "dist_export", "export", "--model", MODEL, "--recipe", RECIPE,
+                           "--device", "cpu", "--max-shard-size", "40KB", "--out", out], cwd=REPO,
+                          capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "PYTHONPATH": REPO, "DIST_EXPORT_FAULT": "kill:0:19"})
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    with open(os.path.join(out, ".dist_export", "manifest.json")) as f:
+        fingerprint = json.load(f)["fingerprint"]
+    source = SourceCheckpoint(resolve_model(MODEL))
+    plan = build_plan(source.tensors, load_recipe(RECIPE), get_output_format("vllm-fq"), 1, 40_000)
+
+    class Ticks:
+        n = 0
+
+        def tick(self):
+            self.n += 1
+
+    ctx = DistContext()
+    ctx.monitor = Ticks()
+    reused = reusable_shards(ctx, plan, out, Manifest(out, fingerprint, resume=True), source)
+    assert reused and set(reused) <= {s.filename for s in plan.shards}
+    items = sum(len(s.items) for s in plan.shards if s.filename in reused)
+    assert ctx.monitor.n >= len(plan.shards) + items, ctx.monitor.n
