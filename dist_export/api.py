@@ -28,6 +28,7 @@ from .plan import ExportPlan, build_plan, rank_loads
 from .recipe import Recipe, load_recipe
 from .runtime.dist import DistContext, init_distributed
 from .runtime.monitor import start_monitor
+from .runtime.progress import Progress
 from .sources.checkpoint import SourceCheckpoint
 from .storage.manifest import Manifest, file_sha256, run_fingerprint
 from .storage.atomic import remove_own_temporaries
@@ -147,10 +148,11 @@ def run_export(open_source, out_dir: str, opts: ExportOptions, ctx: DistContext 
 
         fault = fault_from_env()
     try:
+        progress = Progress()
         monitor = start_monitor(ctx, hang_after=opts.hang_timeout, dead_after=opts.dead_timeout,
-                                on_fail=remove_own_temporaries)
+                                on_fail=remove_own_temporaries, progress=progress)
         try:
-            summary = _export(ctx, open_source, out_dir, opts, fault)
+            summary = _export(ctx, open_source, out_dir, opts, fault, progress)
             monitor.finish()
             return summary
         finally:
@@ -198,14 +200,13 @@ def plan_inputs(open_source, out_dir: str | None, opts: ExportOptions, world_siz
     return _Inputs(opened, rec, fmt, plan, calib, calibration_data_record(opts.calib) if opts.calib else None)
 
 
-def _export(ctx: DistContext, open_source, out_dir: str, opts: ExportOptions, fault) -> dict:
+def _export(ctx: DistContext, open_source, out_dir: str, opts: ExportOptions, fault, progress: Progress) -> dict:
     t0 = time.monotonic()
     # 1. Validate inputs and plan, on every rank, before any write; every rank must plan the same.
     inputs = ctx.agree("plan", lambda: plan_inputs(open_source, out_dir, opts, ctx.world_size),
                        lambda i: i.plan.digest())
     plan, source, rec, fmt = inputs.plan, inputs.opened.source, inputs.recipe, inputs.output_format
-    if ctx.monitor:
-        ctx.monitor.set_totals(len(plan.items), plan.total_size)
+    progress.set_totals(len(plan.items), plan.total_size)
     if ctx.is_rank0:
         _log_plan(plan)
     calib_sha = file_sha256(opts.calib) if opts.calib else None
@@ -225,29 +226,28 @@ def _export(ctx: DistContext, open_source, out_dir: str, opts: ExportOptions, fa
 
     try:
         if ctx.step("prepare output folder", lambda: prepare() if ctx.is_rank0 else None)[0]:
-            if ctx.monitor and ctx.is_rank0:
-                ctx.monitor.close_bar(complete=True)
+            if ctx.is_rank0:
+                progress.close(complete=True)
             log.info("--resume: %s already holds this export, finished (same inputs); nothing to do", out_dir)
             return _summary([RankResult(r) for r in range(ctx.world_size)], time.monotonic() - t0, out_dir, plan)
         # 3. Shards an earlier run finished, the shared amax of groups split over ranks (or partly finished),
         # then every rank executes its shards; the pipeline measures every other group as its members pass.
-        reused = ctx.local_step("resume check", reusable_shards, ctx, plan, out_dir, manifest, source)
+        reused = ctx.local_step("resume check", reusable_shards, ctx, plan, out_dir, manifest, source, progress)
         first = groups_to_measure_first(plan, ctx.rank, reused) if plan.groups else set()
-        parts = ctx.step("shared amax", measure_group_amax, ctx, plan, source, first)
+        parts = ctx.step("shared amax", measure_group_amax, ctx, plan, source, first, progress)
         group_amax = merge_group_amax(plan, parts, required=first)
         results = ctx.step("export", execute_rank, ctx, plan, source, fmt, out_dir, inputs.calib, group_amax,
-                           manifest, fault, reused=reused)
+                           manifest, fault, reused=reused, progress=progress)
         # 4. Rank 0 writes and checks everything but the index (inside the last step: a defect fails every
         # rank and publishes nothing); once every rank knows that outcome, no peer is watched any more and
         # rank 0 publishes: the index comes last.
         record = _record(inputs, results, manifest.fingerprint)
-        tick = ctx.monitor.tick if ctx.monitor else None
         staged = ctx.on_rank0("commit", stage_export, plan, out_dir, inputs.opened.side_dir, source.load_config(),
                               rec, fmt, inputs.calib, record, staged_path, lock.foreign if lock else frozenset(),
-                              opts.verify, tick)
+                              opts.verify, progress.tick)
+        if ctx.is_rank0:
+            progress.close(complete=True)  # every rank's items are on disk; nothing is drawn after this
         if ctx.monitor:
-            if ctx.is_rank0:
-                ctx.monitor.close_bar(complete=True)  # every rank's items are on disk; nothing is drawn after this
             ctx.monitor.finish()
         if ctx.is_rank0:
             publish_export(staged)

@@ -16,6 +16,7 @@ from .groups import PipelineGroups
 from .layout import staged_path
 from .pipeline import run_pipeline
 from .plan import ExportPlan
+from .runtime.progress import NO_PROGRESS
 from .storage.manifest import SOURCE_CRC_KEY, Manifest, tensor_crc
 
 log = logging.getLogger(__name__)
@@ -39,13 +40,14 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def reusable_shards(ctx, plan: ExportPlan, out_dir: str, manifest: Manifest, source=None) -> dict[str, dict]:
+def reusable_shards(ctx, plan: ExportPlan, out_dir: str, manifest: Manifest, source=None,
+                    progress=NO_PROGRESS) -> dict[str, dict]:
     """This rank's shards that --resume keeps, by filename: each file's checksum verified against its record and,
     with `source`, every source tensor it came from read again and its crc32 compared with the one the reader
-    took when the shard was written (a source rewritten in place is caught; the shard is written again). The
-    monitor ticks per shard and per item read, so a rank busy checking many shards is never called hung."""
+    took when the shard was written (a source rewritten in place is caught; the shard is written again).
+    `progress` ticks per shard and per item read, so a rank busy checking many shards is never called hung."""
     reused = {}
-    tick = ctx.monitor.tick if ctx.monitor else (lambda: None)
+    tick = progress.tick
     for shard in plan.owned_shards(ctx.rank):
         info = manifest.reusable(shard.filename, staged_path(out_dir, plan, shard.filename))
         tick()
@@ -71,7 +73,7 @@ def _same_source(plan: ExportPlan, source, shard, info: dict, tick) -> bool:
 
 def execute_rank(ctx, plan: ExportPlan, source, output_format, out_dir: str, calib: dict,
                  group_amax: dict[str, torch.Tensor], manifest: Manifest, fault=None, *,
-                 reused: dict[str, dict]) -> RankResult:
+                 reused: dict[str, dict], progress=NO_PROGRESS) -> RankResult:
     """Write every shard this rank owns except the `reused` ones (finished by an earlier run); return its result.
     Shared-amax groups missing from `group_amax` are measured in the pipeline (see `PipelineGroups`)."""
     start = time.monotonic()
@@ -81,13 +83,13 @@ def execute_rank(ctx, plan: ExportPlan, source, output_format, out_dir: str, cal
         if shard.filename in reused:
             result.shards[shard.filename] = {**reused[shard.filename], "reused": True}
             log.info("resume: reusing %s (checksum verified)", shard.filename)
-            if ctx.monitor:
-                ctx.monitor.advance(len(shard.items), shard.nbytes)
+            progress.advance(len(shard.items), shard.nbytes)
         else:
             todo.append(shard)
     if todo:
         groups = PipelineGroups(plan, todo, group_amax)
-        run_pipeline(ctx, plan, source, output_format, out_dir, calib, groups, manifest, todo, result, fault)
+        run_pipeline(ctx, plan, source, output_format, out_dir, calib, groups, manifest, todo, result, fault,
+                     progress)
     result.seconds = time.monotonic() - start
     result.peak_rss = peak_rss_bytes()
     if ctx.device.type == "cuda":

@@ -10,6 +10,7 @@ import torch
 
 from .numerics import compute_amax
 from .plan import ExportPlan, Item
+from .runtime.progress import NO_PROGRESS
 
 
 class PipelineGroups:
@@ -70,9 +71,10 @@ def groups_to_measure_first(plan: ExportPlan, rank: int, reused: dict[str, dict]
     return first
 
 
-def measure_group_amax(ctx, plan: ExportPlan, source, groups: set[str] | None = None) -> dict[str, float]:
+def measure_group_amax(ctx, plan: ExportPlan, source, groups: set[str] | None = None,
+                       progress=NO_PROGRESS) -> dict[str, float]:
     """This rank's part of the shared amax: max|W| over the members of `groups` (default: all) in the shards it
-    owns."""
+    owns (each member read ticks `progress`)."""
     local: dict[str, float] = {}
     for shard in plan.owned_shards(ctx.rank):
         for name in shard.items:
@@ -81,8 +83,7 @@ def measure_group_amax(ctx, plan: ExportPlan, source, groups: set[str] | None = 
                 continue
             amax = float(compute_amax(source.read(item.meta).to(ctx.device), item.weight, item.name))
             local[item.group] = max(local.get(item.group, 0.0), amax)
-            if ctx.monitor:
-                ctx.monitor.tick()
+            progress.tick()
     return local
 
 

@@ -28,6 +28,7 @@ from .layout import staged_path
 from .numerics.blocks import deferred_finite_checks, raise_if_nonfinite
 from .plan import Item, item_outputs
 from .quantize import device_outputs
+from .runtime.progress import NO_PROGRESS
 from .sources.quantized import EncodedTensor
 from .storage.manifest import SOURCE_CRC_KEY, tensor_crc
 from .storage.shard_file import ShardWriter
@@ -92,8 +93,10 @@ class _Job:
         self.name, self.tensor, self.ready, self.release, self.check = name, tensor, ready, release, check
 
 
-def run_pipeline(ctx, plan, source, output_format, out_dir, calib, groups, manifest, shards, result, fault):
-    """Reader thread -> device compute (main thread) -> copy stream -> writer thread, all bounded."""
+def run_pipeline(ctx, plan, source, output_format, out_dir, calib, groups, manifest, shards, result, fault,
+                 progress=NO_PROGRESS):
+    """Reader thread -> device compute (main thread) -> copy stream -> writer thread, all bounded; every item
+    written advances `progress`."""
     cuda = ctx.device.type == "cuda"
     max_in = max(plan.items[n].meta.nbytes for s in shards for n in s.items)
     in_ring = HostRing(3, ring_size_for(max_in), pinned=cuda) if cuda else None
@@ -181,11 +184,10 @@ def run_pipeline(ctx, plan, source, output_format, out_dir, calib, groups, manif
         # a failed writer never returns its buffers: its error is raised instead of waiting
         acquire_out = lambda: _retry(out_ring.acquire, _raising(threads))  # noqa: E731
         for out in _item_jobs(ctx, arrival, in_ring, out_ring, acquire_out, copy_stream, output_format, calib,
-                              groups.known):
+                              groups.known, progress):
             _put_checked(write_q, out, threads)
         result.items += 1
-        if ctx.monitor:
-            ctx.monitor.advance(1, sum(t.nbytes for t in item_outputs(output_format, arrival.item)))
+        progress.advance(1, sum(t.nbytes for t in item_outputs(output_format, arrival.item)))
 
     try:
         threads[0].start()  # the reader fills the first buffers while the output side is set up
@@ -317,7 +319,7 @@ def _arrive(ctx, shard, item, cpu_tensor, in_idx, in_ring, upload_stream, must_w
 
 
 def _item_jobs(ctx, arrival: _Arrival, in_ring, out_ring, acquire_out, copy_stream, output_format, calib,
-               group_amax):
+               group_amax, progress=NO_PROGRESS):
     """Jobs for the writer: copies go straight through; quantized items run on the device and come back
     through pinned buffers on the copy stream (the main thread goes on with the next item meanwhile)."""
     item, in_idx = arrival.item, arrival.in_idx
@@ -326,7 +328,7 @@ def _item_jobs(ctx, arrival: _Arrival, in_ring, out_ring, acquire_out, copy_stre
         return [_Job(item.name, arrival.tensor, release=release)]
     # a copied item whose source weight was decoded on the device comes back like a quantized output
     with deferred_finite_checks(arrival.checks) as checks:
-        outs = (device_outputs(ctx, item, arrival.tensor, output_format, calib, group_amax) if item.quantized
+        outs = (device_outputs(ctx, item, arrival.tensor, output_format, calib, group_amax, progress) if item.quantized
                 else [(item.name, arrival.tensor)])
     if copy_stream is None:
         check = _host_check(checks, _stacked(checks), None)

@@ -12,6 +12,7 @@ from .calibration.file import fused_input_amax
 from .numerics import compute_amax, fake_quant
 from .numerics.mse import search_block_amax
 from .plan import Item
+from .runtime.progress import NO_PROGRESS
 
 
 def input_amax_for(item: Item, calib: dict) -> torch.Tensor | None:
@@ -20,7 +21,7 @@ def input_amax_for(item: Item, calib: dict) -> torch.Tensor | None:
     return fused_input_amax(item.module, calib)
 
 
-def device_outputs(ctx, item: Item, w: torch.Tensor, output_format, calib, group_amax):
+def device_outputs(ctx, item: Item, w: torch.Tensor, output_format, calib, group_amax, progress=NO_PROGRESS):
     """Quantize one weight on its device; returns the format's output tensors (still on the device).
 
     A weight whose quantizer came with the model (`calib.weights`, a `QuantizerValues`; sources/quantizers.py)
@@ -40,18 +41,18 @@ def device_outputs(ctx, item: Item, w: torch.Tensor, output_format, calib, group
             outs = output_format.fold_pre_quant_scale(item, outs, pre_quant_scale)
         return outs
     if item.stacked:
-        return [(item.name, fold_stack(ctx, item, w))]
+        return [(item.name, fold_stack(ctx, item, w, progress))]
     amax = group_amax[item.group].to(w.device) if item.group else compute_amax(w, item.weight, item.name)
     block_amax = None
     if item.weight.scale_search == "mse":
-        amax, block_amax = search_block_amax(w, item.weight, amax, tick=ctx.monitor.tick if ctx.monitor else None)
+        amax, block_amax = search_block_amax(w, item.weight, amax, tick=progress.tick)
     outs = output_format.produce(item, w, amax, block_amax, input_amax_for(item, calib))
     if item.kv:  # the layer's KV-cache scale rides with its k_proj / v_proj (plan.item_outputs)
         outs = outs + output_format.kv_tensors(item, calib[item.kv].float().reshape(()).to(w.device))
     return outs
 
 
-def fold_stack(ctx, item: Item, w: torch.Tensor) -> torch.Tensor:
+def fold_stack(ctx, item: Item, w: torch.Tensor, progress=NO_PROGRESS) -> torch.Tensor:
     """Fake-quant every expert of a 3-D stack as its own [out, in] matrix (shared amax if the recipe says)."""
     def matrix(e):
         return w[e].t() if item.stacked == "in_out" else w[e]
@@ -66,8 +67,7 @@ def fold_stack(ctx, item: Item, w: torch.Tensor) -> torch.Tensor:
                 amax, block_amax = search_block_amax(m, item.weight, amax)
         y = fake_quant(m, item.weight, amax, block_amax)
         out[e] = y.t() if item.stacked == "in_out" else y
-        if ctx.monitor:
-            ctx.monitor.tick()
+        progress.tick()
     return out
 
 

@@ -96,7 +96,7 @@ def test_ctrl_c_then_resume(tmp_path):
     ({}, {}, None),
 ])
 def test_bar_mode(monkeypatch, env, modules, want):
-    from dist_export.runtime.monitor import bar_mode
+    from dist_export.runtime.progress import bar_mode
 
     monkeypatch.delenv("DIST_EXPORT_PROGRESS", raising=False)
     for k, v in env.items():

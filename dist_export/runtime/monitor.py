@@ -1,24 +1,22 @@
-"""Per-rank background monitor: heartbeats, hang/death detection, and rank 0's job-wide progress bar.
+"""Per-rank background monitor (every rank, all stages): heartbeats and hang/death detection; on rank 0 it feeds
+the job-wide sums to the progress bar (`progress.py`).
 
-Every `interval` seconds each rank publishes `hb/<rank>` = "<beat> <progress> <state> <items> <bytes> <host> <pid>"
-(state 0 working, 1 waiting on peers, 2 finished, 3 interrupted) in the process group's key-value store and reads its peers':
+Every `interval` seconds each rank publishes `hb/<rank>` = "<beat> <steps> <state> <items> <bytes> <host> <pid>"
+(state 0 working, 1 waiting on peers, 2 finished, 3 interrupted) in the process group's key-value store and
+reads its peers':
   * a peer on this host whose process is gone is dead at once (a killed local rank is named within a second);
   * a peer whose beat has not changed for `dead_after` s is dead (killed on another node, node lost);
-  * a peer whose progress counter has not changed for `hang_after` s while it is not waiting on others is hung.
+  * a peer whose step counter has not changed for `hang_after` s while it is not waiting on others is hung.
 Either way this rank prints one line naming the peer and exits non-zero (after removing its own temporary
 files), so every rank ends within a bounded time and none waits forever inside a collective. Timestamps are
 local (`time.monotonic`): no clock agreement between nodes is needed.
 
-Rank 0 also shows the job's progress, summed over every rank's heartbeat: a tqdm bar on a terminal (or in a
-notebook), with log records routed around it (tqdm's logging redirect) so no line is glued to the bar; elsewhere
-(Slurm logs, CI) a progress line every `log_every` seconds. The bar appears once the plan's totals are known and
-is closed by `close_bar` when the job is complete (the job-wide count, never rank 0's alone), before the
-closing report; it is never drawn again after that.
+The counters come from the export's `Progress` (handed to the monitor and to the stages that advance it);
+rank 0 sums every rank's heartbeat and hands the totals to `Progress.show`.
 """
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import signal
 import socket
@@ -26,19 +24,20 @@ import sys
 import threading
 import time
 
-log = logging.getLogger(__name__)
+from .progress import Progress
+
 WORKING, WAITING, FINISHED, INTERRUPTED = 0, 1, 2, 3
 INTERRUPT_GRACE = 3.0  # s a peer may be interrupted before this rank, that was not, aborts too
 
 
 class Monitor:
     def __init__(self, ctx, store, interval: float = 1.0, dead_after: float = 20.0, hang_after: float = 45.0,
-                 on_fail=None, log_every: float | None = None):
+                 on_fail=None, progress: Progress | None = None):
         self.ctx, self.store = ctx, store
         self.interval, self.dead_after, self.hang_after = interval, dead_after, hang_after
         self.on_fail = on_fail
-        self.items = self.bytes = self.progress = 0
-        self.total_items = self.total_bytes = 0
+        self.progress = Progress() if progress is None else progress
+        self._waits = 0  # finished waits on peers: progress too (a slow peer is not this rank hanging)
         self._waiting = 0
         self._beat = 0
         self.interrupted = False
@@ -46,13 +45,6 @@ class Monitor:
         self._peer_interrupted: dict[int, float] = {}
         self._stop = threading.Event()
         self._seen: dict[int, tuple[tuple[int, int], float, float]] = {}
-        self._bar = None
-        self._bar_closed = False
-        self._redirect = None  # tqdm's logging redirect while the bar is shown
-        self._lock = threading.Lock()
-        self._bar_lock = threading.Lock()
-        self.log_every = float(os.environ.get("DIST_EXPORT_LOG_EVERY", "30")) if log_every is None else log_every
-        self._t0 = self._last_log = time.monotonic()
         self._thread = threading.Thread(target=self._run, name=f"monitor-rank{ctx.rank}", daemon=True)
 
     # -- called by the main thread ---------------------------------------------------------------
@@ -73,19 +65,6 @@ class Monitor:
             self._publish(INTERRUPTED)
         raise KeyboardInterrupt
 
-    def tick(self) -> None:
-        """Main thread made progress (call inside long loops)."""
-        self.progress += 1
-
-    def advance(self, items: int, nbytes: int) -> None:
-        with self._lock:
-            self.items += items
-            self.bytes += nbytes
-            self.progress += 1
-
-    def set_totals(self, items: int, nbytes: int) -> None:
-        self.total_items, self.total_bytes = items, nbytes
-
     @contextlib.contextmanager
     def waiting(self):
         self._waiting += 1
@@ -93,34 +72,17 @@ class Monitor:
             yield
         finally:
             self._waiting -= 1
-            self.progress += 1
+            self._waits += 1
 
     def stop(self) -> None:
         self._stop.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
-        self.close_bar()
+        self.progress.close()
         if self._old_sigint is not None:
             # after an interrupt, later SIGINTs (the launcher forwards the terminal's) stay ignored until exit
             signal.signal(signal.SIGINT, self._old_sigint if not self.interrupted else signal.SIG_IGN)
             self._old_sigint = None
-
-    def close_bar(self, complete: bool = False) -> None:
-        """Close the bar for good (rank 0). `complete`: every planned item of every rank is on disk, so the bar
-        ends at the job's totals; otherwise (a failure) it stays where it was and the error line follows it."""
-        with self._bar_lock:
-            self._bar_closed = True
-            bar, self._bar = self._bar, None
-            if bar is not None:
-                if complete:
-                    bar.n = self.total_bytes
-                    bar.set_postfix_str(f"items {self.total_items}/{self.total_items}", refresh=False)
-                    bar.refresh()
-                bar.close()
-            if self._redirect is not None:
-                with contextlib.suppress(Exception):
-                    self._redirect.__exit__(None, None, None)
-                self._redirect = None
 
     def finish(self) -> None:
         """The job's outcome is known to every rank (it succeeded, or a step failed and every rank got the
@@ -130,12 +92,16 @@ class Monitor:
             self._publish(FINISHED)
 
     # -- background thread ------------------------------------------------------------------------
+    def _steps(self) -> int:
+        """The hang detector's counter: changes whenever this rank's work or a wait on peers moves on."""
+        return self.progress.steps + self._waits
+
     def _publish(self, state: int | None = None) -> None:
         self._beat += 1
         if self.store is None:
             return
         state = (WAITING if self._waiting > 0 else WORKING) if state is None else state
-        record = (f"{self._beat} {self.progress} {state} {self.items} {self.bytes} "
+        record = (f"{self._beat} {self._steps()} {state} {self.progress.items} {self.progress.bytes} "
                   f"{socket.gethostname()} {os.getpid()}")
         self.store.set(f"hb/{self.ctx.rank}", record)
 
@@ -156,11 +122,11 @@ class Monitor:
                     continue
                 self._check_peer(peer, rec, now, start)
             if self.ctx.is_rank0:
-                self._update_bar(records=records)
+                self.progress.show(*self._totals(records))
 
     def _read_peers(self) -> dict[int, list[int] | None]:
         if self.store is None:
-            return {0: [self._beat, self.progress, 0, self.items, self.bytes]}
+            return {0: [self._beat, self._steps(), 0, self.progress.items, self.progress.bytes]}
         out = {}
         for r in range(self.ctx.world_size):
             key = f"hb/{r}"
@@ -221,67 +187,10 @@ class Monitor:
         os._exit(1)  # the main thread may be blocked in a collective that will never return
 
     def _totals(self, records) -> tuple[int, int]:
+        """(bytes, items) done by the whole job: the sum of every rank's last heartbeat."""
         if records:
             return (sum(r[4] for r in records.values() if r), sum(r[3] for r in records.values() if r))
-        return self.bytes, self.items
-
-    def _log_progress(self, records) -> None:
-        """Without a terminal (Slurm logs, CI) a progress line every `log_every` seconds instead of a bar."""
-        now = time.monotonic()
-        if now - self._last_log < self.log_every or not self.total_bytes:
-            return
-        self._last_log = now
-        done_bytes, done_items = self._totals(records)
-        elapsed = now - self._t0
-        rate = done_bytes / elapsed if elapsed > 0 else 0.0
-        eta = (self.total_bytes - done_bytes) / rate if rate > 0 else float("inf")
-        log.info("progress: %.2f/%.2f GB (%.0f%%), %d/%d items, %.2f GB/s, ETA %.0f s", done_bytes / 1e9,
-                 self.total_bytes / 1e9, 100.0 * done_bytes / self.total_bytes, done_items, self.total_items,
-                 rate / 1e9, eta)
-
-    def _update_bar(self, records=None) -> None:
-        if self._bar_closed:
-            return
-        mode = bar_mode()
-        if mode is None:
-            self._log_progress(records)
-            return
-        with self._bar_lock:
-            if self._bar_closed or not self.total_bytes:  # totals come with the plan; nothing to show before
-                return
-            if self._bar is None:
-                self._bar = _new_bar(mode, self.total_bytes)
-                if mode == "terminal":
-                    from tqdm.contrib.logging import logging_redirect_tqdm
-
-                    self._redirect = logging_redirect_tqdm()
-                    self._redirect.__enter__()
-            done_bytes, done_items = self._totals(records)
-            self._bar.n = min(done_bytes, self.total_bytes)
-            self._bar.set_postfix_str(f"items {done_items}/{self.total_items}", refresh=False)
-            self._bar.refresh()
-
-
-def bar_mode() -> str | None:
-    """"terminal" (stderr is a terminal, or DIST_EXPORT_PROGRESS=1), "notebook" (an IPython kernel: tqdm's
-    widget), or None: periodic log lines instead (Slurm logs, CI, pipes). DIST_EXPORT_PROGRESS=0 forces None."""
-    forced = os.environ.get("DIST_EXPORT_PROGRESS")
-    if forced == "0":
-        return None
-    if forced == "1" or sys.stderr.isatty():
-        return "terminal"
-    if "ipykernel" in sys.modules:
-        return "notebook"
-    return None
-
-
-def _new_bar(mode: str, total: int):
-    if mode == "notebook":
-        from tqdm.auto import tqdm
-    else:
-        from tqdm import tqdm
-    return tqdm(total=total, unit="B", unit_scale=True, desc="export", file=sys.stderr, dynamic_ncols=True,
-                smoothing=0.1, mininterval=0.5)
+        return self.progress.bytes, self.progress.items
 
 
 def _parse(record: str) -> list:
@@ -309,7 +218,7 @@ def _alive(pid: int) -> bool:
 
 
 def start_monitor(ctx, **kwargs) -> Monitor:
-    """Start the monitor (a single process gets only the progress bar: it has no peers to watch)."""
+    """Start the monitor (a single process only feeds the progress bar: it has no peers to watch)."""
     store = None
     if ctx.is_distributed:
         import torch.distributed as dist
