@@ -105,3 +105,17 @@ def test_bar_mode(monkeypatch, env, modules, want):
         monkeypatch.setitem(sys.modules, k, v)
     monkeypatch.setattr(sys, "stderr", open(os.devnull, "w"))
     assert bar_mode() == want
+
+
+def test_progress_lines_without_a_terminal(tmp_path):
+    """Slurm logs / CI: no bar, a progress line every DIST_EXPORT_LOG_EVERY seconds with the job-wide counts."""
+    src = model_dir("synthetic:llama-tiny")
+    proc = run_cli("export", "--nproc-per-node", "2", "--model", src, "--out", str(tmp_path / "out"),
+                   "--max-shard-size", "40kB", env={"DIST_EXPORT_FAULT": "delay:0:1", "DIST_EXPORT_LOG_EVERY": "0.5"})
+    assert "%|" not in proc.stderr and "\r" not in proc.stderr
+    progress = [ln for ln in proc.stderr.splitlines() if "progress:" in ln]
+    assert progress and all("[rank 0]" in ln for ln in progress), proc.stderr[-2000:]
+    counts = [tuple(map(int, re.search(r"(\d+)/(\d+) items", ln).groups())) for ln in progress]
+    # while rank 0 sleeps after its 1st item, the count holds rank 1's finished items too (job-wide)
+    assert all(total == 20 for _, total in counts) and any(1 < done < 20 for done, _ in counts), counts
+    assert proc.stderr.rstrip().splitlines()[-1].startswith("  load it: "), proc.stderr[-1000:]
