@@ -40,6 +40,8 @@ def test_two_ranks_equal_one_rank(tmp_path, moe):
     one, two = str(tmp_path / "one.safetensors"), str(tmp_path / "two.safetensors")
     run_cli(*args, "--out", one)
     proc = run_cli("calibrate", "--nproc-per-node", "2", *args[1:], "--out", two)
+    with open(one, "rb") as f1, open(two, "rb") as f2:
+        assert f1.read() == f2.read(), "the same calibration written as different bytes"
     meta1, amax1 = _read(one)
     meta2, amax2 = _read(two)
     assert meta1 == meta2 and json.loads(meta2["data"])["samples"] == 7
@@ -113,6 +115,33 @@ def test_live_model_calibrates_and_exports_with_its_data(tmp_path, moe):
     record = json.load(open(f"{out}/dist_export.json"))
     assert record["calibration"] == {k: float(v) for k, v in sorted(folder.items())}
     assert record["calibration_data"]["kind"] == "chat" and record["calibration_data"]["samples"] == 7
+
+
+def _live_export(ctx, src, data, out):
+    """Every rank: its own copy of the model in memory, calibrated data-parallel in the export run."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dist_export.api import export
+
+    lm = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
+    tok = AutoTokenizer.from_pretrained(src)
+    export(lm, out, recipe="fp8", max_shard_size="100kB", ctx=ctx,
+           calibration={"data": data, "num_samples": 7, "seq_len": 32, "tokenizer": tok})
+    return ctx.rank
+
+
+def test_live_model_export_with_calibration_on_two_ranks_equals_one(tmp_path, moe):
+    from conftest import folder_hashes
+    from multirank import run_ranks
+
+    src, data = moe
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    assert run_ranks(1, _live_export, src, data, one, tmp_path=tmp_path) == [("ok", 0)]
+    results = run_ranks(2, _live_export, src, data, two, tmp_path=tmp_path)
+    assert results == [("ok", 0), ("ok", 1)], results
+    ref = folder_hashes(one)
+    assert len([f for f in ref if f.startswith("model-")]) >= 2, ref  # both ranks wrote shards
+    assert folder_hashes(two) == ref
 
 
 def test_calibration_needs_data_or_random_tokens(tmp_path):

@@ -45,7 +45,20 @@ def save_calibration(path: str, amax: dict[str, torch.Tensor], recipe, signature
         import json
 
         meta["data"] = json.dumps(data, sort_keys=True)
-    write_atomic(path, save_bytes(tensors, metadata=meta))  # a private temporary, never through a link (atomic.py)
+    # a private temporary, never through a link (atomic.py); the same amax give the same bytes in any process
+    write_atomic(path, _canonical(save_bytes(tensors, metadata=meta)))
+
+
+def _canonical(blob: bytes) -> bytes:
+    """The safetensors bytes with the header's keys sorted: safetensors writes the metadata map in a per-process
+    random order, so two processes (two ranks, or a rerun for --resume) would write the same calibration as
+    different bytes and the export record's calibration checksum would differ."""
+    import json
+
+    n = int.from_bytes(blob[:8], "little")
+    header = json.dumps(json.loads(blob[8:8 + n]), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    header += b" " * (-len(header) % 8)  # the data section starts 8-byte aligned, as safetensors pads it
+    return len(header).to_bytes(8, "little") + header + blob[8 + n:]
 
 
 def load_calibration(path: str, recipe, signature: str, required: list[str]) -> dict[str, torch.Tensor]:
