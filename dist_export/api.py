@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from dataclasses import asdict, dataclass, replace
 
 from . import __version__
 from .calibration.file import (calibration_data_record, load_calibration, model_signature,
                                required_input_quantizers)
-from .commit import publish_export, stage_export
-from .execute import RankResult, execute_rank, reusable_shards
+from .commit import publish_export, shard_records, stage_export
+from .execute import RankResult, execute_rank, merge_prepared, prepare_shards, reused_shards
 from .groups import groups_to_measure_first, measure_group_amax, merge_group_amax
 from .layout import CONFIG_NAME, staged_path
 from .options import DEFAULT_MODEL, DEFAULT_RECIPE, ExportOptions, parse_size
@@ -163,7 +164,7 @@ def run_export(open_source, out_dir: str, opts: ExportOptions, ctx: DistContext 
             ctx.close()
 
 
-def plan_inputs(open_source, out_dir: str | None, opts: ExportOptions, world_size: int) -> _Inputs:
+def plan_inputs(open_source, out_dir: str | None, opts: ExportOptions, world_size: int, nnodes: int = 1) -> _Inputs:
     """Validate every input and plan, before any write (every rank; `cli plan` runs it too, without a folder)."""
     opened = open_source()
     fmt = get_output_format(opts.format)
@@ -181,7 +182,7 @@ def plan_inputs(open_source, out_dir: str | None, opts: ExportOptions, world_siz
         rec = opts.recipe if isinstance(opts.recipe, Recipe) else load_recipe(opts.recipe or DEFAULT_RECIPE)
     if out_dir is not None:
         check_output_dir(out_dir, opts.overwrite, opts.resume, opts.allow_foreign_files, source_dirs(opened))
-    plan = build_plan(opened.source.tensors, rec, fmt, world_size, opts.shard_bytes)
+    plan = build_plan(opened.source.tensors, rec, fmt, world_size, opts.shard_bytes, nnodes)
     required = required_input_quantizers(plan)
     if out_dir is None:
         return _Inputs(opened, rec, fmt, plan, {})
@@ -203,12 +204,14 @@ def plan_inputs(open_source, out_dir: str | None, opts: ExportOptions, world_siz
 def _export(ctx: DistContext, open_source, out_dir: str, opts: ExportOptions, fault, progress: Progress) -> dict:
     t0 = time.monotonic()
     # 1. Validate inputs and plan, on every rank, before any write; every rank must plan the same.
-    inputs = ctx.agree("plan", lambda: plan_inputs(open_source, out_dir, opts, ctx.world_size),
+    inputs = ctx.agree("plan", lambda: plan_inputs(open_source, out_dir, opts, ctx.world_size, ctx.nnodes),
                        lambda i: i.plan.digest())
     plan, source, rec, fmt = inputs.plan, inputs.opened.source, inputs.recipe, inputs.output_format
     progress.set_totals(len(plan.items), plan.total_size)
+    if plan.nnodes > 1:
+        check_nodes(plan, ctx.step("node check", socket.gethostname))
     if ctx.is_rank0:
-        _log_plan(plan)
+        _log_plan(plan, fmt)
     calib_sha = file_sha256(opts.calib) if opts.calib else None
     manifest = Manifest(out_dir, run_fingerprint(source, rec, calib_sha, fmt.name, plan.layout_digest()),
                         opts.resume)
@@ -230,14 +233,17 @@ def _export(ctx: DistContext, open_source, out_dir: str, opts: ExportOptions, fa
                 progress.close(complete=True)
             log.info("--resume: %s already holds this export, finished (same inputs); nothing to do", out_dir)
             return _summary([RankResult(r) for r in range(ctx.world_size)], time.monotonic() - t0, out_dir, plan)
-        # 3. Shards an earlier run finished, the shared amax of groups split over ranks (or partly finished),
-        # then every rank executes its shards; the pipeline measures every other group as its members pass.
-        reused = ctx.local_step("resume check", reusable_shards, ctx, plan, out_dir, manifest, source, progress)
+        # 3. Each shard's creator keeps the shard an earlier run finished or creates its shared temporary; then
+        # the shared amax of groups split over ranks (or partly finished), then every rank writes its items into
+        # its node's shards; the pipeline measures every other group as its members pass.
+        prepared = merge_prepared(plan, ctx.step("create shards", prepare_shards, ctx, plan, out_dir, manifest,
+                                                 source, progress))
+        reused = reused_shards(prepared)
         first = groups_to_measure_first(plan, ctx.rank, reused) if plan.groups else set()
         parts = ctx.step("shared amax", measure_group_amax, ctx, plan, source, first, progress)
         group_amax = merge_group_amax(plan, parts, required=first)
         results = ctx.step("export", execute_rank, ctx, plan, source, fmt, out_dir, inputs.calib, group_amax,
-                           manifest, fault, reused=reused, progress=progress)
+                           manifest, fault, prepared=prepared, progress=progress)
         # 4. Rank 0 writes and checks everything but the index (inside the last step: a defect fails every
         # rank and publishes nothing); once every rank knows that outcome, no peer is watched any more and
         # rank 0 publishes: the index comes last.
@@ -275,7 +281,7 @@ def _record(inputs: _Inputs, results, fingerprint: dict) -> dict:
     record = {"dist_export": __version__, "recipe": inputs.recipe.to_dict(), "format": inputs.output_format.name,
               "calibration": {k: float(v) for k, v in sorted(inputs.calib.items())},
               "source_signature": model_signature(inputs.opened.source.tensors), "fingerprint": fingerprint,
-              "shards": {f: {"sha256": i["sha256"], "size": i["size"]} for r in results for f, i in r.shards.items()}}
+              "shards": shard_records(inputs.plan, results)}
     if inputs.calib_data is not None:
         record["calibration_data"] = inputs.calib_data
     return record
@@ -301,22 +307,35 @@ def will_write(inputs: _Inputs) -> set[str]:
     return names
 
 
-def _log_plan(plan: ExportPlan) -> None:
-    loads = rank_loads(plan)
-    log.info("plan: %d items, %d shards, %.2f GB out, %d groups; per-rank GB out: %s", len(plan.items),
-             len(plan.shards), plan.total_size / 1e9, len(plan.groups),
-             [round(d["bytes_out"] / 1e9, 3) for d in loads])
+def check_nodes(plan: ExportPlan, hosts: list[str]) -> None:
+    """The ranks the plan puts on one node must run on one host: a shard's writers share one file system client."""
+    per_node = plan.world_size // plan.nnodes
+    for node in range(plan.nnodes):
+        names = sorted(set(hosts[node * per_node:(node + 1) * per_node]))
+        if len(names) > 1:
+            raise ValueError(f"ranks {node * per_node}-{(node + 1) * per_node - 1} form node {node} by their numbering "
+                             f"but run on hosts {names[:3]}; launch ranks node by node (torchrun's numbering)")
+
+
+def _log_plan(plan: ExportPlan, fmt) -> None:
+    loads = rank_loads(plan, fmt)
+    mean = sum(d["cost"] for d in loads) / len(loads)
+    log.info("plan: %d items, %d shards, %.2f GB out, %d groups, %d node(s); per-rank items %s, GB out %s, cost "
+             "max/mean %.3f", len(plan.items), len(plan.shards), plan.total_size / 1e9, len(plan.groups), plan.nnodes,
+             [d["items"] for d in loads], [round(d["bytes_out"] / 1e9, 3) for d in loads],
+             max(d["cost"] for d in loads) / mean if mean > 0 else 1.0)
 
 
 def _summary(results, wall: float, out_dir: str, plan: ExportPlan) -> dict:
     ranks = [asdict(r) for r in results]
     slowest = max(ranks, key=lambda r: r["seconds"])
     written = sum(r["bytes_written"] for r in ranks)
-    shards = [info for r in ranks for info in r["shards"].values()]
+    shards = [info for r in ranks for info in r["completed"].values()]  # each shard once: its completer/creator
+    reused = sum(1 for r in ranks for part in r["shards"].values() if part["reused"])  # reported by the creator
     return {"out_dir": out_dir, "wall_seconds": wall, "bytes_read": sum(r["bytes_read"] for r in ranks),
             "bytes_written": written, "gb_per_s": written / wall / 1e9 if wall > 0 else 0.0,
             "source_bytes": sum(i.meta.nbytes for i in plan.items.values()),
-            "output_bytes": sum(i["size"] for i in shards), "reused_shards": sum(1 for i in shards if i["reused"]),
+            "output_bytes": sum(i["size"] for i in shards), "reused_shards": reused,
             "slowest_rank": slowest["rank"], "ranks": ranks,
             "seconds_balance": measured_summary([r["seconds"] for r in ranks])}  # max/mean of measured seconds
 

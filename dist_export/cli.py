@@ -147,10 +147,9 @@ def _add_plan(sub):
     p.add_argument("--metadata-only", action="store_true",
                    help="for synthetic:... models: plan from the shapes alone, without generating the weights")
     p.add_argument("--json", action="store_true",
-                   help="print per-rank items, cost and bytes with max/mean imbalance as JSON (today's shard "
-                        "ownership and the item-level projection of issue 17)")
-    p.add_argument("--nnodes", type=_positive_int, default=1, help="simulated node count for --json's item-level "
-                   "projection (world size = nnodes * ranks per node)")
+                   help="print per-rank items, cost, bytes and node with the max/mean cost imbalance as JSON")
+    p.add_argument("--nnodes", type=_positive_int, default=1, help="simulated node count (world size = nnodes * "
+                   "ranks per node; a shard's writers are all on one node; ignored under torchrun)")
 
 
 def _add_recipes(sub):
@@ -304,21 +303,24 @@ def cmd_plan(args) -> int:
         return OpenedSource(src_dir, SourceCheckpoint(src_dir), args.model)
 
     try:
-        inputs = ctx.agree("plan", lambda: plan_inputs(open_source, None, opts, world), lambda i: i.plan.digest())
+        nnodes = ctx.nnodes if ctx.is_distributed else args.nnodes
+        inputs = ctx.agree("plan", lambda: plan_inputs(open_source, None, opts, world, nnodes),
+                           lambda i: i.plan.digest())
         plan = inputs.plan
         if ctx.is_rank0 and args.json:
             from .plan import plan_summary
 
-            print(json.dumps(plan_summary(plan, inputs.output_format, args.nnodes), indent=1))
+            print(json.dumps(plan_summary(plan, inputs.output_format), indent=1))
         elif ctx.is_rank0:
             print(f"{len(plan.items)} items, {len(plan.shards)} shards, {plan.total_size / 1e9:.3f} GB out, "
-                  f"{len(plan.groups)} shared-amax groups, world size {world}"
+                  f"{len(plan.groups)} shared-amax groups, world size {world} on {nnodes} node(s)"
                   + (f", {world} ranks agree on digest {plan.digest()[:12]}" if ctx.is_distributed else ""))
-            loads = rank_loads(plan)
+            loads = rank_loads(plan, inputs.output_format)
             mean_cost = sum(d["cost"] for d in loads) / len(loads)
             for d in loads:
-                print(f"  rank {d['rank']}: {d['shards']} shards, in {d['bytes_in'] / 1e9:.3f} GB, out "
-                      f"{d['bytes_out'] / 1e9:.3f} GB, cost {d['cost'] / mean_cost:.3f} x mean")
+                print(f"  rank {d['rank']} (node {d['node']}): {d['items']} items in {d['shards']} shards, in "
+                      f"{d['bytes_in'] / 1e9:.3f} GB, out {d['bytes_out'] / 1e9:.3f} GB, cost "
+                      f"{d['cost'] / mean_cost if mean_cost else 0:.3f} x mean")
     finally:
         ctx.close()
     return 0

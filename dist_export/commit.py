@@ -1,8 +1,10 @@
 """Stage 3, rank 0 only, after every rank reported success: check what was written, stage, verify, publish.
 
-Order matters: shard headers are checked against the plan; every small file is built in memory (config.json,
-the side files, the format's extra files, the index); the export record, naming each of them and each shard with
-its sha256 and size (the proof of ownership a later --overwrite or --resume relies on, see storage/outdir.py),
+Order matters: the shard records are combined from every rank's per-tensor checksums (`shard_records`: each
+planned tensor exactly once) and the shards' sizes and header bytes are checked against the plan; every small
+file is built in memory (config.json, the side files, the format's extra files, the index); the export record,
+naming each of them with its sha256 and size and each shard with its size and the sha256 of its header and of
+every tensor (the proof of ownership a later --overwrite or --resume relies on, see storage/outdir.py),
 is written first, then the small files; the quick verify runs on that staged view (`stage_export`, inside the
 last cross-rank step, so a defect is every rank's failure and nothing is published). Only after that step, when
 every rank knows the outcome and no peer is watched any more, `publish_export` writes the index (private
@@ -28,23 +30,66 @@ from .storage.header import read_header
 from .storage.outdir import clashes, fsync_dir, refuse_clash, tmp_dir
 from .storage.reader import safe_join
 from .plan import ExportPlan
+from .storage.shared_shard import header_sha256
+from .tensor_checksums import combine_tensor_sums
 
 log = logging.getLogger(__name__)
 
 
 
-def check_written_shards(plan: ExportPlan, out_dir: str, staged) -> None:
-    """Every planned shard exists and its header lists exactly the planned tensors (names, dtypes, shapes)."""
+def shard_records(plan: ExportPlan, results) -> dict[str, dict]:
+    """The export record's `shards` from every rank's result: each shard's record (size, header sha256, tensor
+    sha256s) from the rank that completed or reused it, checked against the per-tensor checksums every writer
+    reported: every planned tensor has exactly one, and they equal the record's (a shard completed on a record
+    the writers do not confirm is refused)."""
+    planned = {s.filename: [t.name for t in s.tensors] for s in plan.shards}
+    sums = combine_tensor_sums(planned, [{f: e["tensors"] for f, e in r.shards.items()} for r in results])
+    records: dict[str, dict] = {}
+    for r in results:
+        records.update(r.completed)
+    for shard in plan.shards:
+        rec = records.get(shard.filename)
+        if rec is None:
+            raise RuntimeError(f"commit: shard {shard.filename} was not completed by any rank; rerun with --resume")
+        if rec["tensors"] != sums[shard.filename]:
+            bad = [n for n in planned[shard.filename] if rec["tensors"].get(n) != sums[shard.filename][n]]
+            raise RuntimeError(f"commit: shard {shard.filename}: the record's checksums of {bad[:3]} differ from "
+                               f"what their writers reported; rerun with --resume")
+    return {s.filename: {k: records[s.filename][k] for k in ("size", "header_sha256", "tensors")}
+            for s in plan.shards}
+
+
+def check_written_shards(plan: ExportPlan, out_dir: str, staged, records: dict[str, dict] | None = None) -> None:
+    """Every planned shard exists (a regular file, not a link) with its recorded size and the planned header
+    bytes, and its header lists exactly the planned tensors (names, dtypes, shapes). The tensor bytes were hashed
+    where they were written; the verify step after the commit re-reads every range."""
     for shard in plan.shards:
         path = staged(out_dir, plan, shard.filename)
-        if not os.path.isfile(path):
+        if os.path.islink(path) or not os.path.isfile(path):
             raise RuntimeError(f"commit: shard {shard.filename} is missing; a rank did not write it")
+        rec = (records or {}).get(shard.filename)
+        if rec is not None:
+            if os.path.getsize(path) != rec["size"]:
+                raise RuntimeError(f"commit: shard {shard.filename} has {os.path.getsize(path)} bytes, planned "
+                                   f"{rec['size']}")
+            planned = header_sha256([(t.name, t.dtype, t.shape) for t in shard.tensors])
+            if not planned == rec["header_sha256"] == _header_sha256_on_disk(path):
+                raise RuntimeError(f"commit: shard {shard.filename}: its header is not the planned one")
         _, header = read_header(path)
         got = {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items()}
         want = {t.name: (t.dtype, t.shape) for t in shard.tensors}
         if got != want:
             bad = sorted(set(got.items()) ^ set(want.items()))[:3]
             raise RuntimeError(f"commit: shard {shard.filename} does not match the plan, e.g. {bad}")
+
+
+def _header_sha256_on_disk(path: str) -> str:
+    import struct
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+        (n,) = struct.unpack("<Q", head)
+        return hashlib.sha256(head + f.read(n)).hexdigest()
 
 
 def _side_files(src: str, config: dict) -> tuple[dict, dict[str, bytes]]:
@@ -103,7 +148,7 @@ def stage_export(plan: ExportPlan, out_dir: str, source_dir: str | None, source_
     record names all of them with their sha256 (what a later --overwrite may remove) and none of them lands on a
     `foreign` entry of --out (kept with --allow-foreign-files). With `verify`, the quick verify (structure,
     every format's own checks, checksums) runs on this staged view and any defect raises: nothing is published."""
-    check_written_shards(plan, out_dir, staged)
+    check_written_shards(plan, out_dir, staged, record.get("shards"))
     extras = output_format.extra_files(plan, recipe, calib)
     unlisted = sorted(set(extras) - set(output_format.file_names))
     if unlisted:  # a name not listed would be neither removed by --overwrite nor kept out of a later copy

@@ -22,7 +22,7 @@ class PipelineGroups:
     gate, up of one layer). Groups split over ranks, or with a member in a reused shard, come measured in
     `known` (the "shared amax" step before the pipeline)."""
 
-    def __init__(self, plan: ExportPlan, shards, known: dict[str, torch.Tensor]):
+    def __init__(self, plan: ExportPlan, shards, known: dict[str, torch.Tensor]):  # shards: this rank's parts
         self.known = dict(known)
         here: dict[str, int] = {}
         for shard in shards:
@@ -57,7 +57,7 @@ class PipelineGroups:
 
 def split_groups(plan: ExportPlan) -> set[str]:
     """Shared-amax groups whose members are owned by more than one rank."""
-    owner = {n: s.owner for s in plan.shards for n in s.items}
+    owner = plan.owners()
     return {g for g, members in plan.groups.items() if len({owner[m] for m in members}) > 1}
 
 
@@ -65,25 +65,23 @@ def groups_to_measure_first(plan: ExportPlan, rank: int, reused: dict[str, dict]
     """Groups this rank measures before its pipeline: those split over ranks, and its own groups with a member
     in a reused shard (not read again by the pipeline). Every other group is measured in the pipeline."""
     first = split_groups(plan)
-    for shard in plan.owned_shards(rank):
-        if shard.filename in reused:
-            first |= {plan.items[n].group for n in shard.items if plan.items[n].group is not None}
+    for part in plan.parts(rank):
+        if part.filename in reused:
+            first |= {plan.items[n].group for n in part.items if plan.items[n].group is not None}
     return first
 
 
 def measure_group_amax(ctx, plan: ExportPlan, source, groups: set[str] | None = None,
                        progress=NO_PROGRESS) -> dict[str, float]:
-    """This rank's part of the shared amax: max|W| over the members of `groups` (default: all) in the shards it
-    owns (each member read ticks `progress`)."""
+    """This rank's part of the shared amax: max|W| over the members of `groups` (default: all) that it owns (each member read ticks `progress`)."""
     local: dict[str, float] = {}
-    for shard in plan.owned_shards(ctx.rank):
-        for name in shard.items:
-            item = plan.items[name]
-            if item.group is None or (groups is not None and item.group not in groups):
-                continue
-            amax = float(compute_amax(source.read(item.meta).to(ctx.device), item.weight, item.name))
-            local[item.group] = max(local.get(item.group, 0.0), amax)
-            progress.tick()
+    for name in plan.owned_items(ctx.rank):
+        item = plan.items[name]
+        if item.group is None or (groups is not None and item.group not in groups):
+            continue
+        amax = float(compute_amax(source.read(item.meta).to(ctx.device), item.weight, item.name))
+        local[item.group] = max(local.get(item.group, 0.0), amax)
+        progress.tick()
     return local
 
 

@@ -1,12 +1,14 @@
-"""Stage 2 (execute), every rank: the thread pipeline that moves one rank's items from disk to its shards.
+"""Stage 2 (execute), every rank: the thread pipeline that moves one rank's items from disk into its shard files.
 
 A reader thread prefetches the next items' bytes (positioned reads, bounded queue), the main thread quantizes
 on the device, a copy stream brings results back through pinned buffers, and a writer thread hands finished
-tensors to the open shard, whose pool writes them at their planned offsets (file writes release the GIL).
+tensors to this rank's part of the open shard, whose pool writes them at their planned offsets (file writes
+release the GIL; other ranks of the node write their own tensors into the same file, `storage/shared_shard.py`).
 Host memory is bounded by the two queues, the pinned rings (`HostRing`) and `WRITE_IN_FLIGHT` bytes per open
-shard; a shard never sits whole in memory. Each finished shard is fsynced, renamed and recorded in the resume
-manifest. Host buffers are allocated once per rank, not per item: a buffer goes back to its ring with an
-optional CUDA event, and the next user waits for that event before overwriting it.
+shard; a shard never sits whole in memory. Each finished part is fsynced and recorded in the resume manifest; the
+rank whose part completes a shard records and renames it. Host buffers are allocated once per rank, not per item:
+a buffer goes back to its ring with an optional CUDA event, and the next user waits for that event before
+overwriting it.
 
 The main thread never waits for the GPU per item: uploads run on their own stream (the kernels of item N
 overlap the upload of item N+1 and the download of item N-1), shared amax stay on the device, and the
@@ -16,7 +18,6 @@ item's download anyway, before any byte of that item is written.
 from __future__ import annotations
 
 import math
-import os
 import queue
 import threading
 from collections import deque
@@ -30,8 +31,8 @@ from .plan import Item, item_outputs
 from .quantize import device_outputs
 from .runtime.progress import NO_PROGRESS
 from .sources.quantized import EncodedTensor
-from .storage.manifest import SOURCE_CRC_KEY, tensor_crc
-from .storage.shard_file import ShardWriter
+from .storage.manifest import tensor_crc
+from .storage.shared_shard import PartWriter, complete_part
 
 _DONE = object()
 WRITE_THREADS = 4  # positioned writes per rank at once (see storage/shard_file.py)
@@ -93,11 +94,13 @@ class _Job:
         self.name, self.tensor, self.ready, self.release, self.check = name, tensor, ready, release, check
 
 
-def run_pipeline(ctx, plan, source, output_format, out_dir, calib, groups, manifest, shards, result, fault,
+def run_pipeline(ctx, plan, source, output_format, out_dir, calib, groups, manifest, parts, result, fault,
                  progress=NO_PROGRESS):
     """Reader thread -> device compute (main thread) -> copy stream -> writer thread, all bounded; every item
-    written advances `progress`."""
+    written advances `progress`. `parts`: (ShardPart, SharedHandle) of this rank in file order."""
     cuda = ctx.device.type == "cuda"
+    shards = [p for p, _ in parts]
+    handles = {p.filename: h for p, h in parts}
     max_in = max(plan.items[n].meta.nbytes for s in shards for n in s.items)
     in_ring = HostRing(3, ring_size_for(max_in), pinned=cuda) if cuda else None
     read_q: queue.Queue = queue.Queue(maxsize=2)
@@ -130,15 +133,16 @@ def run_pipeline(ctx, plan, source, output_format, out_dir, calib, groups, manif
     write_pool = ThreadPoolExecutor(max_workers=WRITE_THREADS, thread_name_prefix=f"pwrite-rank{ctx.rank}")
     finishing: list = []
 
-    def _finish_shard(w, shard):
-        info = {}
-
-        def record(sha256, size):  # before the rename: a shard in --out is always named by a record of ours
-            info.update(sha256=sha256, size=size)
-            manifest.record_shard(shard.filename, {**info, SOURCE_CRC_KEY: crcs[shard.filename]})
-
-        w.finish(rename_to=staged_path(out_dir, plan, shard.filename), before_rename=record)
-        result.shards[shard.filename] = {**info, "reused": False}
+    def _finish_part(w, part):
+        # fsync, part record and, if this part completes the shard, the shard record then the rename (a shard in
+        # --out is always named by a record of ours)
+        sums = w.finish()
+        tensors = [(t.name, t.dtype, t.shape) for t in part.shard.tensors]
+        info = complete_part(manifest, ctx.rank, handles[part.filename], part.filename, tensors, sums,
+                             staged_path(out_dir, plan, part.filename), crcs.get(part.filename, {}))
+        result.shards[part.filename] = {"tensors": sums, "reused": False}
+        if info is not None:
+            result.completed[part.filename] = info
 
     def writer():
         while True:
@@ -162,14 +166,13 @@ def run_pipeline(ctx, plan, source, output_format, out_dir, calib, groups, manif
                 open_writer["w"].write_async(job.name, job.tensor, done=job.release)
                 result.bytes_written += job.tensor.numel() * job.tensor.element_size()
             elif job[0] == "open":
-                shard = job[1]
-                path = os.path.join(out_dir, shard.filename)
-                open_writer["w"] = ShardWriter(path, [(t.name, t.dtype, t.shape) for t in shard.tensors],
-                                               {"format": "pt"}, pool=write_pool, max_in_flight=WRITE_IN_FLIGHT,
-                                               tmp_dir=manifest.tmp)
+                part = job[1]
+                open_writer["w"] = PartWriter(handles[part.filename], part.filename,
+                                              [(t.name, t.dtype, t.shape) for t in part.shard.tensors],
+                                              list(part.tensors), pool=write_pool, max_in_flight=WRITE_IN_FLIGHT)
             elif job[0] == "close":
-                # fsync + rename on the finisher thread: the next shard's writes start at once
-                finishing.append(finisher.submit(_finish_shard, open_writer.pop("w"), job[1]))
+                # on the finisher thread: the next shard's writes start at once
+                finishing.append(finisher.submit(_finish_part, open_writer.pop("w"), job[1]))
 
     threads = [_Worker(f"reader-rank{ctx.rank}", reader), _Worker(f"writer-rank{ctx.rank}", writer)]
     out_ring = copy_stream = upload_stream = current = None

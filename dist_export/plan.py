@@ -1,9 +1,11 @@
 """Stage 1, every rank: plan the export from metadata alone (pure functions: no tensor data, no collectives).
 
 The plan lists the work items (one per source tensor), the groups of items that must share one weight amax,
-the output shards (which tensors go in which file; this layout never depends on the world size) and each
-shard's owner rank (balanced by bytes and quantization cost). Every rank computes the same plan; the ranks
-compare `ExportPlan.digest` before anything is written.
+the output shards (which tensors go in which file; this layout never depends on the world size) and who writes
+what (issue 17, `ownership.py`): each shard belongs to one node, each item to one rank of that node, balanced by
+bytes and quantization cost, so several ranks of a node write one shard file at its planned offsets
+(`storage/shared_shard.py`). Every rank computes the same plan; the ranks compare `ExportPlan.digest` before
+anything is written.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import re
 from dataclasses import dataclass, replace
 
 from .layout import shard_filename
-from .ownership import lpt
+from .ownership import assign_items, rank_summary
 from .storage.header import ST_ITEMSIZE, TensorMeta
 from .numerics import QuantSpec, get_format, has_tensor_amax
 from .recipe import InputSpec, Recipe
@@ -74,7 +76,33 @@ class ShardPlan:
     tensors: tuple[OutSpec, ...]
     nbytes: int
     cost: float
-    owner: int
+    node: int  # the node whose ranks write this file (a shard never has writers on two nodes)
+    ranks: tuple[int, ...]  # the rank that writes each item (aligned with `items`)
+    outputs: tuple[tuple[str, ...], ...]  # the output tensors of each item (aligned with `items`)
+    # the writer that creates the file and decides whether --resume reuses it (writers take turns by shard
+    # index, so creating, resume checks and failure clean-up are spread over the ranks)
+    creator: int
+
+    @property
+    def writers(self) -> tuple[int, ...]:
+        return tuple(sorted(set(self.ranks)))
+
+    def part(self, rank: int) -> "ShardPart":
+        idx = [k for k, r in enumerate(self.ranks) if r == rank]
+        return ShardPart(self, tuple(self.items[k] for k in idx), tuple(t for k in idx for t in self.outputs[k]))
+
+
+@dataclass(frozen=True)
+class ShardPart:
+    """One rank's items of one shard and the output tensors they produce (in file order)."""
+
+    shard: ShardPlan
+    items: tuple[str, ...]
+    tensors: tuple[str, ...]
+
+    @property
+    def filename(self) -> str:
+        return self.shard.filename
 
 
 @dataclass(frozen=True)
@@ -85,6 +113,7 @@ class ExportPlan:
     excluded: tuple[tuple[str, str], ...]  # (module, pattern) of 2-D weights kept unquantized
     world_size: int
     format: str
+    nnodes: int = 1
 
     @property
     def single_file(self) -> bool:
@@ -94,13 +123,23 @@ class ExportPlan:
     def total_size(self) -> int:
         return sum(s.nbytes for s in self.shards)
 
-    def owned_shards(self, rank: int) -> list[ShardPlan]:
-        return [s for s in self.shards if s.owner == rank]
+    def owners(self) -> dict[str, int]:
+        """{item: the rank that reads, quantizes and writes it}."""
+        return {n: r for s in self.shards for n, r in zip(s.items, s.ranks)}
+
+    def owned_items(self, rank: int) -> list[str]:
+        return [n for s in self.shards for n, r in zip(s.items, s.ranks) if r == rank]
+
+    def parts(self, rank: int) -> list[ShardPart]:
+        """This rank's part of every shard it writes into, in file order."""
+        return [s.part(rank) for s in self.shards if rank in s.ranks]
 
     def digest(self) -> str:
         """Hash of everything ranks must agree on (layout, owners, quantizer choices, groups)."""
         data = {
-            "shards": [(s.filename, s.owner, [(t.name, t.dtype, t.shape) for t in s.tensors]) for s in self.shards],
+            "shards": [(s.filename, s.node, s.ranks, s.creator, [(t.name, t.dtype, t.shape) for t in s.tensors])
+                       for s in self.shards],
+            "nnodes": self.nnodes,
             "items": [(i.name, repr(i.weight), repr(i.input), i.group, i.stacked, i.share_stack, i.kv)
                       for i in self.items.values()],
             "groups": sorted(self.groups.items()),
@@ -329,14 +368,22 @@ def plan_shards(ordered: list[tuple[Item, list[OutSpec]]], max_shard_bytes: int)
     return split_in_order(ordered, [sum(o.nbytes for o in outs) for _, outs in ordered], max_shard_bytes)
 
 
-def assign_owners(costs: list[float], world_size: int) -> list[int]:
-    """Longest-processing-time-first: biggest shard to the least loaded rank; ties broken by index."""
-    return lpt(costs, world_size)
+def assign_owners(shard_lists: list[list[tuple[Item, list[OutSpec]]]], world_size: int,
+                  nnodes: int) -> tuple[list[int], list[list[int]]]:
+    """(node of each shard, rank of each item): `ownership.assign_items` on item costs; the members of a
+    shared-amax group within one shard stay on one rank (measured in the pipeline, read once)."""
+    if nnodes < 1 or world_size % nnodes:
+        raise ValueError(f"world size {world_size} is not a multiple of nnodes={nnodes}; use a world size of "
+                         f"nnodes * ranks per node")
+    costs = [[item_cost(i, o) for i, o in s] for s in shard_lists]
+    bundles = [[i.group for i, _ in s] for s in shard_lists]
+    return assign_items(costs, nnodes, world_size // nnodes, bundles)
 
 
 def build_plan(tensors: dict[str, TensorMeta], recipe: Recipe, output_format, world_size: int,
-               max_shard_bytes: int) -> ExportPlan:
-    """The whole plan: classify items, form groups, lay out shards, pick owners."""
+               max_shard_bytes: int, nnodes: int = 1) -> ExportPlan:
+    """The whole plan: classify items, form groups, lay out shards, pick the node of each shard and the rank of
+    each item (`nnodes` nodes of world_size / nnodes ranks, torchrun's numbering)."""
     items, excluded = classify_tensors(tensors, recipe)
     if recipe.kv_cache is not None and not output_format.carries_kv_cache:
         raise ValueError(f"--format {output_format.name} cannot carry the recipe's kv_cache: {recipe.kv_cache} "
@@ -347,58 +394,47 @@ def build_plan(tensors: dict[str, TensorMeta], recipe: Recipe, output_format, wo
     items = [replace(i, group=member_of.get(i.name)) for i in items]
     ordered = [(item, item_outputs(output_format, item)) for item in items]
     shard_lists = plan_shards(ordered, max_shard_bytes)
-    costs = [sum(item_cost(i, o) for i, o in s) for s in shard_lists]
-    owners = assign_owners(costs, world_size)
+    nodes, ranks = assign_owners(shard_lists, world_size, nnodes)
     shards = tuple(
         ShardPlan(
             filename=shard_filename(k, len(shard_lists)),
             items=tuple(i.name for i, _ in s),
             tensors=tuple(o for _, outs in s for o in outs),
             nbytes=sum(o.nbytes for _, outs in s for o in outs),
-            cost=costs[k],
-            owner=owners[k],
+            cost=sum(item_cost(i, o) for i, o in s),
+            node=nodes[k],
+            ranks=tuple(ranks[k]),
+            outputs=tuple(tuple(o.name for o in outs) for _, outs in s),
+            creator=sorted(set(ranks[k]))[k % len(set(ranks[k]))],
         )
         for k, s in enumerate(shard_lists)
     )
-    return ExportPlan({i.name: i for i in items}, shards, groups, tuple(excluded), world_size, output_format.name)
+    return ExportPlan({i.name: i for i in items}, shards, groups, tuple(excluded), world_size, output_format.name,
+                      nnodes)
 
 
-def rank_loads(plan: ExportPlan) -> list[dict]:
-    """Per-rank bytes and cost of a plan (for logs, dry runs and balance tests)."""
-    loads = [{"rank": r, "shards": 0, "bytes_out": 0, "bytes_in": 0, "cost": 0.0} for r in range(plan.world_size)]
+def _entries(plan: ExportPlan, output_format) -> list[tuple[int, float, int, int]]:
+    """(rank, cost, bytes in, bytes out) of every item."""
+    out = []
     for s in plan.shards:
-        d = loads[s.owner]
-        d["shards"] += 1
-        d["bytes_out"] += s.nbytes
-        d["bytes_in"] += sum(plan.items[n].meta.nbytes for n in s.items)
-        d["cost"] += s.cost
+        for name, rank in zip(s.items, s.ranks):
+            item = plan.items[name]
+            outs = item_outputs(output_format, item)
+            out.append((rank, item_cost(item, outs), item.meta.nbytes, sum(o.nbytes for o in outs)))
+    return out
+
+
+def rank_loads(plan: ExportPlan, output_format) -> list[dict]:
+    """Per-rank items, bytes and cost of a plan, and the shards each rank writes into (logs, dry runs, tests)."""
+    loads = rank_summary(_entries(plan, output_format), plan.world_size, plan.world_size // plan.nnodes)["ranks"]
+    for d in loads:
+        d["shards"] = sum(1 for s in plan.shards if d["rank"] in s.ranks)
     return loads
 
 
-def plan_summary(plan: ExportPlan, output_format, nnodes: int = 1) -> dict:
-    """`plan --json` body (rank 0 prints it): per-rank items/cost/bytes and max/mean for two assignments.
-
-    "executed": what an export runs today (whole shards per rank, `ShardPlan.owner`).
-    "item_level": the two-level item ownership of issue 17 (ownership.assign_items: shards to nodes, items of a
-    node's shards to its ranks, shared-amax group members kept on one rank). It is a projection: execution does
-    not use it yet (positioned multi-writer shard files are not wired)."""
-    from .ownership import assign_items, rank_summary
-
-    if plan.world_size % nnodes:
-        raise ValueError(f"world size {plan.world_size} is not a multiple of nnodes={nnodes}; "
-                         f"use a world size of nnodes * ranks per node")
-    per_shard = [[(plan.items[n], item_outputs(output_format, plan.items[n])) for n in s.items]
-                 for s in plan.shards]
-
-    def entry(rank, item, outs):
-        return (rank, item_cost(item, outs), item.meta.nbytes, sum(o.nbytes for o in outs))
-
-    executed = [entry(s.owner, i, o) for s, items in zip(plan.shards, per_shard) for i, o in items]
-    costs = [[item_cost(i, o) for i, o in items] for items in per_shard]
-    bundles = [[i.group for i, _ in items] for items in per_shard]
-    node_size = plan.world_size // nnodes
-    _, ranks = assign_items(costs, nnodes, node_size, bundles)
-    item_level = [entry(r, i, o) for items, rs in zip(per_shard, ranks) for (i, o), r in zip(items, rs)]
-    return {"world_size": plan.world_size, "nnodes": nnodes, "shards": len(plan.shards), "items": len(plan.items),
-            "executed": rank_summary(executed, plan.world_size, node_size),
-            "item_level": rank_summary(item_level, plan.world_size, node_size)}
+def plan_summary(plan: ExportPlan, output_format) -> dict:
+    """`plan --json` body (rank 0 prints it): per-rank items/cost/bytes/node, the idle ranks and the max/mean cost
+    imbalance of the assignment an export executes ("executed": shards to nodes, items to ranks)."""
+    return {"world_size": plan.world_size, "nnodes": plan.nnodes, "shards": len(plan.shards),
+            "items": len(plan.items),
+            "executed": rank_summary(_entries(plan, output_format), plan.world_size, plan.world_size // plan.nnodes)}

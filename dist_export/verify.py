@@ -20,7 +20,6 @@ from .output_formats import get_output_format, output_formats
 from .sources.checkpoint import SourceCheckpoint
 from .storage.reader import read_tensor
 from .storage.header import CorruptFileError, file_tensor_metas, read_header
-from .storage.manifest import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -103,24 +102,27 @@ def _check_formats(out_dir: str, metas: dict, config: dict, rep: Report) -> None
 
 
 def _check_checksums(out_dir: str, record: dict, rep: Report, pending: dict, tick) -> None:
-    """Re-read every shard and compare its sha256 with the record (files hashed in parallel threads:
-    hashlib and file reads release the GIL, so this runs at disk or page-cache speed)."""
+    """Re-read every shard and compare the sha256 of its header and of every tensor with the record (they tile the
+    file, so every byte is checked; records of earlier exports hold one whole-file sha256). Files are hashed in
+    parallel threads: hashlib and file reads release the GIL, so this runs at disk or page-cache speed."""
     from concurrent.futures import ThreadPoolExecutor
+
+    from .storage.shared_shard import check_shard
 
     def disk(f):
         return os.path.join(out_dir, pending.get("single", f) if f == SINGLE_NAME else f)
 
-    def digest(f):
-        d = file_sha256(disk(f))
+    def check(f, info):
+        problem = check_shard(disk(f), info, f)
         tick()
-        return d
+        return problem
 
     files = [(f, i) for f, i in sorted(record.get("shards", {}).items()) if os.path.isfile(disk(f))]
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        digests = list(pool.map(lambda fi: digest(fi[0]), files))
-    for (file, info), digest in zip(files, digests):
-        if digest != info["sha256"]:
-            rep.defect(f"{file}: sha256 differs from the export record (the file changed after export)")
+        problems = list(pool.map(lambda fi: check(*fi), files))
+    for problem in problems:
+        if problem is not None:
+            rep.defect(problem)
 
 
 def recompute_and_compare(out_dir: str, source_dir: str, record: dict, metas: dict, rep: Report) -> None:

@@ -3,6 +3,7 @@ split across ranks, and each rank reading only its own items."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -84,13 +85,35 @@ def test_shared_amax_group_split_across_ranks(tmp_path):
     src = model_dir("synthetic:qwen3-moe-tiny")
     plan = build_plan(SourceCheckpoint(src).tensors, load_recipe(str(recipe_path)), get_output_format("vllm-fq"), 3,
                       40_000)
-    owner = {n: s.owner for s in plan.shards for n in s.items}
+    owner = plan.owners()
     split = [g for g, members in plan.groups.items() if len({owner[m] for m in members}) > 1]
     assert split, "test setup: no group spans ranks"
     ref = _single(src, str(tmp_path / "ws1"), str(recipe_path), None)
     results = run_ranks(3, _export_on_ranks, src, str(tmp_path / "ws3"), str(recipe_path), None, tmp_path=tmp_path)
     assert all(s == "ok" for s, _ in results), results
     assert folder_hashes(str(tmp_path / "ws3")) == ref
+
+
+def test_one_shard_written_by_every_rank(tmp_path):
+    """A single model.safetensors (default shard size): every one of 3 ranks writes items into it, and the file
+    equals the single-process one."""
+    src = model_dir("synthetic:qwen3-moe-tiny")
+    from dist_export.api import export
+
+    export(src, str(tmp_path / "ws1"), recipe="int4-w4a16")
+    ref = folder_hashes(str(tmp_path / "ws1"))
+    assert "model.safetensors" in ref
+
+    results = run_ranks(3, _export_single_shard, src, str(tmp_path / "ws3"), tmp_path=tmp_path)
+    assert all(status == "ok" for status, _ in results), results
+    assert all(items > 0 for _, items in results), results
+    assert folder_hashes(str(tmp_path / "ws3")) == ref
+
+
+def _export_single_shard(ctx, src, out):
+    from dist_export.api import export
+
+    return export(src, out, recipe="int4-w4a16", ctx=ctx)["ranks"][ctx.rank]["items"]
 
 
 def test_torchrun_standalone_matches_single_process(tmp_path):
@@ -125,6 +148,11 @@ def test_two_nodes_two_procs_c10d(tmp_path):
     outs = [a.communicate(timeout=240) for a in agents]
     assert all(a.returncode == 0 for a in agents), [o[1][-2000:] for o in outs]
     assert folder_hashes(out) == ref
+    # the plan really had two nodes (LOCAL_WORLD_SIZE=2 of WORLD_SIZE=4) and every rank wrote items
+    plan_line = next(ln for o in outs for ln in o[1].splitlines() if "dist_export.api: plan:" in ln)
+    assert "2 node(s)" in plan_line, plan_line
+    items = [int(x) for x in re.search(r"per-rank items \[([\d, ]+)\]", plan_line).group(1).split(",")]
+    assert len(items) == 4 and all(items), plan_line
 
 
 def test_slurm_one_task_per_gpu_without_torchrun(tmp_path):

@@ -104,7 +104,7 @@ def test_groups_measured_first_only_when_split_or_reused():
     three = build_plan(tensors, rec, fmt, 3, parse_size(SHARD))
     split = split_groups(three)
     assert split, "test setup: no group spans ranks at world size 3"
-    owner = {n: s.owner for s in three.shards for n in s.items}
+    owner = three.owners()
     assert all(len({owner[m] for m in three.groups[g]}) > 1 for g in split)
     assert all(len({owner[m] for m in three.groups[g]}) == 1 for g in set(three.groups) - split)
 

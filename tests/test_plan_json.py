@@ -19,28 +19,44 @@ def _plan_json(model: str, *extra: str) -> dict:
     return json.loads(out)
 
 
-def test_qwen3_8b_json_item_level_within_5_percent_and_sums_match():
+def test_qwen3_8b_json_within_5_percent_and_sums_match():
     d = _plan_json("synthetic:qwen3-qwen3-8b")
-    assert d["world_size"] == 8 and len(d["item_level"]["ranks"]) == 8
-    assert d["item_level"]["imbalance"] <= 1.05
-    # the same items and bytes, only distributed differently
-    for key in ("items", "bytes_in", "bytes_out"):
-        assert sum(r[key] for r in d["item_level"]["ranks"]) == sum(r[key] for r in d["executed"]["ranks"])
-    assert sum(r["items"] for r in d["executed"]["ranks"]) == d["items"]
-    costs = [r["cost"] for r in d["executed"]["ranks"]]
-    assert d["executed"]["imbalance"] == pytest.approx(max(costs) / (sum(costs) / len(costs)))
+    ex = d["executed"]
+    assert d["world_size"] == 8 and d["nnodes"] == 1 and len(ex["ranks"]) == 8
+    assert ex["imbalance"] <= 1.05 and ex["idle_ranks"] == []
+    assert sum(r["items"] for r in ex["ranks"]) == d["items"]
+    costs = [r["cost"] for r in ex["ranks"]]
+    assert ex["imbalance"] == pytest.approx(max(costs) / (sum(costs) / len(costs)))
 
 
-def test_moe_small_json_every_rank_has_work_item_level_only():
+def test_moe_small_json_every_rank_has_work():
     d = _plan_json("synthetic:qwen3-moe-small")
-    assert d["item_level"]["idle_ranks"] == []
-    assert d["executed"]["idle_ranks"] == list(range(1, 8))  # one shard today: the gap the issue names
+    assert d["shards"] == 1  # one shard: before item ownership, ranks 1-7 idled
+    assert d["executed"]["idle_ranks"] == [] and all(r["items"] > 0 for r in d["executed"]["ranks"])
 
 
 def test_two_nodes_keep_each_shard_on_one_node():
     d = _plan_json("synthetic:qwen3-qwen3-8b", "--nnodes", "2")
-    assert [r["node"] for r in d["item_level"]["ranks"]] == [0] * 4 + [1] * 4
-    assert d["item_level"]["imbalance"] <= 1.05
+    assert d["nnodes"] == 2
+    assert [r["node"] for r in d["executed"]["ranks"]] == [0] * 4 + [1] * 4
+    assert d["executed"]["imbalance"] <= 1.05
+
+
+def test_plan_puts_each_shard_on_one_node_and_every_item_on_one_rank():
+    from dist_export.output_formats import get_output_format
+    from dist_export.plan import build_plan
+    from dist_export.recipe import load_recipe
+    from dist_export.sources.synthetic import synthetic_metadata
+
+    tensors = synthetic_metadata("synthetic:qwen3-qwen3-8b")
+    plan = build_plan(tensors, load_recipe("nvfp4-mse"), get_output_format("vllm-fq"), 8, 1 << 30, nnodes=2)
+    for s in plan.shards:
+        assert {r // 4 for r in s.ranks} == {s.node}, s.filename
+    owned = [n for r in range(8) for n in plan.owned_items(r)]
+    assert sorted(owned) == sorted(plan.items)  # every item once
+    # the layout does not depend on the world: the same files, tensors and order at world size 1
+    one = build_plan(tensors, load_recipe("nvfp4-mse"), get_output_format("vllm-fq"), 1, 1 << 30)
+    assert one.layout_digest() == plan.layout_digest() and one.digest() != plan.digest()
 
 
 def test_run_summary_has_measured_seconds_per_rank_and_max_mean(tmp_path):

@@ -121,7 +121,7 @@ def _kill_schedule():
 
     plan = build_plan(SourceCheckpoint(_src()).tensors, load_recipe(RECIPE), get_output_format("vllm-fq"), 3,
                       parse_size(SHARD))
-    items_of = [sum(len(s.items) for s in plan.owned_shards(r)) for r in range(3)]
+    items_of = [len(plan.owned_items(r)) for r in range(3)]
     rng = random.Random(KILL_SEED)
     runs = []
     for i in range(KILL_RUNS):
@@ -165,6 +165,60 @@ def test_kill_random_rank_then_resume(chunk, reference, tmp_path):
         got = folder_hashes(out)
         assert got == ref, (f"run {i} ({fault}, resume ws {resume_ws}): differs from the uninterrupted export in "
                             f"{sorted(k for k in set(got) | set(ref) if got.get(k) != ref.get(k))}")
+
+
+def test_kill_while_every_rank_writes_one_shard_then_resume(tmp_path):
+    """One shard file (default shard size) written by all 3 ranks at once; rank 1 is killed mid-way: nothing is
+    published (no model.safetensors, no staged file, no temporary), and --resume at world size 2 gives the bytes
+    of a single-process export."""
+    from dist_export.api import export
+
+    ref_dir = str(tmp_path / "ref")
+    export(_src(), ref_dir, recipe=RECIPE)
+    ref = folder_hashes(ref_dir)
+    assert SINGLE in ref and INDEX not in ref
+    out = str(tmp_path / "out")
+    proc, elapsed = timed(run_torchrun, 3, "export", "--model", _src(), "--recipe", RECIPE, "--out", out, *FAST,
+                          env={"DIST_EXPORT_FAULT": "kill:1:10"}, timeout=120, check=False)
+    assert proc.returncode != 0 and elapsed < KILL_BOUND_S, tail(proc.stderr)
+    assert_unpublished(out)
+    left = [f for f in os.listdir(out) if f.endswith((".tmp", ".staged"))]
+    assert not left, f"a killed run left {left}"
+    resume = run_torchrun(2, "export", "--model", _src(), "--recipe", RECIPE, "--out", out, "--resume",
+                          timeout=180, check=False)
+    assert resume.returncode == 0, tail(resume.stderr)
+    assert folder_hashes(out) == ref
+
+
+def test_resume_reuses_exactly_the_completed_shared_shards(reference, tmp_path):
+    """3 ranks write most shards together; rank 1 is killed before its last item. Only shards whose every part
+    was fsynced and recorded were renamed (each has its record): --resume at world size 2 reuses exactly them,
+    after checking every tensor's bytes, and gives the reference bytes."""
+    from dist_export.options import parse_size
+    from dist_export.output_formats import get_output_format
+    from dist_export.plan import build_plan
+    from dist_export.recipe import load_recipe
+    from dist_export.sources.checkpoint import SourceCheckpoint
+
+    plan = build_plan(SourceCheckpoint(_src()).tensors, load_recipe(RECIPE), get_output_format("vllm-fq"), 3,
+                      parse_size(SHARD))
+    shared = [s.filename for s in plan.shards if len(s.writers) > 1]
+    assert len(shared) * 2 > len(plan.shards), f"test setup: only {shared} have several writers"
+    out = str(tmp_path / "out")
+    proc, _, ctx = fault_run(out, f"kill:1:{len(plan.owned_items(1)) - 1}")
+    assert proc.returncode != 0, ctx
+    assert_unpublished(out)
+    records = os.path.join(out, ".dist_export", "shards")
+    done = sorted(s.filename for s in plan.shards if os.path.isfile(os.path.join(records, s.filename + ".json")))
+    on_disk = sorted(f for f in os.listdir(out) if f.startswith("model-") and f.endswith(".safetensors"))
+    # the record is written before the rename, so a writer killed in between leaves a record without its file
+    assert set(on_disk) <= set(done), f"shards renamed without their record: {sorted(set(on_disk) - set(done))}"
+    print(f"completed before the kill: {len(on_disk)} of {len(plan.shards)} shards")
+    summary = tmp_path / "summary.json"
+    resume = run_torchrun(2, *export_args(out, "--resume", "--summary-json", str(summary)), timeout=180, check=False)
+    assert resume.returncode == 0, tail(resume.stderr)
+    assert json.loads(summary.read_text())["reused_shards"] == len(on_disk)
+    assert folder_hashes(out) == reference[1]
 
 
 def test_survivors_name_killed_rank(tmp_path):
@@ -345,8 +399,13 @@ def _add_extra_tensor(out, consistent: bool) -> str:
         rec_path = os.path.join(out, "dist_export.json")
         with open(rec_path) as f:
             record = json.load(f)
+        data = open(path, "rb").read()
+        (n,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8:8 + n])
         record["shards"][os.path.basename(path)] = {
-            "sha256": hashlib.sha256(open(path, "rb").read()).hexdigest(), "size": os.path.getsize(path)}
+            "size": len(data), "header_sha256": hashlib.sha256(data[:8 + n]).hexdigest(),
+            "tensors": {k: hashlib.sha256(data[8 + n + v["data_offsets"][0]:8 + n + v["data_offsets"][1]]).hexdigest()
+                        for k, v in header.items() if k != "__metadata__"}}
         with open(rec_path, "w") as f:
             json.dump(record, f)
     with open(index_path, "w") as f:

@@ -521,7 +521,7 @@ def test_resume_of_an_unchanged_source_reuses_and_ticks_while_checking(tmp_path,
     """Checking reused shards is work (their files hashed, their source tensors read again): it ticks the
     monitor per shard and per item, so a rank busy checking many reused shards is never declared hung."""
     from dist_export.api import resolve_model
-    from dist_export.execute import reusable_shards
+    from dist_export.execute import prepare_shards, reused_shards
     from dist_export.output_formats import get_output_format
     from dist_export.plan import build_plan
     from dist_export.recipe import load_recipe
@@ -546,9 +546,9 @@ def test_resume_of_an_unchanged_source_reuses_and_ticks_while_checking(tmp_path,
         def tick(self):
             self.n += 1
 
-    ctx = DistContext()
-    ctx.monitor = Ticks()
-    reused = reusable_shards(ctx, plan, out, Manifest(out, fingerprint, resume=True), source)
+    ticks = Ticks()
+    reused = reused_shards(prepare_shards(DistContext(), plan, out, Manifest(out, fingerprint, resume=True), source,
+                                          ticks))
     assert reused and set(reused) <= {s.filename for s in plan.shards}
     items = sum(len(s.items) for s in plan.shards if s.filename in reused)
-    assert ctx.monitor.n >= len(plan.shards) + items, ctx.monitor.n
+    assert ticks.n >= len(plan.shards) + items, ticks.n

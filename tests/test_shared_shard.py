@@ -61,7 +61,7 @@ def test_three_processes_write_one_file_like_one_writer(tmp_path):
     tensors = _tensors()
     out = str(tmp_path)
     manifest = Manifest(out, FP, resume=False)
-    os.makedirs(os.path.join(manifest.dir, "shards"))
+    manifest.check_and_write()
     handle = create_shared(os.path.join(out, "model.safetensors"), _specs(tensors))
     ctx = mp.get_context("spawn")
     with ctx.Manager() as mgr:
@@ -101,7 +101,7 @@ def test_three_processes_write_one_file_like_one_writer(tmp_path):
 def _shard(tmp_path, tensors):
     out = str(tmp_path)
     manifest = Manifest(out, FP, resume=False)
-    os.makedirs(os.path.join(manifest.dir, "shards"), exist_ok=True)
+    manifest.check_and_write()
     return out, manifest, create_shared(os.path.join(out, "model.safetensors"), _specs(tensors))
 
 

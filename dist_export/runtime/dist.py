@@ -31,6 +31,7 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 0  # ranks per node (0: all ranks on one node)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     owns_process_group: bool = False
     monitor: object = None  # set by monitor.start_monitor
@@ -43,6 +44,15 @@ class DistContext:
     @property
     def is_rank0(self) -> bool:
         return self.rank == 0
+
+    @property
+    def nnodes(self) -> int:
+        """Nodes of the launch (torchrun numbers ranks node by node: node = rank // ranks per node)."""
+        per_node = self.local_world_size or self.world_size
+        if per_node < 1 or self.world_size % per_node:
+            raise ValueError(f"{self.world_size} ranks do not split into nodes of {per_node} ranks; launch the same "
+                             f"number of ranks on every node")
+        return self.world_size // per_node
 
     def all_gather_object(self, obj) -> list:
         if not self.is_distributed:
@@ -162,13 +172,24 @@ def launcher_env() -> dict | None:
         # `dist-export export --nproc-per-node N` names a file store; torchrun uses MASTER_ADDR/PORT
         return {"rank": int(env["RANK"]), "world_size": int(env["WORLD_SIZE"]),
                 "local_rank": int(env.get("LOCAL_RANK", 0)),
+                "local_world_size": int(env.get("LOCAL_WORLD_SIZE", 0)),
                 "init_method": env.get("DIST_EXPORT_RENDEZVOUS", "env://")}
     if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
         addr = env.get("MASTER_ADDR") or _slurm_head_node()
         port = env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
         return {"rank": int(env["SLURM_PROCID"]), "world_size": int(env["SLURM_NTASKS"]),
-                "local_rank": int(env.get("SLURM_LOCALID", 0)), "init_method": f"tcp://{addr}:{port}"}
+                "local_rank": int(env.get("SLURM_LOCALID", 0)), "local_world_size": _slurm_tasks_per_node(env),
+                "init_method": f"tcp://{addr}:{port}"}
     return None
+
+
+def _slurm_tasks_per_node(env) -> int:
+    """Tasks per node of a Slurm step (SLURM_NTASKS / SLURM_NNODES, block distribution); 0 when unknown."""
+    try:
+        nodes = int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or env.get("SLURM_JOB_NUM_NODES") or 1)
+        return int(env["SLURM_NTASKS"]) // max(nodes, 1)
+    except ValueError:
+        return 0
 
 
 def pick_device(local_rank: int, requested: str | None = None) -> torch.device:
@@ -220,7 +241,8 @@ def init_distributed(
             dist.init_process_group("gloo", init_method=layout["init_method"], rank=layout["rank"],
                                     world_size=layout["world_size"], timeout=timeout)
         owns = True
-    ctx = DistContext(layout["rank"], layout["world_size"], layout["local_rank"], owns_process_group=owns,
+    ctx = DistContext(layout["rank"], layout["world_size"], layout["local_rank"],
+                      local_world_size=layout.get("local_world_size", 0), owns_process_group=owns,
                       stage_seconds={"start-up": age})
     ctx.stage_seconds["process group"] = time.monotonic() - start
     return _timed_device(ctx, layout["local_rank"], device)

@@ -128,23 +128,26 @@ class Manifest:
                 except FileNotFoundError:
                     pass
 
-    def record_part(self, filename: str, rank: int, ident: str, sums: dict[str, str]) -> None:
-        """One writer's fsynced tensors of a shard file (`ident`: the temporary they were written into)."""
+    def record_part(self, filename: str, rank: int, ident: str, sums: dict[str, str],
+                    source_crcs: dict[str, str] | None = None) -> None:
+        """One writer's fsynced tensors of a shard file (`ident`: the temporary they were written into) and the
+        crc32 of the source bytes of its items."""
         folder = self._parts_dir(filename)
         os.makedirs(folder, exist_ok=True)
         _atomic_json(os.path.join(folder, f"{rank}.json"), {"fingerprint": self.fingerprint, "file": ident,
-                                                            "tensors": sums}, self.tmp)
+                                                            "tensors": sums, SOURCE_CRC_KEY: source_crcs or {}},
+                     self.tmp)
 
-    def parts(self, filename: str, ident: str) -> dict[str, str]:
+    def parts(self, filename: str, ident: str, with_sources: bool = False):
         """{tensor: sha256} over every part record of the shard's temporary `ident` (a tensor recorded by two
-        writers is an error: each tensor has one)."""
+        writers is an error: each tensor has one); with `with_sources` also {item: source crc32}."""
         folder = self._parts_dir(filename)
         merged: dict[str, str] = {}
+        crcs: dict[str, str] = {}
         for entry in sorted(os.scandir(folder), key=lambda e: e.name):
             if not _PART_NAME.match(entry.name) or entry.is_symlink():
                 continue
-            with open(entry.path) as f:
-                rec = json.load(f)
+            rec = json.loads(read_regular(entry.path, "part record"))
             if rec.get("file") != ident or rec.get("fingerprint") != self.fingerprint:
                 continue
             for name, digest in rec.get("tensors", {}).items():
@@ -152,7 +155,8 @@ class Manifest:
                     raise RuntimeError(f"shard {filename}: tensor {name!r} was recorded by two writers; each "
                                        f"tensor has one")
                 merged[name] = digest
-        return merged
+            crcs.update(rec.get(SOURCE_CRC_KEY) or {})
+        return (merged, crcs) if with_sources else merged
 
     def reusable(self, filename: str, path: str) -> dict | None:
         """The shard's record if --resume and the file on disk still matches it, else None."""
@@ -162,7 +166,7 @@ class Manifest:
         if not (os.path.isfile(rec_path) and os.path.isfile(path)):
             return None
         rec = json.loads(read_regular(rec_path, "shard record"))
-        if rec.get("fingerprint") != self.fingerprint or not ({"tensors", "sha256"} & set(rec)):
+        if rec.get("fingerprint") != self.fingerprint or "tensors" not in rec:
             return None
         from .shared_shard import check_shard
 

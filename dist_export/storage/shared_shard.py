@@ -2,7 +2,7 @@
 
 The header comes from the plan, so every tensor's byte range is known before any tensor exists. A shard file's life:
 
-1. `create_shared` (the shard's lowest writer rank, in the "create shards" step): a private temporary of ours
+1. `create_shared` (the shard's creator, one of its writers, in the "create shards" step): a private temporary of ours
    (`atomic.create_private`: O_CREAT|O_EXCL|O_NOFOLLOW, mode 0644), the header written and the file extended to
    its planned size (the data area reads as zeros until written). The returned `SharedHandle` (temporary path,
    device, inode, size) reaches every writer of the shard through that step's gather.
@@ -81,7 +81,7 @@ def header_sha256(tensors) -> str:
 
 def create_shared(final_path: str, tensors, tmp_dir: str | None = None) -> SharedHandle:
     """Create the private temporary of `final_path`'s shard: header written, planned size, fsynced later by the
-    writers. Only the shard's lowest writer rank calls this."""
+    writers. Only the shard's creator (`ShardPlan.creator`) calls this."""
     header, ranges = layout(tensors)
     size = max([len(header)] + [end for _, end in ranges.values()])
     fd, tmp = create_private(final_path, tmp_dir)
@@ -208,17 +208,21 @@ class PartWriter:
 
 
 def complete_part(manifest, rank: int, handle: SharedHandle, filename: str, tensors, sums: dict[str, str],
-                  staged: str) -> dict | None:
-    """Record this rank's part; if every planned tensor of the shard is now recorded, write the shard record and
+                  staged: str, source_crcs: dict[str, str] | None = None) -> dict | None:
+    """Record this rank's part (`source_crcs`: {item: crc32 of the source bytes it was made from}); if every
+    planned tensor of the shard is now recorded, write the shard record (with every writer's source crc32s) and
     rename the temporary to `staged`. Returns the shard record when this rank completed the shard, else None."""
-    manifest.record_part(filename, rank, handle.ident, sums)
-    parts = manifest.parts(filename, handle.ident)
+    from .manifest import SOURCE_CRC_KEY
+
+    manifest.record_part(filename, rank, handle.ident, sums, source_crcs or {})
+    parts, crcs = manifest.parts(filename, handle.ident, with_sources=True)
     planned = [n for n, _, _ in tensors]
     if set(parts) != set(planned):
         return None
     info = {"size": handle.size, "header_sha256": header_sha256(tensors),
             "tensors": {n: parts[n] for n in planned}}
-    manifest.record_shard(filename, info)  # the record exists before the file has its staged name
+    # the record exists before the file has its staged name; the source crc32s bind a resume to the source bytes
+    manifest.record_shard(filename, {**info, SOURCE_CRC_KEY: crcs})
     try:
         rename_into_place(handle.tmp_path, staged)
     except FileNotFoundError:
