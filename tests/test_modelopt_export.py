@@ -55,6 +55,8 @@ CONFIGS = {
     "int4-awq": lambda: _with(mtq.INT4_AWQ_CFG, weight_cfg={"block_sizes": {-1: 32, "type": "static"}}),
     "int8-sq": lambda: copy.deepcopy(mtq.INT8_SMOOTHQUANT_CFG),
     "fp8-kv": lambda: _kv(mtq.FP8_DEFAULT_CFG),
+    "fp8-2d-block": lambda: copy.deepcopy(mtq.FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG),
+    "int8-w8a8": lambda: copy.deepcopy(mtq.INT8_DEFAULT_CFG),
     "fp8-layer0-off": lambda: _with(mtq.FP8_DEFAULT_CFG, {"quantizer_name": "*layers.0.*", "enable": False}),
     "nvfp4": lambda: copy.deepcopy(mtq.NVFP4_DEFAULT_CFG),  # CUDA only (ModelOpt's NVFP4 fake quant)
     "w4a16-nvfp4": lambda: copy.deepcopy(mtq.W4A16_NVFP4_CFG),
@@ -197,7 +199,7 @@ def test_weights_equal_the_models_own_quantizers(tmp_path, name, config):
     if (name, config) not in EXPORTER_CRASHES:
         enabled = _check_state(tmp_path / "ours" / STATE_FILE_NAME, tmp_path / "modelopt" / STATE_FILE_NAME, model)
         assert enabled > 0 or config in ("int8-wo", "int4-b128", "int4-b64", "int4-b64-mse", "int4-b128-mse",
-                                         "int4-awq")
+                                         "int4-awq", "fp8-2d-block")
 
 
 def test_kv_cache_and_fused_expert_inputs_carry_the_models_amax(tmp_path):

@@ -121,7 +121,8 @@ def row_slice(amax: torch.Tensor, spec: QuantSpec, lo: int, hi: int, where: str)
     if spec.granularity in ("channel", "group"):
         return amax[lo:hi].clone()
     b = spec.block_size
-    if lo % b or (hi % b and hi != amax.shape[0] * b):
+    # rows [lo, hi) keep their blocks' amax if the part starts on a block boundary or lies inside one block row
+    if lo % b and lo // b != (hi - 1) // b:
         raise ValueError(f"{where}: 2-D blocks of {b} straddle the gate/up boundary at row {lo}; this fused expert "
                          f"cannot be split into checkpoint tensors")
     return amax[lo // b: -(-hi // b)].clone()
