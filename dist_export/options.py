@@ -119,7 +119,7 @@ def parse_size(text) -> int:
         number, scale = (t[:-1] if t.endswith("B") else t), 1
     try:
         size = int(float(number) * scale)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: "infGB", "1e400"
         raise ValueError(f"cannot parse size {text!r}; use e.g. 500MB, 2GB or a byte count") from None
     if size <= 0:
         raise ValueError(f"size must be positive, got {text!r}")

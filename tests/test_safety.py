@@ -433,8 +433,10 @@ def test_synthetic_cache_ignores_planted_links(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- 3. publish last
 
 
-def test_zero_calibration_amax_publishes_nothing(tmp_path, capsys):
-    """A zero amax gives a zero input_scale; the quick verify refuses it before the single file gets its name."""
+@pytest.mark.parametrize("bad", ["zero", "int32", "vector"])
+def test_bad_calibration_amax_refused_before_anything_is_written(tmp_path, capsys, bad):
+    """A zero amax gives a zero input_scale (the quick verify used to find it only after publishing); an int32 or
+    1-d amax was accepted. All are refused where the file is read, naming the quantizer."""
     from safetensors import safe_open
 
     calib = str(tmp_path / "c.safetensors")
@@ -443,12 +445,20 @@ def test_zero_calibration_amax_publishes_nothing(tmp_path, capsys):
     with safe_open(calib, "pt") as f:
         meta, amax = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     victim = sorted(amax)[0]
-    amax[victim] = torch.tensor(0.0)
+    amax[victim] = {"zero": torch.tensor(0.0), "int32": torch.tensor(3, dtype=torch.int32),
+                    "vector": torch.tensor([1.0, 2.0])}[bad]
     save_file(amax, calib, metadata=meta)
     out = tmp_path / "out"
     rc, err = export(capsys, out, "--calib", calib, "--format", "modelopt", recipe="fp8")
-    refused(rc, err, victim.replace("input_quantizer", "input_scale"), "nothing was published")
-    assert not published(out)
+    refused(rc, err, victim, "calibrate again")
+    assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("size", ["infGB", "1e400", "nanGB", "-5", "0"])
+def test_unusable_max_shard_size_is_one_line(tmp_path, capsys, size):
+    rc, err = export(capsys, tmp_path / "out", f"--max-shard-size={size}")
+    refused(rc, err, size)
+    assert not os.path.exists(tmp_path / "out")
 
 
 def test_a_verify_defect_publishes_nothing_and_resume_finishes(tmp_path, capsys, monkeypatch):

@@ -83,8 +83,12 @@ def load_calibration(path: str, recipe, signature: str, required: list[str]) -> 
     if missing:
         raise ValueError(f"calibration file {path} has no amax for {len(missing)} quantizers, e.g. {missing[0]!r}")
     for k, v in amax.items():
-        if not torch.isfinite(v).all() or (v < 0).any():
-            raise ValueError(f"calibration file {path}: amax of {k!r} is {v.item()} (must be finite and >= 0)")
+        if v.dim() != 0 or not v.is_floating_point():
+            raise ValueError(f"calibration file {path}: amax of {k!r} is {v.dtype}{list(v.shape)}, not a 0-d float; "
+                             f"calibrate again with `dist-export calibrate`")
+        if not torch.isfinite(v) or v <= 0:
+            raise ValueError(f"calibration file {path}: amax of {k!r} is {v.item()} (must be finite and positive: "
+                             f"a zero amax gives a zero scale); calibrate again with more or other data")
     return amax
 
 
