@@ -1,14 +1,12 @@
-"""Shared fixtures: one synthetic-model cache for all xdist workers, and helpers for multi-rank runs."""
+"""Shared fixtures: one synthetic-model cache for all xdist workers. Helpers live in helpers.py."""
 from __future__ import annotations
 
-import hashlib
 import os
-import subprocess
-import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Tests import these from helpers.py; kept importable here only for branches written before the move.
+from helpers import REPO, folder_hashes, model_dir, run_cli, run_torchrun  # noqa: F401,E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -18,38 +16,3 @@ def synthetic_cache(tmp_path_factory):
     root.mkdir(exist_ok=True)
     os.environ["DIST_EXPORT_CACHE"] = str(root)
     return root
-
-
-def model_dir(name: str) -> str:
-    from dist_export.sources.synthetic import ensure_synthetic
-
-    return ensure_synthetic(name)
-
-
-def folder_hashes(path) -> dict[str, str]:
-    out = {}
-    for name in sorted(os.listdir(path)):
-        full = os.path.join(path, name)
-        if os.path.isfile(full):
-            with open(full, "rb") as f:
-                out[name] = hashlib.sha256(f.read()).hexdigest()
-    return out
-
-
-def run_cli(*args, env=None, timeout=300, check=True) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "dist_export", *args], capture_output=True, text=True,
-                          env=full_env, timeout=timeout, cwd=REPO)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"dist-export {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc
-
-
-def run_torchrun(nproc: int, *args, env=None, timeout=300, extra=(), check=True) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *extra,
-           "-m", "dist_export", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"torchrun {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc

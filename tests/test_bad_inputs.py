@@ -25,7 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO, folder_hashes, model_dir, run_cli
+from helpers import REPO, folder_hashes, model_dir, run_cli
 
 MODEL = "synthetic:llama-tiny"
 RECIPE = "int4-w4a16"

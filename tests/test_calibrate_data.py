@@ -8,7 +8,7 @@ import shutil
 import pytest
 from safetensors import safe_open
 
-from conftest import model_dir, run_cli
+from helpers import model_dir, run_cli
 from dist_export.calibration.run import calibrate
 from userkit import make_tokenizer
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import model_dir, run_cli
+from helpers import model_dir, run_cli
 from userkit import make_tokenizer
 
 
@@ -131,7 +131,7 @@ def _live_export(ctx, src, data, out):
 
 
 def test_live_model_export_with_calibration_on_two_ranks_equals_one(tmp_path, moe):
-    from conftest import folder_hashes
+    from helpers import folder_hashes
     from multirank import run_ranks
 
     src, data = moe

@@ -14,7 +14,7 @@ import torch
 
 from safetensors.torch import load_file
 
-from conftest import model_dir
+from helpers import model_dir
 from ct_tool import run_ct
 from expected import read_all
 

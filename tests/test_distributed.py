@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, folder_hashes, model_dir, run_torchrun
+from helpers import REPO, folder_hashes, model_dir, run_torchrun
 from multirank import run_ranks
 
 CASES = [("synthetic:llama-tiny", "int4-w4a16"), ("synthetic:llama-tiny", "fp8-block"),

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from conftest import model_dir
+from helpers import model_dir
 from expected import expected_folds, read_all
 
 RECIPES = ["fp8", "fp8-pc-pt", "fp8-block", "nvfp4", "nvfp4-w4a16", "int4-w4a16", "int8-w8a16",
@@ -97,7 +97,7 @@ def test_fused_experts_quantized_even_if_never_routed(tmp_path, calib_files):
 
 def test_default_command_runs(tmp_path):
     """The README's first command: the built-in default model and recipe, nothing downloaded."""
-    from conftest import run_cli
+    from helpers import run_cli
 
     proc = run_cli("export", "--out", str(tmp_path / "out"))
     assert "verify: " in proc.stderr and "no defects" in proc.stderr

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from conftest import model_dir
+from helpers import model_dir
 
 TOY_FILE = "toy_format.json"
 

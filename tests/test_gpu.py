@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import folder_hashes, model_dir, run_cli, run_torchrun
+from helpers import folder_hashes, model_dir, run_cli, run_torchrun
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -10,7 +10,7 @@ import os
 import pytest
 from safetensors import safe_open
 
-from conftest import run_cli
+from helpers import run_cli
 from dist_export.sources.synthetic import make_model
 from userkit import make_hub_cache
 
@@ -93,7 +93,7 @@ def test_python_api_takes_a_revision(tmp_path, hub):
     import subprocess
     import sys
 
-    from conftest import REPO
+    from helpers import REPO
 
     out, calib = str(tmp_path / "out"), str(tmp_path / "c.safetensors")
     code = ("import dist_export; from dist_export.calibration.run import calibrate; "

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import REPO, folder_hashes, model_dir, run_cli
+from helpers import REPO, folder_hashes, model_dir, run_cli
 
 MODEL = "synthetic:llama-tiny"
 RECIPE = "nvfp4-mse"  # shares the weight amax of q/k/v and gate/up: exercises the in-pipeline groups

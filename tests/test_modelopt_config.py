@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from conftest import model_dir
+from helpers import model_dir
 
 _CANDIDATES = (os.environ.get("DIST_EXPORT_MODELOPT_PYTHON", ""),
                os.path.expanduser("~/.cache/dist_export-ci/venv-modelopt-0.47.0/bin/python"),

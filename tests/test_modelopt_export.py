@@ -19,7 +19,7 @@ mtq = pytest.importorskip("modelopt.torch.quantization")
 from modelopt.torch.export import export_hf_vllm_fq_checkpoint  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from conftest import model_dir  # noqa: E402
+from helpers import model_dir  # noqa: E402
 
 import dist_export  # noqa: E402
 from dist_export.layout import STATE_FILE_NAME  # noqa: E402
@@ -314,7 +314,7 @@ def test_recipe_must_agree_with_the_quantizers(tmp_path):
 
 
 def _hashes(path) -> dict:
-    from conftest import folder_hashes
+    from helpers import folder_hashes
 
     return folder_hashes(path)
 
@@ -325,7 +325,7 @@ def test_quantizer_state_cli_at_1_2_3_ranks(tmp_path):
     import subprocess
     import sys
 
-    from conftest import run_cli
+    from helpers import run_cli
 
     import shutil
 
@@ -371,7 +371,7 @@ def test_nproc_per_node_in_process_equals_the_in_memory_export(tmp_path):
 
 def test_weights_changed_in_place_are_refused(tmp_path):
     """AWQ rescales the weights in place: the original folder no longer matches the quantizer state."""
-    from conftest import run_cli
+    from helpers import run_cli
 
     model, folder = quantized("llama-tiny", "int4-awq")
     path = str(tmp_path / "q.pt")
@@ -527,7 +527,7 @@ def test_quantized_lm_head_tied_to_embeddings_refused(tmp_path):
 def test_bad_combinations_are_one_line_and_write_nothing(tmp_path):
     """calib with a quantized model, a state file against another model, a pre-quant scale or a KV-cache
     quantizer in a format that cannot carry it: each refused with a message naming it, the folder untouched."""
-    from conftest import run_cli
+    from helpers import run_cli
 
     kv, _ = quantized("llama-tiny", "fp8-kv")
     with pytest.raises(ValueError, match="do not pass --calib"):

@@ -15,7 +15,7 @@ import torch
 
 mtq = pytest.importorskip("modelopt.torch.quantization")
 
-from conftest import model_dir  # noqa: E402
+from helpers import model_dir  # noqa: E402
 
 from dist_export.numerics import fake_quant  # noqa: E402
 from dist_export.sources.quantizer_state import load_state, save_state  # noqa: E402

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from conftest import folder_hashes, model_dir
+from helpers import folder_hashes, model_dir
 from expected import expected_folds, read_all
 
 ARCHS = ["synthetic:qwen3-tiny", "synthetic:mixtral-tiny", "synthetic:deepseek-v3-tiny", "synthetic:gpt-oss-tiny",
@@ -247,7 +247,7 @@ def test_calibrate_from_text_and_jsonl_with_the_models_tokenizer(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from conftest import run_cli
+    from helpers import run_cli
 
     src = str(tmp_path / "model")
     shutil.copytree(model_dir("synthetic:llama-tiny"), src)

@@ -67,7 +67,7 @@ def test_search_matches_plain_loop(fmt, bs, shape):
 
 
 def test_mse_recipe_exports_and_reverifies(tmp_path):
-    from conftest import model_dir
+    from helpers import model_dir
     from dist_export.api import export
     from dist_export.verify import verify_export
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import model_dir
+from helpers import model_dir
 
 TOY = "toy-ternary"
 

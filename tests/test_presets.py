@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import model_dir, run_cli
+from helpers import model_dir, run_cli
 from numerics_reference import ref_compute_amax, ref_fake_quant
 from test_mx import _ref as mx_reference
 

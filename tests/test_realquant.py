@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from conftest import model_dir
+from helpers import model_dir
 from expected import read_all
 from multirank import run_ranks
 from numerics_reference import e2m1_code_values, unpack_e2m1_codes

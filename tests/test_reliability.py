@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from conftest import REPO, folder_hashes, model_dir, run_cli, run_torchrun
+from helpers import REPO, folder_hashes, model_dir, run_cli, run_torchrun
 
 MODEL = "synthetic:qwen3-moe-tiny"
 RECIPE = "int4-w4a16"

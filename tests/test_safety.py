@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import REPO, model_dir
+from helpers import REPO, model_dir
 
 MODEL = "synthetic:llama-tiny"
 RECIPE = "int4-w4a16"

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import folder_hashes, run_cli
+from helpers import folder_hashes, run_cli
 from ct_tool import run_ct
 from dist_export import export
 from dist_export.sources.checkpoint import SourceCheckpoint

@@ -17,7 +17,7 @@ import sys
 import pytest
 from safetensors import safe_open
 
-from conftest import model_dir, run_cli
+from helpers import model_dir, run_cli
 from userkit import run_in_pty
 
 from dist_export.recipe import DEFAULT_EXCLUDE
