@@ -3,6 +3,7 @@ synthetic models, folder hashes, and runs of the real CLI as one process or unde
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -24,6 +25,22 @@ def folder_hashes(path) -> dict[str, str]:
             with open(full, "rb") as f:
                 out[name] = hashlib.sha256(f.read()).hexdigest()
     return out
+
+
+def assert_same_export_of_other_source(a, b) -> None:
+    """Two exports of the same weights read from different sources (a folder and its dequantized copy, a live
+    model and its checkpoint): every file sha256-identical except dist_export.json, whose run fingerprint names
+    the source's own files; the rest of the two records must be equal."""
+    ha, hb = folder_hashes(a), folder_hashes(b)
+    assert {k: v for k, v in ha.items() if k != "dist_export.json"} == \
+        {k: v for k, v in hb.items() if k != "dist_export.json"}
+    records = []
+    for path in (a, b):
+        with open(os.path.join(path, "dist_export.json")) as f:
+            record = json.load(f)
+        record["fingerprint"].pop("source")
+        records.append(record)
+    assert records[0] == records[1]
 
 
 def run_cli(*args, env=None, timeout=300, check=True) -> subprocess.CompletedProcess:
