@@ -284,7 +284,7 @@ def _check_state(mine_path, theirs_path, model) -> int:
             w_mine = mine["modelopt_state_weights"].get(ck, {})
             assert sorted(w_mine) == sorted(w_theirs), ck
             for buf, value in w_theirs.items():
-                assert w_mine[buf].dtype == value.dtype and torch.equal(w_mine[buf], value), f"{ck}.{buf}"
+                assert w_mine[buf].dtype == value.dtype and torch.equal(w_mine[buf].cpu(), value.cpu()), f"{ck}.{buf}"
             enabled += not props["_disabled"]
     assert set(qs_mine) == expected and set(mine["modelopt_state_weights"]) <= expected
     assert not [n for n in qs_mine if "weight_quantizer" in n]
