@@ -82,8 +82,10 @@ def test_ctrl_c_then_resume(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("[rank 0] interrupted: no index was written") and \
         "--resume" in lines[0], lines
     assert "Traceback" not in text and "[launcher]" not in text and "error" not in text.lower(), text[-3000:]
-    left = [f for f in os.listdir(out) if f.endswith(".tmp") or f.endswith(".staged")]
-    assert not left and not os.path.exists(os.path.join(out, "model.safetensors.index.json")), os.listdir(out)
+    # an interrupted run removes what it created; a folder it made itself may be gone altogether
+    found = os.listdir(out) if os.path.isdir(out) else []
+    left = [f for f in found if f.endswith(".tmp") or f.endswith(".staged")]
+    assert not left and "model.safetensors.index.json" not in found, found
     run_cli(*args, "--resume")
     assert os.path.exists(os.path.join(out, "model.safetensors.index.json"))
     assert run_cli("verify", out, "--source", src).returncode == 0
