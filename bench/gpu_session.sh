@@ -39,25 +39,10 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}:$SITE"  # $SITE: wheels the i
 log() { echo "[gpu_session +$(($(date +%s) - T0))s] $*" | tee -a "$R/session.log"; }
 left() { echo $((DEADLINE - $(date +%s))); }
 
-# ---- wheels (ModelOpt and what it needs): only those whose module the image lacks, into $SITE (on
-# PYTHONPATH, last); nothing of the image is replaced or written ----
-install_wheels() {
-  [[ -d "$WHEELS" ]] || { echo "no $WHEELS folder: nothing to install"; return 0; }
-  local want
-  want=$("$PY" -c '
-import importlib.util, os, sys
-names = {"nvidia_modelopt": "modelopt", "antlr4_python3_runtime": "antlr4", "nvidia_ml_py": "pynvml",
-         "markdown_it_py": "markdown_it"}
-for w in sorted(os.listdir(sys.argv[1])):
-    dist = w.split("-")[0]
-    if w.endswith(".whl") and importlib.util.find_spec(names.get(dist, dist)) is None:
-        print(os.path.join(sys.argv[1], w))
-' "$WHEELS")
-  echo "missing here, installing: ${want:-nothing}"
-  [[ -n "$want" ]] || return 0
-  # shellcheck disable=SC2086
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $SITE $want
-}
+# ---- wheels (ModelOpt and what it needs): bench/install_missing_wheels.sh ----
+# shellcheck source=bench/install_missing_wheels.sh
+source "${BASH_SOURCE[0]%/*}/install_missing_wheels.sh"
+install_wheels() { install_missing_wheels "$WHEELS" "$SITE" "$PY"; }
 
 # ---- the model, generated once on the GPU and reused by every export ----
 make_model() {

@@ -10,7 +10,8 @@
 # 2. tools/nvfp4_stage_check.py: our fold on CUDA vs CPU stage by stage (block max, e4m3 scale, sq, gs);
 # 3. tools/nvfp4_modelopt_gpu.py: replicas of ModelOpt's Triton kernel changing one operation at a time.
 # Everything goes into ONE file, $OUT/nvfp4-check.txt (a section per step; JSON lines where the step prints
-# JSON). Env: OUT (/tmp/out), WHEELS (.whl: wheels installed only where their module is missing, into SITE),
+# JSON). Env: OUT (/tmp/out), WHEELS (.whl: wheels installed only where their module is missing, into SITE, by
+# bench/install_missing_wheels.sh),
 # SITE (/tmp/gpu-session-site, shared with bench/gpu_session.sh), BUDGET_S (240).
 set -uo pipefail
 T0=$(date +%s)
@@ -28,20 +29,9 @@ left() { local s=$((DEADLINE - $(date +%s))); echo $((s > 10 ? s : 10)); }
 
 section "machine"
 { nvidia-smi -L; git rev-parse --short HEAD 2>/dev/null; } >>"$F" 2>&1
-if [[ -d "$WHEELS" ]]; then
-  want=$("$PY" -c '
-import importlib.util, os, sys
-names = {"nvidia_modelopt": "modelopt", "antlr4_python3_runtime": "antlr4", "nvidia_ml_py": "pynvml",
-         "markdown_it_py": "markdown_it"}
-for w in sorted(os.listdir(sys.argv[1])):
-    dist = w.split("-")[0]
-    if w.endswith(".whl") and importlib.util.find_spec(names.get(dist, dist)) is None:
-        print(os.path.join(sys.argv[1], w))
-' "$WHEELS")
-  echo "wheels installed into $SITE: ${want:-none needed}" >>"$F"
-  # shellcheck disable=SC2086
-  [[ -z "$want" ]] || "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" $want >>"$F" 2>&1
-fi
+# shellcheck source=bench/install_missing_wheels.sh
+source "${BASH_SOURCE[0]%/*}/../bench/install_missing_wheels.sh"
+install_missing_wheels "$WHEELS" "$SITE" "$PY" >>"$F" 2>&1
 "$PY" -c 'import torch, transformers, modelopt, triton; print("torch", torch.__version__, "transformers",
 transformers.__version__, "modelopt", modelopt.__version__, "triton", triton.__version__)' >>"$F" 2>&1
 
