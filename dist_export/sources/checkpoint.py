@@ -20,6 +20,40 @@ from .hub import source_root
 from .quantized import EncodedMeta, EncodedTensor, aligned, map_source
 
 
+def _load_json(path: str, what: str):
+    """The JSON value of `path`; a file that is not JSON is one line naming it."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptFileError(f"{path} is not valid JSON ({e}); {what}") from None
+
+
+def read_config(path: str) -> dict:
+    """A checkpoint's config.json, which must be a JSON object (a list or a string is refused, not read as {})."""
+    fix = "restore the model's config.json (a JSON object with model_type, hidden_size, ...)"
+    config = _load_json(path, fix)
+    if not isinstance(config, dict):
+        raise CorruptFileError(f"{path} holds a JSON {type(config).__name__}, not an object; {fix}")
+    return config
+
+
+def read_weight_map(path: str) -> dict[str, str]:
+    """The `weight_map` of a sharded checkpoint's index: a non-empty object of tensor name -> file name."""
+    fix = f"fix {INDEX_NAME} or re-download the checkpoint"
+    index = _load_json(path, fix)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        got = f"a JSON {type(index).__name__}" if not isinstance(index, dict) else json.dumps(weight_map)[:60]
+        raise CorruptFileError(f"{path}: weight_map must be a non-empty object of tensor name -> file name, got "
+                               f"{got}; {fix}")
+    for name, file in weight_map.items():
+        if not isinstance(file, str) or not file:
+            raise CorruptFileError(f"{path}: weight_map[{name!r}] is {file!r}, not a file name; {fix}")
+    return weight_map
+
+
 class SourceCheckpoint:
     """Metadata of every tensor in a Hugging Face safetensors checkpoint, validated once.
 
@@ -44,9 +78,11 @@ class SourceCheckpoint:
                         f"tensor {meta.name!r} appears in both {other} and {file}; remove the duplicate from the source"
                     )
                 self.stored[meta.name] = meta
+        if not self.stored:
+            raise CorruptFileError(f"{folder} holds no tensors ({', '.join(self.files) or 'no safetensors file'}); "
+                                   f"there is nothing to export: pass a checkpoint folder with its weights")
         self._check_index_against_headers()
-        with open(self.config_path) as f:
-            self._config = json.load(f)
+        self._config = read_config(self.config_path)
         # quantizer buffers a ModelOpt model's save_pretrained writes (`*_quantizer._amax`) are never weights
         weights = {n: m for n, m in self.stored.items() if not QUANTIZER_KEY.search(n)}
         mapping = map_source(self._config, weights, lambda m: read_tensor(self.folder, m))
@@ -56,13 +92,8 @@ class SourceCheckpoint:
     def _list_files(self) -> list[str]:
         index_path = os.path.join(self.folder, INDEX_NAME)
         if os.path.isfile(index_path):
-            with open(index_path) as f:
-                try:
-                    self.index = json.load(f)
-                    weight_map = self.index["weight_map"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise CorruptFileError(f"{INDEX_NAME} in {self.folder} is not a valid index") from None
-            files = sorted(set(weight_map.values()))
+            self.index = {"weight_map": read_weight_map(index_path)}
+            files = sorted(set(self.index["weight_map"].values()))
             for file in files:
                 path = safe_join(self.folder, file, f"file named by {INDEX_NAME}", root=source_root(self.folder))
                 if not os.path.isfile(path):

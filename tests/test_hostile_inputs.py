@@ -1,0 +1,147 @@
+"""Inputs a hostile or careless author can write (issue 13, item 6): each is validated where it enters (source
+headers and index, config.json, recipe YAML, command-line values, calibration files) and ends in one line naming
+the file or key and the fix, a non-zero exit, nothing published, and no file outside `--out` touched. Legal but
+odd recipes (a rule that matches nothing, a recipe that quantizes nothing) export with a warning.
+
+Runs `dist-export export` in this process (`dist_export.cli.main`): every check here happens before a tensor is
+quantized, so a subprocess per case would only add interpreter starts. docs/bad-inputs.md lists the cases.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import pytest
+from safetensors.torch import save_file
+
+from test_safety import copy_model, export, published, refused, tree
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def outside(tmp_path) -> dict:
+    """Every file and folder under tmp_path except the output folder (what a refused export must not touch)."""
+    return {k: v for k, v in tree(tmp_path).items() if k != "out" and not k.startswith("out" + os.sep)}
+
+
+def assert_refused_untouched(tmp_path, rc: int, err: str, before: dict, *names: str) -> str:
+    """One error line naming `names`, non-zero exit, nothing published, every file outside --out unchanged."""
+    line = refused(rc, err, *names)
+    out = tmp_path / "out"
+    assert not published(out)
+    leftovers = [f for _, _, files in os.walk(out) for f in files if f.endswith((".tmp", ".staged", ".safetensors"))]
+    assert not leftovers, leftovers
+    assert outside(tmp_path) == before
+    return line
+
+
+def edit_header(src: str, edit) -> None:
+    """Rewrite the JSON header of src/model.safetensors with `edit(header)` (the data bytes unchanged)."""
+    path = os.path.join(src, SINGLE)
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        data = f.read()
+    edit(header)
+    raw = json.dumps(header).encode()
+    raw += b" " * ((-len(raw)) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + data)
+
+
+def first_weight(header: dict) -> str:
+    return sorted(k for k in header if k.endswith("k_proj.weight"))[0]
+
+
+def bad_source(tmp_path, capsys, *names, edit=None, mutate=None, recipe="int4-w4a16") -> str:
+    src = copy_model(tmp_path)
+    if edit is not None:
+        edit_header(src, edit)
+    if mutate is not None:
+        mutate(src)
+    before = outside(tmp_path)
+    rc, err = export(capsys, tmp_path / "out", model=src, recipe=recipe)
+    return assert_refused_untouched(tmp_path, rc, err, before, *names)
+
+
+# --------------------------------------------------------------------------------- source headers, index
+
+
+def test_header_shape_an_int(tmp_path, capsys):
+    def edit(h):
+        h[first_weight(h)]["shape"] = 2048
+
+    bad_source(tmp_path, capsys, SINGLE, "k_proj.weight", "shape 2048", "re-download", edit=edit)
+
+
+def test_header_dtype_a_list(tmp_path, capsys):
+    def edit(h):
+        h[first_weight(h)]["dtype"] = ["BF16"]
+
+    bad_source(tmp_path, capsys, SINGLE, "k_proj.weight", "dtype ['BF16']", "valid:", edit=edit)
+
+
+def test_header_float_data_offsets(tmp_path, capsys):
+    """Float offsets used to pass the plan and fail on the reader thread (a traceback from a slice index)."""
+    def edit(h):
+        h[first_weight(h)]["data_offsets"] = [float(x) for x in h[first_weight(h)]["data_offsets"]]
+
+    bad_source(tmp_path, capsys, SINGLE, "data_offsets", "not two integers", "re-download", edit=edit)
+
+
+def _index(weight_map):
+    def mutate(src: str) -> None:
+        with open(os.path.join(src, INDEX), "w") as f:
+            json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    return mutate
+
+
+@pytest.mark.parametrize("weight_map,got", [(None, "got null"), (["model.safetensors"], '["model.safetensors"]'),
+                                            ({}, "got {}")])
+def test_index_weight_map_not_an_object(tmp_path, capsys, weight_map, got):
+    bad_source(tmp_path, capsys, INDEX, "weight_map must be a non-empty object", got, "fix " + INDEX,
+               mutate=_index(weight_map))
+
+
+def test_index_weight_map_value_not_a_file_name(tmp_path, capsys):
+    bad_source(tmp_path, capsys, INDEX, "weight_map['a.weight'] is 3", "not a file name", "fix " + INDEX,
+               mutate=_index({"a.weight": 3}))
+
+
+def test_index_not_an_object(tmp_path, capsys):
+    def mutate(src):
+        with open(os.path.join(src, INDEX), "w") as f:
+            json.dump(["model.safetensors"], f)
+
+    bad_source(tmp_path, capsys, INDEX, "got a JSON list", "fix " + INDEX, mutate=mutate)
+
+
+def test_empty_checkpoint_refused(tmp_path, capsys):
+    """A checkpoint with 0 tensors used to export an empty model with exit 0."""
+    def mutate(src):
+        save_file({}, os.path.join(src, SINGLE), metadata={"format": "pt"})
+
+    bad_source(tmp_path, capsys, "holds no tensors", SINGLE, "nothing to export", mutate=mutate)
+
+
+@pytest.mark.parametrize("text,kind", [('[{"model_type": "llama"}]', "list"), ('"llama"', "str")])
+def test_config_json_not_an_object(tmp_path, capsys, text, kind):
+    """A config.json holding a list was an AttributeError traceback (earlier: read as {})."""
+    def mutate(src):
+        with open(os.path.join(src, "config.json"), "w") as f:
+            f.write(text)
+
+    bad_source(tmp_path, capsys, "config.json", f"holds a JSON {kind}, not an object", "restore", mutate=mutate)
+
+
+def test_config_json_not_json(tmp_path, capsys):
+    def mutate(src):
+        with open(os.path.join(src, "config.json"), "w") as f:
+            f.write("{model_type: llama")
+
+    bad_source(tmp_path, capsys, "config.json", "is not valid JSON", "restore", mutate=mutate)
