@@ -16,9 +16,9 @@ import socket
 import time
 from dataclasses import asdict, dataclass, replace
 
-from . import __version__
-from .calibration.file import (calibration_data_record, load_calibration, model_signature,
-                               required_input_quantizers)
+from .version import __version__
+from .calibration.file import (calibration_data_record, load_calibration, required_input_quantizers,
+                               save_calibration)
 from .commit import publish_export, shard_records, stage_export
 from .execute import RankResult, execute_rank, merge_prepared, prepare_shards, reused_shards
 from .groups import groups_to_measure_first, measure_group_amax, merge_group_amax
@@ -31,7 +31,9 @@ from .runtime.dist import DistContext, init_distributed
 from .runtime.monitor import start_monitor
 from .runtime.progress import Progress
 from .sources.checkpoint import SourceCheckpoint
-from .storage.manifest import Manifest, file_sha256, run_fingerprint
+from .storage.header import model_signature
+from .storage.manifest import Manifest, run_fingerprint
+from .tensor_checksums import file_sha256
 from .storage.atomic import remove_own_temporaries
 from .storage.outdir import check_output_dir, prepare_output_dir
 from .ownership import measured_summary
@@ -83,19 +85,30 @@ def export(model=None, out_dir: str = "out", *, revision: str | None = None, ctx
     if live:
         from .sources.memory import in_memory_source
 
-        with in_memory_source(model, opts.recipe, opts.calib) as (source, side, calib, state):
+        with in_memory_source(model) as (source, side, state):
             opened = OpenedSource(side, source, "<in-memory model>")
             if state is not None:  # a ModelOpt-quantized model: its own quantizers are the recipe
                 if opts.quantizer_state is not None:
                     raise ValueError("the in-memory model carries its own quantizers: do not pass quantizer_state")
                 return run_export(lambda: opened, out_dir, replace(opts, quantizer_state=state), ctx)
-            return run_export(lambda: opened, out_dir, replace(opts, calib=calib), ctx)
+            if opts.calib is None and source.calibration:  # calibrated in memory: use the model's input amax
+                opts = replace(opts, calib=_save_model_calibration(source, side, opts.recipe))
+            return run_export(lambda: opened, out_dir, opts, ctx)
 
     def open_folder():
         src_dir = resolve_model(model, revision)
         return OpenedSource(src_dir, SourceCheckpoint(src_dir), model or DEFAULT_MODEL)
 
     return run_export(open_folder, out_dir, opts, ctx)
+
+
+def _save_model_calibration(source, folder: str, recipe) -> str:
+    """Every rank: the input amax an in-memory model was calibrated with, as a calibration file in `folder`."""
+    rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe or DEFAULT_RECIPE)
+    path = os.path.join(folder, "calibration.safetensors")
+    save_calibration(path, source.calibration, rec, model_signature(source.tensors))
+    log.info("using %d input amax values calibrated in the model", len(source.calibration))
+    return path
 
 
 def _export_calibrated(model, out_dir: str, opts: ExportOptions, ctx: DistContext | None, options: dict,

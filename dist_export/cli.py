@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 
-from . import __version__
+from .version import __version__
 
 log = logging.getLogger("dist_export")
 

@@ -21,7 +21,8 @@ from .layout import staged_path
 from .pipeline import run_pipeline
 from .plan import ExportPlan
 from .runtime.progress import NO_PROGRESS
-from .storage.manifest import SOURCE_CRC_KEY, Manifest, tensor_crc
+from .storage.manifest import Manifest
+from .tensor_checksums import SOURCE_CRC_KEY, tensor_crc
 from .storage.shared_shard import create_shared
 
 log = logging.getLogger(__name__)

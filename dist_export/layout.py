@@ -25,6 +25,9 @@ HF_QUANT_CONFIG_NAME = "hf_quant_config.json"
 # `_pre_quant_scale`): never written as a weight, never read as one.
 QUANTIZER_KEY = re.compile(r"(_quantizer\.|_quantizer$|(^|\.)_amax$|_pre_quant_scale$)")
 
+# In a quantizer-state file (plain data), a Python slice is stored as {SLICE_TAG: (start, stop, step)}.
+SLICE_TAG = "__slice__"
+
 
 def shard_filename(index: int, count: int) -> str:
     """`model.safetensors` for a single shard, else Hugging Face's `model-00001-of-00003.safetensors`."""

@@ -27,11 +27,11 @@ import torch
 
 from .layout import staged_path
 from .numerics.blocks import deferred_finite_checks, raise_if_nonfinite
-from .plan import Item, item_outputs
+from .plan import item_outputs
 from .quantize import device_outputs
 from .runtime.progress import NO_PROGRESS
 from .sources.quantized import EncodedTensor
-from .storage.manifest import tensor_crc
+from .tensor_checksums import tensor_crc
 from .storage.shared_shard import PartWriter, complete_part
 
 _DONE = object()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import zlib
 
 CHUNK = 16 * 1024 * 1024
 
@@ -61,3 +62,32 @@ def combine_tensor_sums(planned: dict[str, list[str]], per_rank: list[dict[str, 
             raise RuntimeError(f"{shard}: no rank reported tensor(s) {missing[:3]}; the shard is incomplete")
         combined[shard] = {n: combined[shard][n] for n in names}  # file order
     return combined
+
+
+def file_sha256(path: str, chunk: int = 16 * 1024 * 1024) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                return h.hexdigest()
+            h.update(block)
+
+
+SOURCE_CRC_KEY = "source_crc32"  # shard record: {item: crc32 of the source bytes it was made from}
+
+
+def tensor_crc(tensor) -> str:
+    """crc32 (hex) of the source bytes of one item as the reader got them: a tensor, or an encoded weight's stored
+    parts in role order. Computed by the reader thread as it reads (zlib releases the GIL for large buffers):
+    2.5 GB/s on one core of the dev machine, about 0.4 s per GB read, overlapped with the device work."""
+    import torch
+
+    parts = [tensor] if isinstance(tensor, torch.Tensor) else [tensor.parts[r] for r in sorted(tensor.parts)]
+    crc = 0
+    for t in parts:
+        if t.numel():
+            flat = t.detach().reshape(-1)
+            flat = flat if flat.device.type == "cpu" else flat.cpu()
+            crc = zlib.crc32(memoryview(flat.contiguous().view(torch.uint8).numpy()), crc)
+    return f"{crc:08x}"

@@ -104,7 +104,7 @@ def test_python_api_takes_a_revision(tmp_path, hub):
     with safe_open(os.path.join(bare, "model.safetensors"), "pt") as f:
         want = f.get_tensor("model.embed_tokens.weight")  # excluded: copied byte for byte from the snapshot
     assert (_weight(out) == want).all()
-    from dist_export.calibration.file import model_signature
+    from dist_export.storage.header import model_signature
     from dist_export.sources.checkpoint import SourceCheckpoint
 
     with safe_open(calib, "pt") as f:

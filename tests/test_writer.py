@@ -55,13 +55,13 @@ def test_done_only_after_bytes_are_written(tmp_path, monkeypatch):
     """The ring buffer of a tensor may be refilled once `done` runs: by then its bytes must be in the file."""
     monkeypatch.setattr(writer_mod, "PIECE", 1024)
     gate = threading.Event()
-    real = writer_mod._write_piece
+    real = writer_mod.write_piece
 
     def slow_piece(fd, data, offset):
         gate.wait(5)
         real(fd, data, offset)
 
-    monkeypatch.setattr(writer_mod, "_write_piece", slow_piece)
+    monkeypatch.setattr(writer_mod, "write_piece", slow_piece)
     t = torch.arange(4096, dtype=torch.int32)
     done = threading.Event()
     with ThreadPoolExecutor(2) as pool:
@@ -79,7 +79,7 @@ def test_failed_piece_raises_and_leaves_no_file(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     w = ShardWriter(str(tmp_path / "x.safetensors"), [("t", "F32", (10,))], {})
-    monkeypatch.setattr(writer_mod, "_write_piece", broken)
+    monkeypatch.setattr(writer_mod, "write_piece", broken)
     w.write_async("t", torch.zeros(10))
     with pytest.raises(OSError, match="No space left"):
         w.finish()

@@ -8,7 +8,6 @@ calibration made for another model or recipe is refused instead of silently misa
 """
 from __future__ import annotations
 
-import hashlib
 import os
 
 import torch
@@ -21,14 +20,6 @@ from ..storage.atomic import write_atomic
 CALIB_FORMAT = "dist_export-calibration-1"
 # vLLM fuses these projections into one module with one input quantizer: their input amax is shared
 FUSED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
-
-
-def model_signature(tensors: dict) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        m = tensors[name]
-        h.update(f"{name}|{m.dtype}|{tuple(m.shape)}\n".encode())
-    return h.hexdigest()[:32]
 
 
 def input_quantizer_name(module: str) -> str:

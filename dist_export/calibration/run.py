@@ -22,7 +22,8 @@ import re
 import torch
 
 from .data import CalibrationData, batches, load_samples, random_token_samples, rank_slice
-from .file import input_quantizer_name, model_signature, save_calibration
+from ..storage.header import model_signature
+from .file import input_quantizer_name, save_calibration
 from ..sources.checkpoint import SourceCheckpoint
 from ..sources.keymap import checkpoint_keys, expert_slots
 from ..plan import classify_tensors, kv_cache_quantizers

@@ -27,7 +27,7 @@ import json
 from dataclasses import dataclass
 from typing import Callable
 
-from .. import __version__
+from ..version import __version__
 from ..layout import HF_QUANT_CONFIG_NAME
 from ..numerics import quantize
 from ..numerics.constants import F8E4M3_MAX, NVFP4_GLOBAL_DIVISOR

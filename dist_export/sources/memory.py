@@ -9,9 +9,7 @@ touched, and the export runs under `torch.no_grad()`.
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
-import os
 import re
 import shutil
 import tempfile
@@ -21,8 +19,9 @@ import torch
 from ..layout import QUANTIZER_KEY
 from ..storage.header import DTYPE_TO_ST, TensorMeta
 from .keymap import checkpoint_keys, expert_slots
+from .quantizer_state import save_state, tensor_fingerprint
+from .quantizers import build_quantizer_state, is_modelopt_quantized
 
-log = logging.getLogger(__name__)
 _FUSED = re.compile(r"^(.*\.experts)\.(gate_up_proj|down_proj)$")
 MEMORY_FILE = "<memory>"
 
@@ -38,8 +37,6 @@ class MemorySource:
         quantizer_keys = [k for k in meta_state if QUANTIZER_KEY.search(k)]
         for k in quantizer_keys:
             meta_state.pop(k)  # quantizer state is never written as a tensor; input amax is used below
-        from .quantizers import is_modelopt_quantized
-
         self.modelopt = is_modelopt_quantized(model)  # its quantizers are the recipe (sources/quantizers.py)
         self.calibration = {} if self.modelopt else self._input_amax(model, quantizer_keys)
         tied = _tied_output_key(model)
@@ -89,8 +86,6 @@ class MemorySource:
 
     def fingerprint(self, meta: TensorMeta) -> str:
         """The tensor's sampled fingerprint (quantizer_state.tensor_fingerprint), computed where it lies."""
-        from .quantizer_state import tensor_fingerprint
-
         return tensor_fingerprint(self._view(meta))
 
     def read(self, meta: TensorMeta, out=None) -> torch.Tensor:
@@ -158,32 +153,36 @@ def _resolve(model, key: str) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def in_memory_source(model, recipe, calib):
-    """(source, side-file folder, calibration path, quantizer state) for an in-memory model, under
-    `torch.no_grad()`; the side folder (generation config, the model's own input amax as a calibration file) is
-    removed on exit. A ModelOpt-quantized model's quantizers become the quantizer state (its recipe)."""
+def in_memory_source(model):
+    """(source, side-file folder, quantizer state) for an in-memory model, under `torch.no_grad()`; the side
+    folder (generation config; the caller may add the model's own input amax as a calibration file) is removed
+    on exit. A ModelOpt-quantized model's quantizers become the quantizer state (its recipe)."""
     with torch.no_grad():
         source = MemorySource(model)
-        state = None
-        if source.modelopt:
-            from .quantizers import build_quantizer_state
-
-            state = build_quantizer_state(model, source)
+        state = build_quantizer_state(model, source) if source.modelopt else None
         side = tempfile.mkdtemp(prefix="dist_export_side_")
         try:
             gen = getattr(model, "generation_config", None)
             if gen is not None:
                 gen.save_pretrained(side)
-            if calib is None and source.calibration:  # the model was calibrated in memory: use its input amax
-                from ..calibration.file import model_signature, save_calibration
-                from ..recipe import Recipe, load_recipe
-
-                from ..options import DEFAULT_RECIPE
-
-                rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe or DEFAULT_RECIPE)
-                calib = os.path.join(side, "calibration.safetensors")
-                save_calibration(calib, source.calibration, rec, model_signature(source.tensors))
-                log.info("using %d input amax values calibrated in the model", len(source.calibration))
-            yield source, side, calib, state
+            yield source, side, state
         finally:
             shutil.rmtree(side, ignore_errors=True)
+
+
+def save_quantizer_state(model, path: str) -> dict:
+    """Write a ModelOpt-quantized model's quantizer state to `path` (small; `torch.load(weights_only=True)`).
+
+    `dist-export export --model <the model's checkpoint folder> --quantizer-state path` then exports on every
+    rank what `dist_export.export(model, out)` exports in this process, byte for byte. The file records a
+    fingerprint of every tensor: a folder whose weights differ (calibration that rescales weights in place, as
+    AWQ and SmoothQuant do) is refused; save such a model with `save_pretrained` first and export that folder.
+    """
+    with torch.no_grad():
+        source = MemorySource(model)
+        if not source.modelopt:
+            raise ValueError("the model has no ModelOpt quantizers (mtq.quantize was not applied): there is no "
+                             "quantizer state to save; pass a recipe to dist_export.export instead")
+        state = build_quantizer_state(model, source)
+    save_state(state, path)
+    return {"weights": len(state["weights"]), "activations": len(state["activations"])}

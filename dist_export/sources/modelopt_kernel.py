@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from ..layout import SLICE_TAG
+
 _BUILT: dict[int, tuple] = {}  # id(record) -> (record, rebuilt quantizer); the record is kept, so ids stay its own
 
 
@@ -36,8 +38,6 @@ def plan_checks(fmt, values) -> None:
 
 def from_plain(value):
     """The inverse of `quantizers.plain_data` where it had to encode (slices)."""
-    from .quantizers import SLICE_TAG
-
     if isinstance(value, dict):
         if set(value) == {SLICE_TAG}:
             return slice(*value[SLICE_TAG])

@@ -150,7 +150,7 @@ def _refuse_quantized_leftovers(rest: dict[str, TensorMeta], method: str | None)
     for name in sorted(rest):
         meta = rest[name]
         if meta.dtype in QUANTIZED_DTYPES or name.endswith(QUANTIZED_SUFFIXES):
-            how = (f"config.json has no quantization_config" if method is None
+            how = ("config.json has no quantization_config" if method is None
                    else f"the {method!r} source reader found no weight it belongs to")
             raise ValueError(f"source tensor {name!r} (dtype {meta.dtype} {list(meta.shape)}) holds quantized data but "
                              f"{how}; refusing to pass quantized bytes through as a weight: fix the checkpoint's "

@@ -18,6 +18,7 @@ import torch
 from ..numerics import QuantSpec
 from ..numerics.registry import format_for_modelopt_bits
 from ..recipe import InputSpec, Recipe, Rule
+from ..storage.header import model_signature
 
 STATE_FORMAT = "dist_export-quantizer-state-1"
 FINGERPRINT_SAMPLES = 4096
@@ -296,8 +297,6 @@ class FingerprintCheckedSource:
 
 
 def check_signature(state: dict, tensors, path: str, folder: str) -> None:
-    from ..calibration.file import model_signature
-
     if state.get("signature") != model_signature(tensors):
         names = sorted(set(state.get("fingerprints", {})) ^ set(tensors))
         hint = f" (e.g. {names[0]!r} is in only one of them)" if names else " (names agree; dtypes or shapes differ)"

@@ -22,12 +22,11 @@ import math
 
 import torch
 
+from ..layout import SLICE_TAG
 from ..numerics import QuantSpec
 from ..numerics.registry import format_for_modelopt_bits, format_names, get_format
-from .quantizer_state import STATE_FORMAT, num_bits_key, save_state
-
-
-SLICE_TAG = "__slice__"
+from ..storage.header import model_signature
+from .quantizer_state import STATE_FORMAT, num_bits_key
 
 
 def is_modelopt_quantizer(module) -> bool:
@@ -346,8 +345,6 @@ def modelopt_modes(model) -> tuple[list, list, str]:
 
 def build_quantizer_state(model, source) -> dict:
     """The whole quantizer state of a ModelOpt-quantized in-memory model (plain data; see `save`)."""
-    from ..calibration.file import model_signature
-
     tables = read_quantizers(model)
     modes, mode_metadata, version = modelopt_modes(model)
     bad = _awq_with_active_inputs(modes, tables["activations"])
@@ -362,23 +359,3 @@ def build_quantizer_state(model, source) -> dict:
             **tables,
             "signature": model_signature(source.tensors),
             "fingerprints": {name: source.fingerprint(meta) for name, meta in sorted(source.tensors.items())}}
-
-
-def save_quantizer_state(model, path: str) -> dict:
-    """Write a ModelOpt-quantized model's quantizer state to `path` (small; `torch.load(weights_only=True)`).
-
-    `dist-export export --model <the model's checkpoint folder> --quantizer-state path` then exports on every
-    rank what `dist_export.export(model, out)` exports in this process, byte for byte. The file records a
-    fingerprint of every tensor: a folder whose weights differ (calibration that rescales weights in place, as
-    AWQ and SmoothQuant do) is refused; save such a model with `save_pretrained` first and export that folder.
-    """
-    from .memory import MemorySource
-
-    with torch.no_grad():
-        source = MemorySource(model)
-        if not source.modelopt:
-            raise ValueError("the model has no ModelOpt quantizers (mtq.quantize was not applied): there is no "
-                             "quantizer state to save; pass a recipe to dist_export.export instead")
-        state = build_quantizer_state(model, source)
-    save_state(state, path)
-    return {"weights": len(state["weights"]), "activations": len(state["activations"])}

@@ -6,6 +6,7 @@ in advance (bounded memory, no whole-shard buffer).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -163,3 +164,13 @@ def encode_header(tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dic
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * ((-len(raw)) % 8)
     return struct.pack("<Q", len(raw)) + raw, starts
+
+
+def model_signature(tensors: dict) -> str:
+    """A digest of a model's tensor names, dtypes and shapes (no data): binds a calibration or quantizer-state
+    file to the model it was made for."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        m = tensors[name]
+        h.update(f"{name}|{m.dtype}|{tuple(m.shape)}\n".encode())
+    return h.hexdigest()[:32]

@@ -73,11 +73,11 @@ class ShardWriter:
         self._submit(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()).cast("B"), offset, done)
 
     def _submit(self, data: memoryview, offset: int, done) -> None:
-        futures = [self._pool.submit(_write_piece, self._fd, data[i:i + PIECE], offset + i)
+        futures = [self._pool.submit(write_piece, self._fd, data[i:i + PIECE], offset + i)
                    for i in range(0, len(data), PIECE)]
         futures.append(self._hasher.submit(self._sha.update, data))
         if done is not None:
-            _when_all(futures, done)
+            when_all(futures, done)
         self._in_flight.append((futures, len(data)))
         self._in_flight_bytes += len(data)
         self._drain(self.max_in_flight)
@@ -128,7 +128,7 @@ class ShardWriter:
             self._pool.shutdown()
 
 
-def _write_piece(fd: int, data: memoryview, offset: int) -> None:
+def write_piece(fd: int, data: memoryview, offset: int) -> None:
     start, length = offset, len(data)
     while len(data):
         n = os.pwrite(fd, data, offset)
@@ -137,7 +137,7 @@ def _write_piece(fd: int, data: memoryview, offset: int) -> None:
         os.posix_fadvise(fd, start, length, os.POSIX_FADV_DONTNEED)
 
 
-def _when_all(futures, callback) -> None:
+def when_all(futures, callback) -> None:
     """Call `callback` once every future has completed (from the thread that completes the last one)."""
     left = [len(futures)]
     lock = threading.Lock()

@@ -36,7 +36,8 @@ import torch
 
 from .atomic import NOFOLLOW, create_private, discard, rename_into_place
 from .header import DTYPE_TO_ST, encode_header, file_tensor_metas
-from .shard_file import PIECE, _when_all, _write_piece
+from ..tensor_checksums import SOURCE_CRC_KEY, file_sha256, sha256_ranges
+from .shard_file import PIECE, when_all, write_piece
 
 METADATA = {"format": "pt"}
 
@@ -86,7 +87,7 @@ def create_shared(final_path: str, tensors, tmp_dir: str | None = None) -> Share
     size = max([len(header)] + [end for _, end in ranges.values()])
     fd, tmp = create_private(final_path, tmp_dir)
     try:
-        _write_piece(fd, memoryview(header), 0)
+        write_piece(fd, memoryview(header), 0)
         os.ftruncate(fd, size)
         st = os.fstat(fd)
     except BaseException:
@@ -153,11 +154,11 @@ class PartWriter:
         start, end = self._ranges[name]
         data = memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()).cast("B") if end > start \
             else memoryview(b"")
-        futures = [self._pool.submit(_write_piece, self._fd, data[i:i + PIECE], start + i)
+        futures = [self._pool.submit(write_piece, self._fd, data[i:i + PIECE], start + i)
                    for i in range(0, len(data), PIECE)]
         futures.append(self._hasher.submit(self._hash, name, data))
         if done is not None:
-            _when_all(futures, done)
+            when_all(futures, done)
         self._in_flight.append((futures, len(data)))
         self._in_flight_bytes += len(data)
         self._drain(self.max_in_flight)
@@ -212,8 +213,6 @@ def complete_part(manifest, rank: int, handle: SharedHandle, filename: str, tens
     """Record this rank's part (`source_crcs`: {item: crc32 of the source bytes it was made from}); if every
     planned tensor of the shard is now recorded, write the shard record (with every writer's source crc32s) and
     rename the temporary to `staged`. Returns the shard record when this rank completed the shard, else None."""
-    from .manifest import SOURCE_CRC_KEY
-
     manifest.record_part(filename, rank, handle.ident, sums, source_crcs or {})
     parts, crcs = manifest.parts(filename, handle.ident, with_sources=True)
     planned = [n for n, _, _ in tensors]
@@ -235,8 +234,6 @@ def complete_part(manifest, rank: int, handle: SharedHandle, filename: str, tens
 def check_shard(path: str, info: dict, label: str | None = None) -> str | None:
     """None if `path` holds exactly the bytes `info` (a shard record) describes, else the first difference.
     Records with a whole-file `sha256` (exports before issue 17) are checked by that."""
-    from ..tensor_checksums import sha256_ranges
-    from .manifest import file_sha256
 
     name = label or os.path.basename(path)
     if os.path.islink(path) or not os.path.isfile(path):
