@@ -49,6 +49,17 @@ def _add_model(p):
     p.add_argument("--revision", default=None, help="branch, tag or commit of a Hub id (default: main)")
 
 
+def _add_quantizer_state(p):
+    """--quantizer-state and --modelopt-kernels, the same for `export` and `plan`."""
+    p.add_argument("--quantizer-state", default=None, metavar="FILE",
+                   help="the quantizers of a ModelOpt-calibrated model, from dist_export.save_quantizer_state(model, "
+                        "FILE); --model is the checkpoint folder that model was loaded from (or saved to)")
+    p.add_argument("--modelopt-kernels", action="store_true",
+                   help="with --quantizer-state: run each weight through its own ModelOpt quantizer on the rank "
+                        "(bit for bit ModelOpt's export on that device; needs ModelOpt, --format vllm-fq) instead of "
+                        "dist_export's exact arithmetic")
+
+
 def _add_export(sub):
     from .options import DEFAULT_RECIPE, DEFAULTS
 
@@ -57,13 +68,7 @@ def _add_export(sub):
     p.add_argument("--recipe", default=DEFAULTS.recipe, metavar="RECIPE",
                    help=f"{_recipe_help()}; with --quantizer-state the saved quantizers are the recipe and a recipe "
                         f"given too must agree with them (default: {DEFAULT_RECIPE})")
-    p.add_argument("--quantizer-state", default=None, metavar="FILE",
-                   help="the quantizers of a ModelOpt-calibrated model, from dist_export.save_quantizer_state(model, "
-                        "FILE); --model is the checkpoint folder that model was loaded from (or saved to)")
-    p.add_argument("--modelopt-kernels", action="store_true",
-                   help="with --quantizer-state: run each weight through its own ModelOpt quantizer on the rank "
-                        "(bit for bit ModelOpt's export on that device; needs ModelOpt, --format vllm-fq) instead of "
-                        "dist_export's exact arithmetic")
+    _add_quantizer_state(p)
     p.add_argument("--out", required=True, help="output folder (new or empty)")
     p.add_argument("--format", default=DEFAULTS.format, choices=_formats(), help="output format")
     p.add_argument("--calib", default=DEFAULTS.calib, help="calibration file from `dist-export calibrate`")
@@ -140,7 +145,9 @@ def _add_plan(sub):
     p = sub.add_parser("plan", help="print the shard layout and per-rank balance for a world size (no writes)")
     _add_model(p)
     p.add_argument("--recipe", default=DEFAULTS.recipe, metavar="RECIPE",
-                   help=f"{_recipe_help()} (default: {DEFAULT_RECIPE})")
+                   help=f"{_recipe_help()}; with --quantizer-state it must agree with the saved quantizers "
+                        f"(default: {DEFAULT_RECIPE}, or the saved quantizers)")
+    _add_quantizer_state(p)
     p.add_argument("--format", default=DEFAULTS.format, choices=_formats(), help="output format")
     p.add_argument("--world-size", type=_positive_int, default=8, help="simulated world size (ignored under torchrun)")
     p.add_argument("--max-shard-size", default=DEFAULTS.max_shard_size, help="largest output file")
@@ -288,7 +295,8 @@ def cmd_plan(args) -> int:
     world = ctx.world_size if ctx.is_distributed else args.world_size
     if world < 1:
         raise ValueError(f"--world-size must be at least 1, got {world}")
-    opts = ExportOptions(recipe=args.recipe, format=args.format, max_shard_size=args.max_shard_size)
+    opts = ExportOptions(recipe=args.recipe, format=args.format, max_shard_size=args.max_shard_size,
+                         quantizer_state=args.quantizer_state, modelopt_kernels=args.modelopt_kernels)
 
     def open_source():
         if args.model and args.model.startswith("synthetic:") and args.metadata_only:
@@ -307,12 +315,15 @@ def cmd_plan(args) -> int:
         inputs = ctx.agree("plan", lambda: plan_inputs(open_source, None, opts, world, nnodes),
                            lambda i: i.plan.digest())
         plan = inputs.plan
+        quantized = sum(item.quantized for item in plan.items.values())
         if ctx.is_rank0 and args.json:
             from .plan import plan_summary
 
-            print(json.dumps(plan_summary(plan, inputs.output_format), indent=1))
+            print(json.dumps({**plan_summary(plan, inputs.output_format), "recipe": inputs.recipe.name,
+                              "quantized_items": quantized}, indent=1))
         elif ctx.is_rank0:
-            print(f"{len(plan.items)} items, {len(plan.shards)} shards, {plan.total_size / 1e9:.3f} GB out, "
+            print(f"recipe {inputs.recipe.name}: {len(plan.items)} items ({quantized} quantized), "
+                  f"{len(plan.shards)} shards, {plan.total_size / 1e9:.3f} GB out, "
                   f"{len(plan.groups)} shared-amax groups, world size {world} on {nnodes} node(s)"
                   + (f", {world} ranks agree on digest {plan.digest()[:12]}" if ctx.is_distributed else ""))
             loads = rank_loads(plan, inputs.output_format)

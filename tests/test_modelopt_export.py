@@ -406,6 +406,34 @@ def test_weights_changed_in_place_are_refused(tmp_path):
     _same_as_in_memory(tmp_path / "s", tmp_path / "mem")
 
 
+def test_plan_takes_the_quantizer_state(tmp_path):
+    """`dist-export plan --quantizer-state` plans the export `export --quantizer-state` runs: its quantized items
+    are the model's enabled weight quantizers (layer 0 disabled: 7 of llama-tiny's 14 linear weights, where the
+    default recipe quantizes all 14), simulated at 3 ranks and under torchrun at 2 (the ranks agree); a recipe
+    that disagrees with the quantizers and a state saved from another model are one-line refusals."""
+    from helpers import run_cli, run_torchrun
+
+    model, folder = quantized("llama-tiny", "fp8-layer0-off")
+    enabled = [n for n, _ in _weight_quantizers(model)]
+    path = str(tmp_path / "q.pt")
+    dist_export.save_quantizer_state(model, path)
+    got = json.loads(run_cli("plan", "--model", folder, "--quantizer-state", path, "--world-size", "3",
+                             "--json").stdout)
+    assert got["recipe"] == "modelopt-quantizers" and got["quantized_items"] == len(enabled) == 7, got
+    assert got["world_size"] == 3 and sum(r["items"] for r in got["executed"]["ranks"]) == got["items"]
+    plain = json.loads(run_cli("plan", "--model", folder, "--world-size", "3", "--json").stdout)
+    assert plain["recipe"] == "fp8-block" and plain["quantized_items"] == 14 and plain["items"] == got["items"]
+    proc = run_torchrun(2, "plan", "--model", folder, "--quantizer-state", path)
+    assert "recipe modelopt-quantizers: " in proc.stdout and "(7 quantized)" in proc.stdout, proc.stdout
+    assert "2 ranks agree on digest" in proc.stdout, proc.stdout
+    for args, message in (((folder, "--recipe", "nvfp4-w4a16"), "disagrees with the model's quantizers"),
+                          ((model_dir("synthetic:qwen3-moe-tiny"),), "was saved from another model")):
+        proc = run_cli("plan", "--quantizer-state", path, "--model", *args, check=False)
+        assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-2000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("[rank 0] error: ") and len(last) < 400, last
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="ModelOpt's NVFP4 fake quant needs CUDA")
 @pytest.mark.parametrize("name", ["llama-tiny", "qwen3-moe-tiny"])
 @pytest.mark.parametrize("config", GPU_ONLY)
