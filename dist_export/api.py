@@ -118,8 +118,9 @@ def _export_calibrated(model, out_dir: str, opts: ExportOptions, ctx: DistContex
     import shutil
     import tempfile
 
-    from .calibration.run import calibrate_for_export
+    from .calibration.run import calibrate_for_export, calibration_options
 
+    calibration_options(opts.calibration)  # a missing data choice or an unknown key: one line, before anything
     own = ctx is None
     ctx = ctx or init_distributed(opts.device)
     tmp = tempfile.mkdtemp(prefix="dist_export_calib_")

@@ -245,8 +245,8 @@ def _check_summary_path(path: str) -> None:
 def cmd_calibrate(args) -> int:
     from .calibration.run import calibrate
 
-    calibrate(args.model, args.recipe, args.out, data=args.data, num_samples=args.num_samples, seq_len=args.seq_len,
-              seed=args.seed, device_map=args.device_map, trust_remote_code=args.trust_remote_code,
+    calibrate(args.model, args.recipe, args.out, data=args.data, random_tokens=args.random_tokens,
+              num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed, device_map=args.device_map, trust_remote_code=args.trust_remote_code,
               batch_size=args.batch_size, revision=args.revision, device=args.device)
     return 0
 

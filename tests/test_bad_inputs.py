@@ -151,7 +151,7 @@ def make_calibration(model: str, recipe: str, path) -> str:
     from dist_export.calibration.run import calibrate
     from dist_export.recipe import load_recipe
 
-    calibrate(resolve_model(model), load_recipe(recipe), str(path), num_samples=2, seq_len=16)
+    calibrate(resolve_model(model), load_recipe(recipe), str(path), random_tokens=True, num_samples=2, seq_len=16)
     return str(path)
 
 

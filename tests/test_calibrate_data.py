@@ -37,7 +37,7 @@ def test_chat_jsonl_calibrates_and_is_recorded(tmp_path):
 
 def test_string_model_and_recipe_without_data_record_random_tokens(tmp_path):
     out = str(tmp_path / "c.safetensors")
-    calibrate("synthetic:llama-tiny", "fp8", out, num_samples=2, seq_len=8)
+    calibrate("synthetic:llama-tiny", "fp8", out, random_tokens=True, num_samples=2, seq_len=8)
     record = json.loads(_meta(out)["data"])
     assert record == {"kind": "random-tokens", "seed": 0, "samples": 2, "tokens": 16, "seq_len": 8}
 
@@ -48,3 +48,33 @@ def test_num_samples_zero_is_one_line(tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1
     assert "--num-samples: expected a positive integer, got '0'" in lines[0]
+
+
+def test_api_without_a_data_choice_is_one_line_and_writes_nothing(tmp_path):
+    """The Python API chooses no data silently (as the CLI's required --data | --random-tokens): without data and
+    without random_tokens=True it refuses before loading anything, and names both ways out; both at once too."""
+    from dist_export.api import export
+
+    out = tmp_path / "c.safetensors"
+    with pytest.raises(ValueError, match=r"calibration needs data: pass data=.*random_tokens=True"):
+        calibrate("synthetic:llama-tiny", "fp8", str(out), num_samples=2, seq_len=8)
+    with pytest.raises(ValueError, match="not both"):
+        calibrate("synthetic:llama-tiny", "fp8", str(out), data="x.txt", random_tokens=True)
+    with pytest.raises(ValueError, match="random_tokens must be True or False"):
+        calibrate("synthetic:llama-tiny", "fp8", str(out), random_tokens="yes")
+    assert not out.exists()
+    with pytest.raises(ValueError, match=r"calibration needs data: pass data=.*random_tokens=True"):
+        export("synthetic:llama-tiny", str(tmp_path / "o"), recipe="fp8", calibration={"num_samples": 2})
+    assert not (tmp_path / "o").exists()
+
+
+def test_export_calibration_with_random_tokens_records_them(tmp_path):
+    """calibration={"random_tokens": True} is the explicit test-only choice; the export's record says so."""
+    from dist_export.api import export
+
+    out = tmp_path / "o"
+    export("synthetic:llama-tiny", str(out), recipe="fp8",
+           calibration={"random_tokens": True, "num_samples": 2, "seq_len": 8, "seed": 3})
+    record = json.loads((out / "dist_export.json").read_text())
+    assert record["calibration_data"] == {"kind": "random-tokens", "seed": 3, "samples": 2, "tokens": 16,
+                                          "seq_len": 8}

@@ -48,7 +48,7 @@ def _calib(model, recipe, tmp_path):
     from dist_export.recipe import load_recipe
 
     path = str(tmp_path / "calib.safetensors")
-    calibrate(model_dir(model), load_recipe(recipe), path, num_samples=2, seq_len=16)
+    calibrate(model_dir(model), load_recipe(recipe), path, random_tokens=True, num_samples=2, seq_len=16)
     return path
 
 

@@ -33,7 +33,7 @@ def _calibrate(src, recipe, tmp_path):
     from dist_export.recipe import load_recipe
 
     path = str(tmp_path / f"calib-{recipe}.safetensors")
-    calibrate(src, load_recipe(recipe), path, num_samples=2, seq_len=16)
+    calibrate(src, load_recipe(recipe), path, random_tokens=True, num_samples=2, seq_len=16)
     return path
 
 

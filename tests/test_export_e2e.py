@@ -27,7 +27,7 @@ def calib_files(tmp_path_factory):
     for model in MODELS:
         for recipe in sorted(STATIC):
             path = str(root / f"{model.split(':')[1]}-{recipe}.safetensors")
-            calibrate(model_dir(model), load_recipe(recipe), path, num_samples=2, seq_len=16)
+            calibrate(model_dir(model), load_recipe(recipe), path, random_tokens=True, num_samples=2, seq_len=16)
             out[(model, recipe)] = path
     return out
 
@@ -119,7 +119,7 @@ def test_static_recipe_that_quantizes_lm_head(tmp_path):
                                           "input": {"format": "fp8", "dynamic": False}}]})
     src = model_dir("synthetic:qwen3-tiny")  # untied: lm_head is a tensor of its own
     calib = str(tmp_path / "calib.safetensors")
-    calibrate(src, recipe, calib, num_samples=2, seq_len=16)
+    calibrate(src, recipe, calib, random_tokens=True, num_samples=2, seq_len=16)
     with safe_open(calib, "pt") as f:
         lm_amax = f.get_tensor("lm_head.input_quantizer")
     out = str(tmp_path / "out")

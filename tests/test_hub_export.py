@@ -98,7 +98,7 @@ def test_python_api_takes_a_revision(tmp_path, hub):
     out, calib = str(tmp_path / "out"), str(tmp_path / "c.safetensors")
     code = ("import dist_export; from dist_export.calibration.run import calibrate; "
             f"dist_export.export('acme/q3', {out!r}, revision='bare', recipe='fp8-pc-pt'); "
-            f"calibrate('acme/q3', 'fp8', {calib!r}, revision='bare', num_samples=2, seq_len=8)")
+            f"calibrate('acme/q3', 'fp8', {calib!r}, revision='bare', random_tokens=True, num_samples=2, seq_len=8)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env={**os.environ, **hub}, timeout=300)
     bare = os.path.join(hub["HF_HUB_CACHE"], "models--acme--q3", "snapshots", "b" * 40)
     with safe_open(os.path.join(bare, "model.safetensors"), "pt") as f:

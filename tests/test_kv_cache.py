@@ -71,7 +71,7 @@ def test_calibration_records_kv_amax_after_rope(model, tmp_path, synthetic_cache
     from dist_export.sources.synthetic import ensure_synthetic
 
     src = ensure_synthetic(model)
-    got = calibrate(src, _recipe(tmp_path), str(tmp_path / "calib.safetensors"), num_samples=3, seq_len=24, seed=5)
+    got = calibrate(src, _recipe(tmp_path), str(tmp_path / "calib.safetensors"), random_tokens=True, num_samples=3, seq_len=24, seed=5)
     vocab = json.load(open(os.path.join(src, "config.json")))["vocab_size"]
     ref = _reference_kv_amax(src, random_token_samples(vocab, 3, 24, 5).samples)
     assert sorted(got) == sorted(ref) and len(ref) == 4, (sorted(got), sorted(ref))
@@ -89,7 +89,7 @@ def kv_exports(tmp_path_factory, synthetic_cache):
     src = ensure_synthetic("synthetic:llama-tiny")
     recipe = _recipe(root)
     calib = str(root / "calib.safetensors")
-    amax = calibrate(src, recipe, calib, num_samples=3, seq_len=24)
+    amax = calibrate(src, recipe, calib, random_tokens=True, num_samples=3, seq_len=24)
     outs = {}
     for fmt in ("compressed-tensors", "modelopt", "vllm-fq"):
         outs[fmt] = str(root / fmt)

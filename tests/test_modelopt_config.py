@@ -38,7 +38,7 @@ def test_config_json_is_modelopts_own_conversion_of_hf_quant_config(tmp_path):
 
     src = model_dir("synthetic:llama-tiny")
     calib = str(tmp_path / "calib.safetensors")
-    calibrate(src, load_recipe("mixed-fp8-nvfp4"), calib, num_samples=1, seq_len=8)
+    calibrate(src, load_recipe("mixed-fp8-nvfp4"), calib, random_tokens=True, num_samples=1, seq_len=8)
     algos = {"nvfp4-w4a16": "W4A16_NVFP4", "fp8-pc-pt": "FP8_PER_CHANNEL_PER_TOKEN",
              "mixed-fp8-nvfp4": "MIXED_PRECISION"}
     for recipe in algos:

@@ -30,7 +30,7 @@ def test_architecture_exports_every_recipe(model, tmp_path):
         calib = None
         if recipe == "nvfp4":
             calib = str(tmp_path / "calib.safetensors")
-            calibrate(src, load_recipe(recipe), calib, num_samples=2, seq_len=16)
+            calibrate(src, load_recipe(recipe), calib, random_tokens=True, num_samples=2, seq_len=16)
         out = str(tmp_path / recipe)
         export(src, out, recipe=recipe, calib=calib)
         got = read_all(out)
@@ -199,7 +199,7 @@ def test_unrouted_experts_still_quantized_and_calibrated(tmp_path, caplog):
     src = model_dir("synthetic:qwen3-moe-tiny")
     calib = str(tmp_path / "calib.safetensors")
     with caplog.at_level(logging.WARNING):
-        calibrate(src, load_recipe("nvfp4"), calib, num_samples=1, seq_len=1)
+        calibrate(src, load_recipe("nvfp4"), calib, random_tokens=True, num_samples=1, seq_len=1)
     assert any("got no calibration tokens" in r.message for r in caplog.records)
     with safe_open(calib, "pt") as f:
         amax = {k: f.get_tensor(k) for k in f.keys()}

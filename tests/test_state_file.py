@@ -47,7 +47,7 @@ def exports(tmp_path_factory, synthetic_cache):
                 calib = None
                 if rec.needs_calibration:
                     calib = str(root / f"calib-{recipe}.safetensors")
-                    calibrate(src, rec, calib, num_samples=4, seq_len=32)
+                    calibrate(src, rec, calib, random_tokens=True, num_samples=4, seq_len=32)
                 out = str(root / f"out-{recipe}")
                 export(src, out, recipe=recipe, format="vllm-fq", calib=calib)
                 made[recipe] = (out, calib)

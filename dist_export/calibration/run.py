@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 
 import torch
@@ -32,16 +33,33 @@ log = logging.getLogger(__name__)
 _EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|w1|w3|down_proj|w2)$")
 
 
+def check_data_choice(data, random_tokens) -> None:
+    """Calibration data is always chosen explicitly: `data` (a file or folder) or `random_tokens=True` (tests),
+    exactly one of them (the CLI's required `--data | --random-tokens`)."""
+    if not isinstance(random_tokens, bool):
+        raise ValueError(f"random_tokens must be True or False, got {random_tokens!r}")
+    if data is None and not random_tokens:
+        raise ValueError("calibration needs data: pass data=FILE.jsonl|FILE.txt|DATASET_FOLDER (--data), or "
+                         "random_tokens=True (--random-tokens) for tests only: random tokens give useless scales")
+    if data is not None and random_tokens:
+        raise ValueError("pass data (--data) or random_tokens (--random-tokens), not both")
+    if data is not None and not isinstance(data, (str, os.PathLike)):
+        raise ValueError(f"data must be the path of a .txt/.jsonl/.json file or a dataset folder, got "
+                         f"{type(data).__name__}")
+
+
 def calibration_samples(model_dir: str | None, vocab_size: int, data: str | None, num_samples: int, seq_len: int,
                         seed: int, tokenizer=None, announce: bool = True) -> CalibrationData:
     """Samples (token id lists) and the record of how they were chosen (calibration/data.py): a text, JSONL
     (`text` or chat `messages`) file or dataset folder read with the model's tokenizer (`tokenizer`, else the one
-    in `model_dir`), or, without `data`, seeded random ids, announced as fit for tests only."""
+    in `model_dir`), or, for `data` None (random tokens asked for: `check_data_choice`), seeded random ids,
+    announced as fit for tests only."""
     if data is None:
         if announce:
-            log.warning("no --data: calibrating on %d RANDOM token sequences (fine for tests, not for real scales); "
-                        "pass --data FILE.jsonl|FILE.txt|DATASET_FOLDER", num_samples)
+            log.warning("--random-tokens: calibrating on %d RANDOM token sequences (fine for tests, useless scales "
+                        "for real use: pass --data FILE.jsonl|FILE.txt|DATASET_FOLDER)", num_samples)
         return random_token_samples(vocab_size, num_samples, seq_len, seed)
+    data = os.fspath(data)
     if tokenizer is None:
         if model_dir is None:
             raise ValueError("--data needs a tokenizer: pass tokenizer= with an in-memory model")
@@ -170,10 +188,14 @@ def _kv_attention_modules(model, kv_targets: set[str]) -> dict[str, tuple[str, s
 
 def calibrate(model, recipe, out: str | None = None, data: str | None = None, num_samples: int = 16,
               seq_len: int = 128, seed: int = 0, device_map: str | None = None, trust_remote_code: bool = False, *,
-              batch_size: int = 1, revision: str | None = None, tokenizer=None, device: str | None = None,
-              ctx=None) -> dict[str, torch.Tensor]:
+              random_tokens: bool = False, batch_size: int = 1, revision: str | None = None, tokenizer=None,
+              device: str | None = None, ctx=None) -> dict[str, torch.Tensor]:
     """Max-calibrate the input amax of every static input quantizer of `recipe`; returns {quantizer: 0-d amax}
     on every rank, and rank 0 writes `out` (when given).
+
+    The samples come from `data` (a .txt, .jsonl or .json file or a dataset folder, read with the model's
+    tokenizer) or, for tests only, from `random_tokens=True` (seeded random ids, `seed`); exactly one of the two,
+    as the CLI's `--data | --random-tokens` (nothing is chosen silently).
 
     `model`: a folder, Hub id or `synthetic:...` (loaded with transformers on each rank's device, or with
     `device_map` in a single process), or an in-memory transformers model (used as it is, never changed; hooks
@@ -184,6 +206,7 @@ def calibrate(model, recipe, out: str | None = None, data: str | None = None, nu
     """
     from ..runtime.dist import init_distributed
 
+    check_data_choice(data, random_tokens)  # before any process group or model load
     own = ctx is None
     ctx = ctx or init_distributed(device)
     try:
@@ -203,12 +226,7 @@ def calibrate(model, recipe, out: str | None = None, data: str | None = None, nu
 def calibrate_for_export(ctx, model, recipe, path: str, options: dict) -> None:
     """`export(..., calibration={...})`: calibrate on every rank of `ctx` (data-parallel) and write the result to
     `path` on every rank (each rank's own private file, the same bytes everywhere)."""
-    valid = {"data", "num_samples", "seq_len", "seed", "batch_size", "tokenizer", "trust_remote_code", "revision"}
-    unknown = sorted(set(options) - valid)
-    if unknown:
-        raise TypeError(f"calibration= got unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
-    o = {"data": None, "num_samples": 16, "seq_len": 128, "seed": 0, "batch_size": 1, "tokenizer": None,
-         "trust_remote_code": False, "revision": None, **options}
+    o = calibration_options(options)
     amax, record, signature, recipe = _calibrate(ctx, model, recipe, o["data"], o["num_samples"], o["seq_len"],
                                                  o["seed"], None, o["trust_remote_code"], o["batch_size"],
                                                  o["revision"], o["tokenizer"])
@@ -216,6 +234,22 @@ def calibrate_for_export(ctx, model, recipe, path: str, options: dict) -> None:
     if ctx.is_rank0:
         log.info("calibrated %d input quantizers on %d samples (%s, %d rank%s) for this export", len(amax),
                  record["samples"], record.get("kind"), ctx.world_size, "s" if ctx.world_size > 1 else "")
+
+
+CALIBRATION_DEFAULTS = {"data": None, "random_tokens": False, "num_samples": 16, "seq_len": 128, "seed": 0,
+                        "batch_size": 1, "tokenizer": None, "trust_remote_code": False, "revision": None}
+
+
+def calibration_options(options: dict) -> dict:
+    """`export(calibration={...})`'s options with their defaults; an unknown key, or no data choice, is one line
+    (checked before any process group: `data` or `random_tokens=True`, as for `calibrate`)."""
+    unknown = sorted(set(options) - set(CALIBRATION_DEFAULTS))
+    if unknown:
+        raise TypeError(f"calibration= got unknown key(s) {', '.join(unknown)}; valid: "
+                        f"{', '.join(sorted(CALIBRATION_DEFAULTS))}")
+    o = {**CALIBRATION_DEFAULTS, **options}
+    check_data_choice(o["data"], o["random_tokens"])
+    return o
 
 
 def _calibrate(ctx, model, recipe, data, num_samples, seq_len, seed, device_map, trust_remote_code,

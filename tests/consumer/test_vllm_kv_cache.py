@@ -167,7 +167,7 @@ def test_vllm_serves_fp8_kv_cache(fmt, key, tmp_path, synthetic_cache):
     recipe = tmp_path / "fp8-pc-pt-kv.yaml"
     recipe.write_text(RECIPE)
     calib = str(tmp_path / "calib.safetensors")
-    calibrate(src, str(recipe), calib, num_samples=4, seq_len=32)
+    calibrate(src, str(recipe), calib, random_tokens=True, num_samples=4, seq_len=32)
     out, fold = str(tmp_path / fmt), str(tmp_path / "fq")
     export(src, out, recipe=str(recipe), format=fmt, calib=calib)
     export(src, fold, recipe=str(recipe), format="vllm-fq", calib=calib)

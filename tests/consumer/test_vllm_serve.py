@@ -49,7 +49,7 @@ def _export(recipe: str, root) -> tuple[str, str]:
     calib = None
     if load_recipe(recipe).needs_calibration:
         calib = str(root / f"calib-{recipe}.safetensors")
-        calibrate(src, load_recipe(recipe), calib, num_samples=4, seq_len=32)
+        calibrate(src, load_recipe(recipe), calib, random_tokens=True, num_samples=4, seq_len=32)
     out = str(root / f"out-{recipe}")
     export(src, out, recipe=recipe, format="vllm-fq", calib=calib)
     return src, out
