@@ -30,6 +30,10 @@ RECIPES = {
     "nvfp4": "nvfp4-pack-quantized",
     "nvfp4-w4a16": "nvfp4-pack-quantized",
     "nvfp4-mse": "nvfp4-pack-quantized",
+    "nvfp4-mse-wide": "nvfp4-pack-quantized",
+    "int8-w8a8": "int-quantized",
+    "mxfp8-w8a16": "mxfp8-quantized",
+    "mxfp4-w4a16": "mxfp4-pack-quantized",
     "mixed-fp8block-nvfp4": "mixed-precision",
     "mixed-fp8-nvfp4": "mixed-precision",
 }
@@ -38,7 +42,8 @@ RECIPES = {
 # INT groups of 128 need input sizes that are multiples of 128 (llama-small); MoE experts per expert (qwen3-moe)
 MODELS = {"int4-w4a16": "synthetic:llama-small", "int4-w4a16-mse": "synthetic:llama-small",
           "int8-w8a16": "synthetic:qwen3-moe-tiny", "fp8-pc-pt": "synthetic:qwen3-moe-tiny",
-          "nvfp4-w4a16": "synthetic:qwen3-moe-tiny"}
+          "nvfp4-w4a16": "synthetic:qwen3-moe-tiny", "int8-w8a8": "synthetic:qwen3-moe-tiny",
+          "mxfp4-w4a16": "synthetic:qwen3-moe-tiny"}
 
 
 def _calib(model, recipe, tmp_path):
@@ -117,7 +122,8 @@ def test_compressed_tensors_decompresses_to_the_fold(recipe, tmp_path):
         got = values.to(want.dtype)
         diff = (got != want).sum().item()
         assert diff == 0, f"{recipe} {name}: {diff} of {want.numel()} elements differ from the fold"
-        if RECIPES[recipe] != "pack-quantized":  # FP8 and NVFP4 keep the sign of zero too (INT codes have no -0)
+        # FP8, NVFP4 and MX keep the sign of zero too (INT codes have no -0)
+        if RECIPES[recipe] not in ("pack-quantized", "int-quantized"):
             assert torch.equal(_bytes(got), _bytes(want)), name
     for name, t in folded.items():  # everything else byte-identical, nothing extra
         if name not in deq:
@@ -206,9 +212,9 @@ def test_compressed_tensors_refuses_what_it_cannot_store_exactly(tmp_path):
     tiny = model_dir("synthetic:llama-tiny")
     with pytest.raises(ValueError, match="not a multiple of the group size 128"):
         export(tiny, str(tmp_path / "a"), recipe="int4-w4a16", format="compressed-tensors")
-    recipe = tmp_path / "w8a8.yaml"
-    recipe.write_text("name: w8a8\nrules:\n  - match: ['*']\n    weight: {format: int8, granularity: channel}\n"
-                      "    input: {format: int8, granularity: token, dynamic: true}\n")
+    recipe = tmp_path / "w8a8fp8.yaml"  # INT8 weights with FP8 inputs: no compressed-tensors scheme
+    recipe.write_text("name: w8a8fp8\nrules:\n  - match: ['*']\n    weight: {format: int8, granularity: channel}\n"
+                      "    input: {format: fp8, granularity: token, dynamic: true}\n")
     with pytest.raises(ValueError, match="no scheme for model.layers.0"):
         export(tiny, str(tmp_path / "b"), recipe=str(recipe), format="compressed-tensors")
     from dist_export.sources.synthetic import ensure_synthetic

@@ -11,7 +11,8 @@ Dividing by a power of two is exact, so `y` is exactly what a loader computes fr
 so up to 8 for E2M1 and up to 512 for E4M3) saturate to the max, as the OCP reference conversion does.
 
 Registered as the numeric formats "mxfp4" and "mxfp8" (granularity "group", blocks of 32, weights only: the
-recipes mxfp4-w4a16 and mxfp8-w8a16, exported as fake quant with `--format vllm-fq`).
+recipes mxfp4-w4a16 and mxfp8-w8a16, exported as fake quant with `--format vllm-fq` or as compressed-tensors'
+mxfp4-pack-quantized / mxfp8-quantized).
 """
 from __future__ import annotations
 
@@ -48,8 +49,9 @@ def _round_elements(v: torch.Tensor, fmt: str) -> torch.Tensor:
     return torch.where(v >= 0, q, -q)
 
 
-def mx_fake_quant(x: torch.Tensor, fmt: str, block_amax: torch.Tensor | None = None) -> torch.Tensor:
-    """Fold of `x` (float32, last dim any length; a short last block is its own block) into MX values."""
+def quantize_mx(x: torch.Tensor, fmt: str, block_amax: torch.Tensor | None = None):
+    """(elements, k): the element values q (float32, x's shape, each exactly an E2M1 / E4M3 value, signed zeros
+    kept) and the int32 shared exponent k per block [..., ceil(cols / 32)], so that the fold is q * 2**k."""
     x = x.float()
     cols = x.shape[-1]
     nblocks = -(-cols // MX_BLOCK)
@@ -57,11 +59,17 @@ def mx_fake_quant(x: torch.Tensor, fmt: str, block_amax: torch.Tensor | None = N
     xp = torch.nn.functional.pad(x, (0, pad)) if pad else x
     blocks = xp.reshape(*x.shape[:-1], nblocks, MX_BLOCK)
     amax = blocks.abs().amax(dim=-1) if block_amax is None else block_amax.float().reshape(blocks.shape[:-1])
-    k = mx_block_exponent(amax, fmt).unsqueeze(-1)
-    # x * 2**-k and q * 2**k are exact (powers of two), done with ldexp so no rounded reciprocal enters
-    v = torch.ldexp(blocks, -k)
-    y = torch.ldexp(_round_elements(v, fmt), k)
-    return y.reshape(*x.shape[:-1], nblocks * MX_BLOCK)[..., :cols]
+    k = mx_block_exponent(amax, fmt)
+    # x * 2**-k is exact (a power of two), done with ldexp so no rounded reciprocal enters
+    q = _round_elements(torch.ldexp(blocks, -k.unsqueeze(-1)), fmt)
+    return q.reshape(*x.shape[:-1], nblocks * MX_BLOCK)[..., :cols], k
+
+
+def mx_fake_quant(x: torch.Tensor, fmt: str, block_amax: torch.Tensor | None = None) -> torch.Tensor:
+    """Fold of `x` (float32, last dim any length; a short last block is its own block) into MX values."""
+    q, k = quantize_mx(x, fmt, block_amax)
+    k_el = k.repeat_interleave(MX_BLOCK, dim=-1)[..., : x.shape[-1]]
+    return torch.ldexp(q, k_el)  # q * 2**k: exact
 
 
 def fake_quant_mx(x: torch.Tensor, spec, amax: torch.Tensor, block_amax: torch.Tensor | None = None) -> torch.Tensor:
@@ -70,6 +78,7 @@ def fake_quant_mx(x: torch.Tensor, spec, amax: torch.Tensor, block_amax: torch.T
     return mx_fake_quant(x, spec.fmt, amax if amax.dim() else None)
 
 
-# Weight-only for now: fake quant (vllm-fq) only, no real-quant layout here, no activation quantizer.
+# Weight-only: no activation quantizer. Real-quant layout: compressed-tensors' MXFP8A16 / MXFP4A16
+# (output_formats/compressed_tensors.py, from `quantize_mx`).
 for _name in MX_ELEMENTS:
     register_format(NumericFormat(_name, fake_quant_mx, granularities=("group",), block_size=MX_BLOCK))

@@ -8,11 +8,15 @@ rank that owns the item, on its device; `update_config` runs on rank 0 at commit
 | FP8 (static)          | fp8                            | float-quantized      | weight F8_E4M3 [N, K], weight_scale F32 [1] / [N, 1], input_scale F32 [1] |
 | FP8_DYNAMIC           | fp8-pc-pt                      | float-quantized      | weight F8_E4M3 [N, K], weight_scale F32 [N, 1]     |
 | FP8_BLOCK             | fp8-block                      | float-quantized      | weight F8_E4M3 [N, K], weight_scale F32 [ceil(N/b), ceil(K/b)] |
-| NVFP4A16, NVFP4       | nvfp4-w4a16, nvfp4, nvfp4-mse  | nvfp4-pack-quantized | weight_packed U8 [N, K/2], weight_scale F8_E4M3 [N, K/16], weight_global_scale F32 [1], input_global_scale F32 [1] (NVFP4) |
+| NVFP4A16, NVFP4       | nvfp4-w4a16, nvfp4, nvfp4-mse(-wide) | nvfp4-pack-quantized | weight_packed U8 [N, K/2], weight_scale F8_E4M3 [N, K/16], weight_global_scale F32 [1], input_global_scale F32 [1] (NVFP4) |
+| W8A8 (INT8, dynamic per-token INT8 inputs) | int8-w8a8 | int-quantized | weight I8 [N, K], weight_scale F64 [N, 1] |
+| MXFP8A16              | mxfp8-w8a16                    | mxfp8-quantized      | weight F8_E4M3 [N, K], weight_scale U8 (E8M0) [N, K/32] |
+| MXFP4A16              | mxfp4-w4a16                    | mxfp4-pack-quantized | weight_packed U8 [N, K/2], weight_scale U8 (E8M0) [N, K/32] |
 
 Every scale is chosen so that compressed-tensors' own decompression (`dequantize=True` loads) gives exactly the
 `vllm-fq` fold of the same recipe in the model dtype (tested against the compressed-tensors package):
 - FP8: `weight_scale` is the fold's exact multiplier `inv` (float32), as in the other real formats.
+- MX: codes and E8M0 exponents are the fold's (numerics/mx.py); `2 ** (byte - 127)` times a code is exact.
 - INT: compressed-tensors multiplies the codes by the scale (in the scale's dtype) where the fold divides by
   `s = maxb / amax`; the stored scale is `1 / s` in float64, whose product with every code rounds to the fold's
   value in any model dtype (checked per group at export; numerics/multipliers.py says why float32 cannot).
@@ -37,6 +41,8 @@ from ..numerics import expand_to, quantize
 from ..numerics.constants import F8E4M3_MAX, NVFP4_GLOBAL_DIVISOR
 from ..numerics.integer import BITS, int_range
 from ..numerics.multipliers import int_divisor, int_multiplier, nvfp4_global_scale
+from ..numerics.mx import MX_BLOCK, quantize_mx
+from ..numerics.nvfp4 import encode_e2m1, pack_nibbles
 from ..plan import OutSpec
 from ..sources.encode import pack_int32
 from ..storage.header import ST_TO_DTYPE
@@ -128,8 +134,9 @@ def _int_outputs(item) -> list[OutSpec]:
             OutSpec(f"{m}.weight_shape", "I64", (2,))]
 
 
-def _int_produce(item, w, amax, block_amax, input_amax):
-    spec, m = item.weight, item.module
+def _int_codes(item, w, amax) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 codes of the fold, float64 weight_scale in compressed-tensors' shape) of one INT weight."""
+    spec = item.weight
     maxb, minb = int_range(spec.fmt)
     scale, found = int_multiplier(amax, maxb, minb, _dtype(item))
     if not bool(found.all()):
@@ -140,9 +147,14 @@ def _int_produce(item, w, amax, block_amax, input_amax):
     x = w.float()
     q = torch.clamp(torch.round(x * expand_to(s, x.shape, spec.granularity, spec.block_size)), minb, maxb)
     q = torch.where(expand_to(zero, x.shape, spec.granularity, spec.block_size), torch.zeros_like(q), q)
+    return q.to(torch.int8), scale.reshape(_scale_shape(spec, w.shape)).contiguous()
+
+
+def _int_produce(item, w, amax, block_amax, input_amax):
+    m = item.module
+    q, scale = _int_codes(item, w, amax)
     shape = torch.tensor(list(w.shape), dtype=torch.int64, device=w.device)
-    return [(f"{m}.weight_packed", pack_int32(q.to(torch.int8), BITS[spec.fmt])),
-            (f"{m}.weight_scale", scale.reshape(_scale_shape(spec, w.shape)).contiguous()),
+    return [(f"{m}.weight_packed", pack_int32(q, BITS[item.weight.fmt])), (f"{m}.weight_scale", scale),
             (f"{m}.weight_shape", shape)]
 
 
@@ -151,6 +163,69 @@ register_scheme(
     Scheme("W4A16/W8A16", "pack-quantized", _int_weight_args, lambda i: None, _int_outputs, _int_produce,
            _int_refuse),
 )
+
+
+# ---- INT8 weights with INT8 dynamic per-token activations: int-quantized (W8A8) ----
+
+def _w8a8_input_args(inp) -> dict:
+    return {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+
+
+def _w8a8_outputs(item) -> list[OutSpec]:
+    return [OutSpec(item.name, "I8", item.meta.shape),
+            OutSpec(f"{item.module}.weight_scale", "F64", _scale_shape(item.weight, item.meta.shape))]
+
+
+def _w8a8_produce(item, w, amax, block_amax, input_amax):
+    q, scale = _int_codes(item, w, amax)
+    return [(item.name, q), (f"{item.module}.weight_scale", scale)]
+
+
+register_scheme([("int8", g, ("int8", "token", True)) for g in ("tensor", "channel")],
+                Scheme("W8A8", "int-quantized", _int_weight_args, _w8a8_input_args, _w8a8_outputs, _w8a8_produce))
+
+
+# ---- MX weights (E8M0 power-of-two scale per 32), 16-bit activations: mxfp8-quantized, mxfp4-pack-quantized ----
+
+BITS_MX = {"mxfp8": 8, "mxfp4": 4}
+
+
+def _mx_refuse(item) -> str | None:
+    if item.meta.shape[-1] % MX_BLOCK:
+        return (f"{item.module}: input size {item.meta.shape[-1]} is not a multiple of {MX_BLOCK}, which "
+                f"compressed-tensors' MX groups require; use --format vllm-fq")
+    return None
+
+
+def _mx_weight_args(spec) -> dict:
+    return {"num_bits": BITS_MX[spec.fmt], "type": "float", "symmetric": True, "strategy": "group",
+            "group_size": MX_BLOCK, "dynamic": False, "observer": "minmax", "scale_dtype": "torch.uint8",
+            "zp_dtype": "torch.uint8"}
+
+
+def _mx_outputs(item) -> list[OutSpec]:
+    n, k = item.meta.shape
+    m = item.module
+    codes = (OutSpec(item.name, "F8_E4M3", (n, k)) if item.weight.fmt == "mxfp8"
+             else OutSpec(f"{m}.weight_packed", "U8", (n, k // 2)))
+    return [codes, OutSpec(f"{m}.weight_scale", "U8", (n, k // MX_BLOCK))]
+
+
+def _mx_produce(item, w, amax, block_amax, input_amax):
+    m, fmt = item.module, item.weight.fmt
+    q, k = quantize_mx(w, fmt, amax if amax.dim() else None)
+    scale = (k + 127).to(torch.uint8)  # E8M0: biased exponent, compressed-tensors' 2 ** (byte - 127)
+    if fmt == "mxfp8":
+        return [(item.name, q.to(torch.float8_e4m3fn)), (f"{m}.weight_scale", scale)]
+    return [(f"{m}.weight_packed", pack_nibbles(encode_e2m1(q))), (f"{m}.weight_scale", scale)]
+
+
+register_scheme([("mxfp8", "group", None)],
+                Scheme("MXFP8A16", "mxfp8-quantized", _mx_weight_args, lambda i: None, _mx_outputs, _mx_produce,
+                       _mx_refuse))
+register_scheme([("mxfp4", "group", None)],
+                Scheme("MXFP4A16", "mxfp4-pack-quantized", _mx_weight_args, lambda i: None, _mx_outputs,
+                       _mx_produce, _mx_refuse))
 
 
 # ---- FP8 weights (per tensor, per channel, 2-D blocks) with FP8 activations: float-quantized ----
