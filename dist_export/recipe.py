@@ -40,6 +40,10 @@ INPUT_GRANULARITIES = ("tensor", "token", "group")
 # KV-cache quantization a recipe may ask for: FP8 E4M3 with one static scale per attention layer for K and one
 # for V (amax of the key/value states after RoPE, from calibration); vLLM stores the cache as x / scale in FP8.
 KV_CACHE_FORMATS = ("fp8",)
+# A recipe is a few hundred bytes; anchors and aliases may not make it grow past these (a 400-byte YAML of nested
+# aliases expands to 10^9 values: it is refused while still a node graph, before any value is built).
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_NODES = 100_000
 
 
 @dataclass(frozen=True)
@@ -159,16 +163,44 @@ def _check_keys(where: str, data: dict, valid: tuple[str, ...]) -> None:
         raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(valid)}")
 
 
+def _bool(where: str, key: str, d: dict, default: bool) -> bool:
+    """A YAML boolean (true/false, unquoted); the string "false" is not read as true."""
+    value = d.get(key, default)
+    if not isinstance(value, bool):
+        raise ValueError(f"{where}: {key} must be true or false (unquoted), got {value!r}")
+    return value
+
+
+def _positive_int(where: str, key: str, d: dict, default: int | None) -> int | None:
+    """A positive integer, or the default when the key is absent or null (`true` is not 1, `128.0` not 128)."""
+    value = d.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{where}: {key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _string(where: str, key: str, d: dict, default: str | None) -> str | None:
+    """A string, or the default when the key is absent (a list or a number is refused, not str()'ed)."""
+    if key not in d:
+        return default
+    value = d[key]
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: {key} must be a string, got {value!r}")
+    return value
+
+
 def _weight_spec(where: str, d: dict) -> QuantSpec:
     _check_keys(where, d, ("format", "granularity", "block_size", "scale_search", "mse_candidates"))
     if "format" not in d:
         raise ValueError(f"{where}: missing 'format'")
-    fmt = d["format"]
+    fmt = _string(where, "format", d, None)
     default_gran, default_block = _defaults(fmt)
-    block = d.get("block_size", default_block)
+    block = _positive_int(where, "block_size", d, default_block)
     try:
-        return QuantSpec(fmt, d.get("granularity", default_gran), block,
-                         d.get("scale_search", "max"), int(d.get("mse_candidates", 64)))
+        return QuantSpec(fmt, _string(where, "granularity", d, default_gran), block,
+                         _string(where, "scale_search", d, "max"), _positive_int(where, "mse_candidates", d, 64))
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
 
@@ -179,14 +211,14 @@ def _input_spec(where: str, d: dict | None) -> InputSpec | None:
     _check_keys(where, d, ("format", "granularity", "block_size", "dynamic"))
     if "format" not in d:
         raise ValueError(f"{where}: missing 'format'")
-    fmt = d["format"]
+    fmt = _string(where, "format", d, None)
     default_gran, default_block = _defaults(fmt)
     try:
         return InputSpec(
             fmt,
-            d.get("granularity", "tensor" if default_block is None else default_gran),
-            d.get("block_size", default_block),
-            bool(d.get("dynamic", False)),
+            _string(where, "granularity", d, "tensor" if default_block is None else default_gran),
+            _positive_int(where, "block_size", d, default_block),
+            _bool(where, "dynamic", d, False),
         )
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
@@ -222,16 +254,16 @@ def recipe_from_dict(data: dict, source: str = "<dict>") -> Recipe:
         raise ValueError(f"{where}: share_weight_amax has unknown group kind(s) {bad}; valid: {list(SHARE_KINDS)}")
     exclude = _strings(f"{where}: exclude", data.get("exclude") or [])
     kv_cache = data.get("kv_cache")
-    if kv_cache is not None and kv_cache not in KV_CACHE_FORMATS:
+    if kv_cache is not None and (not isinstance(kv_cache, str) or kv_cache not in KV_CACHE_FORMATS):
         raise ValueError(f"{where}: kv_cache {kv_cache!r} is not supported; valid: {list(KV_CACHE_FORMATS)} "
                          f"(or leave it out: the KV cache stays in the model dtype)")
     return Recipe(
-        name=str(data.get("name", os.path.splitext(os.path.basename(source))[0])),
+        name=_string(where, "name", data, os.path.splitext(os.path.basename(source))[0]),
         rules=tuple(rules),
         exclude=exclude,
-        default_exclude=bool(data.get("default_exclude", True)),
+        default_exclude=_bool(where, "default_exclude", data, True),
         share_weight_amax=share,
-        description=str(data.get("description", "")),
+        description=_string(where, "description", data, ""),
         source=source,
         kv_cache=kv_cache,
     )
@@ -255,14 +287,61 @@ def resolve_recipe_path(name_or_path: str):
                      f"llm-compressor names, `dist-export recipes` lists them) or a path to a .yaml file")
 
 
+def _expanded_nodes(node, seen: dict, path: set) -> int:
+    """How many YAML nodes `node` stands for with every alias written out (memoized per node, so a graph of
+    nested aliases is counted without being expanded); a node that contains itself counts as unbounded."""
+    key = id(node)
+    if key in seen:
+        return seen[key]
+    if key in path:
+        return MAX_RECIPE_NODES + 1
+    path.add(key)
+    children = node.value if isinstance(node, yaml.SequenceNode) else \
+        [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else []
+    total = 1
+    for child in children:
+        total += _expanded_nodes(child, seen, path)
+        if total > MAX_RECIPE_NODES:
+            break
+    path.discard(key)
+    seen[key] = total
+    return total
+
+
+def _safe_load_bounded(text: str, path) -> object:
+    """yaml.safe_load with a bound on the size the document expands to (anchors and aliases included)."""
+    if len(text) > MAX_RECIPE_BYTES:
+        raise ValueError(f"recipe {path} is {len(text)} bytes, more than the {MAX_RECIPE_BYTES} a recipe may have: "
+                         f"pass the recipe file itself")
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_nodes(node, {}, set()) > MAX_RECIPE_NODES:
+            raise ValueError(f"recipe {path}: its anchors and aliases expand to more than {MAX_RECIPE_NODES} YAML "
+                             f"values (or refer to themselves); write it out without nested aliases")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def load_recipe(name_or_path: str) -> Recipe:
     path = resolve_recipe_path(name_or_path)
     try:
-        with open(path) if isinstance(path, str) else path.open("r") as f:
-            data = yaml.safe_load(f)
+        with open(path, "rb") if isinstance(path, str) else path.open("rb") as f:
+            raw = f.read(MAX_RECIPE_BYTES + 1)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"recipe {path} is not UTF-8 text ({e}): save it as UTF-8 YAML") from None
+        data = _safe_load_bounded(text, path)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ValueError(f"recipe {path} is not valid YAML{where} ({getattr(e, 'problem', None) or e}): fix the "
                          f"YAML syntax there") from None
+    if data is not None and not isinstance(data, dict):
+        raise ValueError(f"recipe {path} is a YAML {type(data).__name__}, not a mapping of name, rules, ...: write "
+                         f"the recipe as `rules: [...]` (see dist_export/configs)")
     return recipe_from_dict(data or {}, source=str(path))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import time
 
 import pytest
 from safetensors.torch import save_file
@@ -145,3 +146,88 @@ def test_config_json_not_json(tmp_path, capsys):
             f.write("{model_type: llama")
 
     bad_source(tmp_path, capsys, "config.json", "is not valid JSON", "restore", mutate=mutate)
+
+
+# ------------------------------------------------------------------------------------------------ recipes
+
+
+INT4 = "  - match: ['*']\n    weight: {format: int4, granularity: group, block_size: 128}\n"
+
+
+def bad_recipe(tmp_path, capsys, text: str, *names: str) -> str:
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    before = outside(tmp_path)
+    rc, err = export(capsys, tmp_path / "out", recipe=str(path))
+    return assert_refused_untouched(tmp_path, rc, err, before, str(path), *names)
+
+
+@pytest.mark.parametrize("value", ["true", "128.0", "'128'", "0"])
+def test_recipe_block_size_must_be_a_positive_int(tmp_path, capsys, value):
+    """`block_size: true` was a TypeError traceback from torch (True passed as an int)."""
+    bad_recipe(tmp_path, capsys, "rules:\n  - match: ['*']\n    weight: {format: int4, granularity: group, "
+               f"block_size: {value}}}\n", "rules[0].weight", "block_size must be a positive integer")
+
+
+@pytest.mark.parametrize("value", ["0", "2.5", "true"])
+def test_recipe_mse_candidates_must_be_a_positive_int(tmp_path, capsys, value):
+    bad_recipe(tmp_path, capsys, "rules:\n  - match: ['*']\n    weight: {format: int4, granularity: group, "
+               f"block_size: 128, scale_search: mse, mse_candidates: {value}}}\n",
+               "mse_candidates must be a positive integer")
+
+
+@pytest.mark.parametrize("value", ["'false'", "0", "'no'"])
+def test_recipe_dynamic_must_be_a_yaml_boolean(tmp_path, capsys, value):
+    """`dynamic: "false"` was read as dynamic (bool of a non-empty string)."""
+    bad_recipe(tmp_path, capsys, "rules:\n  - match: ['*']\n    weight: {format: fp8}\n"
+               f"    input: {{format: fp8, granularity: token, dynamic: {value}}}\n",
+               "rules[0].input", "dynamic must be true or false")
+
+
+def test_recipe_default_exclude_must_be_a_yaml_boolean(tmp_path, capsys):
+    """`default_exclude: "false"` was read as true."""
+    bad_recipe(tmp_path, capsys, "default_exclude: 'false'\nrules:\n" + INT4, "default_exclude must be true or false")
+
+
+@pytest.mark.parametrize("key,value", [("name", "[a, b]"), ("description", "{a: 1}"), ("kv_cache", "[fp8]")])
+def test_recipe_strings_must_be_strings(tmp_path, capsys, key, value):
+    bad_recipe(tmp_path, capsys, f"{key}: {value}\nrules:\n" + INT4, key)
+
+
+def test_recipe_format_must_be_a_string(tmp_path, capsys):
+    bad_recipe(tmp_path, capsys, "rules:\n  - match: ['*']\n    weight: {format: [int4]}\n",
+               "format must be a string")
+
+
+def test_recipe_not_a_mapping(tmp_path, capsys):
+    bad_recipe(tmp_path, capsys, "- rules\n- int4\n", "is a YAML list, not a mapping")
+
+
+def test_recipe_anchor_expansion_bounded(tmp_path, capsys):
+    """About 400 bytes of nested aliases that stand for 10^9 values (the issue's 254 MB record came from a
+    smaller one): refused while still a node graph, at once."""
+    levels = ["&a [x, x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, 9):
+        levels.append(f"&{chr(97 + i)} [" + ", ".join([f"*{chr(96 + i)}"] * 10) + "]")
+    text = "description: [" + ", ".join(levels) + "]\nrules:\n" + INT4
+    assert len(text) < 600
+    t0 = time.monotonic()
+    bad_recipe(tmp_path, capsys, text, "expand to more than 100000 YAML values", "without nested aliases")
+    assert time.monotonic() - t0 < 10
+
+
+def test_recipe_larger_than_the_bound(tmp_path, capsys):
+    bad_recipe(tmp_path, capsys, "# " + "x" * (1 << 20) + "\nrules:\n" + INT4, "more than the 1048576",
+               "a recipe may have")
+
+
+def test_recipe_aliases_below_the_bound_still_load(tmp_path):
+    """Anchors themselves are legal: a shared weight spec loads as if written out."""
+    from dist_export.recipe import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("rules:\n  - match: ['*q_proj']\n    weight: &w {format: int4, granularity: group, "
+                    "block_size: 128}\n  - match: ['*']\n    weight: *w\n")
+    recipe = load_recipe(str(path))
+    assert recipe.rules[0].weight == recipe.rules[1].weight
+    assert recipe.rules[1].weight.block_size == 128

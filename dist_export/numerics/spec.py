@@ -116,7 +116,8 @@ class QuantSpec:
                 f"format {self.fmt!r} does not support granularity {self.granularity!r}; valid: {list(valid)}"
             )
         needs_block = self.granularity in ("group", "block")
-        if needs_block and (not isinstance(self.block_size, int) or self.block_size <= 0):
+        if needs_block and (not isinstance(self.block_size, int) or isinstance(self.block_size, bool)
+                            or self.block_size <= 0):
             raise ValueError(f"granularity {self.granularity!r} needs a positive integer block_size")
         if not needs_block and self.block_size is not None:
             raise ValueError(f"granularity {self.granularity!r} takes no block_size (got {self.block_size})")
