@@ -79,8 +79,8 @@ class ExportOptions:
             raise ValueError(f"device {self.device!r} is not one of 'cpu', 'cuda' (or None for automatic)")
         for name in ("hang_timeout", "dead_timeout"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"{name} must be a positive, finite number of seconds, got {value!r}")
         parse_size(self.max_shard_size)  # a bad size is refused before anything starts
         if self.nproc_per_node is not None and (isinstance(self.nproc_per_node, bool) or
                                                 not isinstance(self.nproc_per_node, int) or self.nproc_per_node < 1):

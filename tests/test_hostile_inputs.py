@@ -231,3 +231,16 @@ def test_recipe_aliases_below_the_bound_still_load(tmp_path):
     recipe = load_recipe(str(path))
     assert recipe.rules[0].weight == recipe.rules[1].weight
     assert recipe.rules[1].weight.block_size == 128
+
+
+# ------------------------------------------------------------------------------------- command line values
+
+
+@pytest.mark.parametrize("option", ["--hang-timeout", "--dead-timeout"])
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+def test_timeouts_must_be_positive_and_finite(tmp_path, capsys, option, value):
+    """nan and inf used to be accepted (nan <= 0 is false): a monitor that never calls a rank hung or dead."""
+    before = outside(tmp_path)
+    rc, err = export(capsys, tmp_path / "out", option, value)
+    assert_refused_untouched(tmp_path, rc, err, before, option[2:].replace("-", "_"),
+                             "must be a positive, finite number of seconds")
