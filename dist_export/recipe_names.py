@@ -23,9 +23,23 @@ EQUIVALENTS: dict[str, dict[str, tuple[str, ...]]] = {
     "int4-w4a16": {"modelopt": ("INT4_BLOCKWISE_WEIGHT_ONLY_CFG",), "llm-compressor": ("W4A16",)},
     "int8-w8a16": {"modelopt": ("INT8_WEIGHT_ONLY_CFG", "int8_wo"), "llm-compressor": ()},
     "int8-w8a8": {"modelopt": (), "llm-compressor": ("W8A8",)},
-    "mxfp8-w8a16": {"modelopt": (), "llm-compressor": ("MXFP8A16",)},
-    "mxfp4-w4a16": {"modelopt": (), "llm-compressor": ("MXFP4A16",)},
+    "mxfp8-w8a16": {"modelopt": (), "llm-compressor": ()},
+    "mxfp4-w4a16": {"modelopt": (), "llm-compressor": ()},
+    "mxfp8-w8a8": {"modelopt": (), "llm-compressor": ()},
+    "mxfp4-w4a4": {"modelopt": (), "llm-compressor": ()},
 }
+
+# How each tool picks an MX block's E8M0 scale 2**k from the block's amax a (ours: OCP MX v1.0,
+# k = floor(log2 a) - emax, numerics/mx.py). The same element format with another k is another quantization.
+# Share of 32-blocks whose k differs from ours on a 4096x4096 N(0, 1) weight: ModelOpt's rule (emulated) 16.9%
+# (MXFP8) / 29.6% (MXFP4); compressed-tensors 0.20.1's own generate_mx_scales 16.9% / 16.9%.
+_MODELOPT_MX = ("ModelOpt 0.47 picks MX block scales as 2**ceil(log2(amax / max)) (tensor_quant_mx.cu); ours are "
+                "OCP MX v1.0's 2**(floor(log2 amax) - emax): other scales for about 17-30% of blocks")
+_LLMC_MX = ("llm-compressor (compressed-tensors 0.20) rounds a block's amax up to a power of two before its floor; "
+            "ours are OCP MX v1.0's 2**(floor(log2 amax) - emax): other scales for about 17% of blocks")
+_BOTH_MX = ("ModelOpt 0.47 (2**ceil(log2(amax / max))) and llm-compressor (amax rounded up to a power of two "
+            "first) pick other MX block scales than ours (OCP MX v1.0: 2**(floor(log2 amax) - emax)) for about "
+            "17-30% of blocks")
 
 NEAR_MISSES: dict[str, tuple[str, str]] = {
     "nvfp4_mse": ("nvfp4-mse", "ModelOpt's nvfp4_mse is W4A4 (NVFP4 activations too); our nvfp4-mse is weight-only "
@@ -49,10 +63,12 @@ NEAR_MISSES: dict[str, tuple[str, str]] = {
     "nvfp4_awq": ("nvfp4", "AWQ is not implemented; nvfp4 is NVFP4 W4A4 with max calibration"),
     "W8A16": ("int8-w8a16", "llm-compressor's W8A16 uses groups of 128; our int8-w8a16 is per output channel"),
     "W4A16_ASYM": ("int4-w4a16", "asymmetric (zero-point) INT4 is not implemented; int4-w4a16 is symmetric"),
-    "MXFP8": ("mxfp8-w8a16", "MXFP8 activations are not implemented; mxfp8-w8a16 quantizes the weights only"),
-    "MXFP8_DEFAULT_CFG": ("mxfp8-w8a16", "MXFP8 activations are not implemented; mxfp8-w8a16 is weight-only"),
-    "MXFP4": ("mxfp4-w4a16", "MXFP4 activations are not implemented; mxfp4-w4a16 quantizes the weights only"),
-    "MXFP4_DEFAULT_CFG": ("mxfp4-w4a16", "MXFP4 activations are not implemented; mxfp4-w4a16 is weight-only"),
+    "MXFP8": ("mxfp8-w8a8", _BOTH_MX),
+    "MXFP8_DEFAULT_CFG": ("mxfp8-w8a8", _MODELOPT_MX),
+    "MXFP4": ("mxfp4-w4a4", _BOTH_MX),
+    "MXFP4_DEFAULT_CFG": ("mxfp4-w4a4", _MODELOPT_MX),
+    "MXFP8A16": ("mxfp8-w8a16", _LLMC_MX),
+    "MXFP4A16": ("mxfp4-w4a16", _LLMC_MX),
 }
 
 

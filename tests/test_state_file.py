@@ -340,3 +340,38 @@ def test_vllm_fq_warns_where_cpu_worker_cannot_run(tmp_path, synthetic_cache, ca
         export(ensure_synthetic(MODEL), str(tmp_path / "out"), recipe="fp8-block", format="vllm-fq")
     lines = [r.getMessage() for r in caplog.records if "serve this export on a GPU" in r.getMessage()]
     assert len(lines) == 1 and "scale_bits" in lines[0] and "groups of 128" in lines[0], lines
+
+
+@pytest.mark.parametrize("recipe, modelopt_cfg", [("mxfp8-w8a8", "MXFP8_DEFAULT_CFG"), ("mxfp4-w4a4", "MXFP4_DEFAULT_CFG")])
+def test_mx_input_quantizers_equal_modelopts_own(exports, recipe, modelopt_cfg):
+    """MX activations are exported for ModelOpt's worker in ModelOpt's own settings: every input quantizer of the
+    file equals, property for property, the one ModelOpt 0.47 makes from its MX*_DEFAULT_CFG on the same model
+    (no amax: the consumer computes the block scales at run time; its MX kernel is CUDA-only, so no forward here),
+    and the file's quant_cfg converts the model to exactly those quantizers."""
+    pytest.importorskip("modelopt")
+    import warnings
+
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.opt.conversion import ModeloptStateManager
+    from modelopt.torch.quantization.conversion import convert_to_quantized_model, quantizer_state
+    from transformers import LlamaForCausalLM
+
+    out, calib = exports(recipe)
+    assert calib is None  # dynamic: nothing to calibrate
+    state = torch.load(os.path.join(out, STATE_FILE), weights_only=True, map_location="cpu")
+    file_qs = state["modelopt_state_dict"][0][1]["metadata"]["quantizer_state"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = mtq.quantize(LlamaForCausalLM.from_pretrained(out, dtype=MODEL_DTYPE).eval(),
+                              getattr(mtq, modelopt_cfg), None)
+        from_file = LlamaForCausalLM.from_pretrained(out, dtype=MODEL_DTYPE).eval()
+        ModeloptStateManager(model=from_file, init_state=True)
+        convert_to_quantized_model(from_file, state["modelopt_state_dict"][0][1]["config"])
+    their_qs, converted = quantizer_state(theirs), quantizer_state(from_file)
+    modules = quantized_modules(out)
+    assert len(modules) == 14, modules
+    for module in modules:
+        name = f"{module}.input_quantizer"
+        assert file_qs[name] == their_qs[name], (name, file_qs[name], their_qs[name])
+        assert converted[name] == their_qs[name], (name, converted[name])
+    assert not [k for k in state["modelopt_state_weights"] if "_amax" in state["modelopt_state_weights"][k]]

@@ -10,9 +10,9 @@ Dividing by a power of two is exact, so `y` is exactly what a loader computes fr
 `k + 127`. Elements above the format's max after scaling (a block's amax sits in [2**(k+emax), 2**(k+emax+1)),
 so up to 8 for E2M1 and up to 512 for E4M3) saturate to the max, as the OCP reference conversion does.
 
-Registered as the numeric formats "mxfp4" and "mxfp8" (granularity "group", blocks of 32, weights only: the
-recipes mxfp4-w4a16 and mxfp8-w8a16, exported as fake quant with `--format vllm-fq` or as compressed-tensors'
-mxfp4-pack-quantized / mxfp8-quantized).
+Registered as the numeric formats "mxfp4" and "mxfp8" (granularity "group", blocks of 32): weights (the recipes
+mxfp4-w4a16 and mxfp8-w8a16, exported as fake quant with `--format vllm-fq` or as compressed-tensors'
+mxfp4-pack-quantized / mxfp8-quantized) and dynamic inputs (the recipes mxfp4-w4a4 and mxfp8-w8a8, `vllm-fq` only).
 """
 from __future__ import annotations
 
@@ -78,7 +78,17 @@ def fake_quant_mx(x: torch.Tensor, spec, amax: torch.Tensor, block_amax: torch.T
     return mx_fake_quant(x, spec.fmt, amax if amax.dim() else None)
 
 
-# Weight-only: no activation quantizer. Real-quant layout: compressed-tensors' MXFP8A16 / MXFP4A16
-# (output_formats/compressed_tensors.py, from `quantize_mx`).
+# Real-quant weight layout: compressed-tensors' MXFP8A16 / MXFP4A16 (output_formats/compressed_tensors.py, from
+# `quantize_mx`). As input quantizers (dynamic, blocks of 32; `vllm-fq` only) they are recorded for ModelOpt's
+# vLLM fake-quant worker in ModelOpt's own MX settings (its MXFP8/MXFP4_DEFAULT_CFG: `num_bits` E4M3 / E2M1,
+# `block_sizes` {-1: 32, "type": "dynamic", "scale_bits": (8, 0)}); the consumer computes those activation scales
+# at run time with its own rule (ModelOpt 0.47's CUDA kernel: 2**ceil(log2(amax / max)), not OCP's floor used for
+# our weights; tensor_quant_mx.cu compute_scale_e8m0_NV).
+_MODELOPT_NUM_BITS = {"mxfp4": (2, 1), "mxfp8": (4, 3)}
+MODELOPT_MX_BLOCK_SIZES = {-1: MX_BLOCK, "type": "dynamic", "scale_bits": (8, 0)}
+_CPU_REASON = ("MX activation fake quant needs ModelOpt 0.47's CUDA extension modelopt_cuda_ext_mx (it is skipped "
+               "without CUDA; needs a GPU)")
 for _name in MX_ELEMENTS:
-    register_format(NumericFormat(_name, fake_quant_mx, granularities=("group",), block_size=MX_BLOCK))
+    register_format(NumericFormat(_name, fake_quant_mx, granularities=("group",), block_size=MX_BLOCK,
+                                  activations=True, modelopt_num_bits=_MODELOPT_NUM_BITS[_name],
+                                  modelopt_block_sizes=MODELOPT_MX_BLOCK_SIZES, cpu_input_reason=_CPU_REASON))

@@ -59,6 +59,15 @@ def _own_copy(value, shared: dict):
 _TUPLES: dict = {}
 
 
+def modelopt_dynamic(spec, fmt) -> bool:
+    """ModelOpt's `_dynamic` (config `type`) for an input quantizer. MX formats (E8M0 block scales, `scale_bits`
+    (8, 0)) use no amax at all: their block scales are always computed per call, and ModelOpt 0.47 converts its
+    MXFP8/MXFP4_DEFAULT_CFG with `_dynamic` False (measured), so their state says False too."""
+    if (fmt.modelopt_block_sizes or {}).get("scale_bits") == (8, 0):
+        return False
+    return spec.dynamic
+
+
 def input_quantizer_properties(spec, amax_dtype: torch.dtype) -> dict:
     """ModelOpt quantizer properties of one input quantizer (None spec: disabled)."""
     props = _base_properties()
@@ -67,7 +76,7 @@ def input_quantizer_properties(spec, amax_dtype: torch.dtype) -> dict:
     fmt = get_format(spec.fmt)
     props["_disabled"] = False
     props["_num_bits"] = _own_copy(fmt.modelopt_num_bits, _TUPLES)
-    props["_dynamic"] = spec.dynamic
+    props["_dynamic"] = modelopt_dynamic(spec, fmt)
     if fmt.modelopt_block_sizes is not None:
         props["_block_sizes"] = _own_copy(fmt.modelopt_block_sizes, _TUPLES)
     elif spec.granularity == "token":
@@ -85,7 +94,7 @@ def input_quantizer_config(spec) -> dict:
     """The quantize-config `cfg` of an input quantizer, in ModelOpt's schema."""
     fmt = get_format(spec.fmt)
     cfg = {"num_bits": _own_copy(fmt.modelopt_num_bits, _TUPLES), "axis": None,
-           "block_sizes": None, "type": "dynamic" if spec.dynamic else "static", "enable": True,
+           "block_sizes": None, "type": "dynamic" if modelopt_dynamic(spec, fmt) else "static", "enable": True,
            "fake_quant": True, "unsigned": False, "narrow_range": False, "calibrator": "max"}
     if fmt.modelopt_block_sizes is not None:
         cfg["block_sizes"] = _own_copy(fmt.modelopt_block_sizes, _TUPLES)
