@@ -181,12 +181,12 @@ def run_export(open_source, out_dir: str, opts: ExportOptions, ctx: DistContext 
 def plan_inputs(open_source, out_dir: str | None, opts: ExportOptions, world_size: int, nnodes: int = 1) -> _Inputs:
     """Validate every input and plan, before any write (every rank; `cli plan` runs it too, without a folder)."""
     opened = open_source()
-    fmt = get_output_format(opts.format)
+    output_format = get_output_format(opts.format)
     values = None
     if opts.quantizer_state is not None:  # the model's own ModelOpt quantizers (sources/quantizer_state.py)
         from .sources.quantizer_state import recipe_from_quantizers
 
-        rec, values, checked = recipe_from_quantizers(opts.quantizer_state, opts.recipe, opened.source, fmt,
+        rec, values, checked = recipe_from_quantizers(opts.quantizer_state, opts.recipe, opened.source, output_format,
                                                       opts.modelopt_kernels)
         opened = replace(opened, source=checked)
     else:
@@ -196,23 +196,23 @@ def plan_inputs(open_source, out_dir: str | None, opts: ExportOptions, world_siz
         rec = opts.recipe if isinstance(opts.recipe, Recipe) else load_recipe(opts.recipe or DEFAULT_RECIPE)
     if out_dir is not None:
         check_output_dir(out_dir, opts.overwrite, opts.resume, opts.allow_foreign_files, source_dirs(opened))
-    plan = build_plan(opened.source.tensors, rec, fmt, world_size, opts.shard_bytes, nnodes)
+    plan = build_plan(opened.source.tensors, rec, output_format, world_size, opts.shard_bytes, nnodes)
     required = required_input_quantizers(plan)
     if out_dir is None:
-        return _Inputs(opened, rec, fmt, plan, {})
+        return _Inputs(opened, rec, output_format, plan, {})
     if values is not None:
         missing = [k for k in required if k not in values]
         if missing:
             raise ValueError(f"the model's input quantizer {missing[0]!r} is enabled and static but holds no amax; "
                              f"calibrate the model (mtq.quantize with a forward loop) first")
-        return _Inputs(opened, rec, fmt, plan, values)
+        return _Inputs(opened, rec, output_format, plan, values)
     if required and opts.calib is None:
         raise ValueError(f"recipe {rec.name!r} has static activation quantizers: calibrate first with "
                          f"`dist-export calibrate --model {opened.display_name} --recipe {rec.name} "
                          f"--out calib.safetensors`, then pass --calib calib.safetensors")
     calib = (load_calibration(opts.calib, rec, model_signature(opened.source.tensors), required)
              if opts.calib else {})
-    return _Inputs(opened, rec, fmt, plan, calib, calibration_data_record(opts.calib) if opts.calib else None)
+    return _Inputs(opened, rec, output_format, plan, calib, calibration_data_record(opts.calib) if opts.calib else None)
 
 
 def _export(ctx: DistContext, open_source, out_dir: str, opts: ExportOptions, fault, progress: Progress) -> dict:
@@ -220,14 +220,14 @@ def _export(ctx: DistContext, open_source, out_dir: str, opts: ExportOptions, fa
     # 1. Validate inputs and plan, on every rank, before any write; every rank must plan the same.
     inputs = ctx.agree("plan", lambda: plan_inputs(open_source, out_dir, opts, ctx.world_size, ctx.nnodes),
                        lambda i: i.plan.digest())
-    plan, source, rec, fmt = inputs.plan, inputs.opened.source, inputs.recipe, inputs.output_format
+    plan, source, rec, output_format = inputs.plan, inputs.opened.source, inputs.recipe, inputs.output_format
     progress.set_totals(len(plan.items), plan.total_size)
     if plan.nnodes > 1:
         check_nodes(plan, ctx.step("node check", socket.gethostname))
     if ctx.is_rank0:
-        _log_plan(plan, fmt)
+        _log_plan(plan, output_format)
     calib_sha = file_sha256(opts.calib) if opts.calib else None
-    manifest = Manifest(out_dir, run_fingerprint(source, rec, calib_sha, fmt.name, plan.layout_digest()),
+    manifest = Manifest(out_dir, run_fingerprint(source, rec, calib_sha, output_format.name, plan.layout_digest()),
                         opts.resume)
 
     # 2. Rank 0 takes the folder over (lock, ownership, manifest check); the others wait for it.
@@ -256,15 +256,15 @@ def _export(ctx: DistContext, open_source, out_dir: str, opts: ExportOptions, fa
         first = groups_to_measure_first(plan, ctx.rank, reused) if plan.groups else set()
         parts = ctx.step("shared amax", measure_group_amax, ctx, plan, source, first, progress)
         group_amax = merge_group_amax(plan, parts, required=first)
-        results = ctx.step("export", execute_rank, ctx, plan, source, fmt, out_dir, inputs.calib, group_amax,
+        results = ctx.step("export", execute_rank, ctx, plan, source, output_format, out_dir, inputs.calib, group_amax,
                            manifest, fault, prepared=prepared, progress=progress)
         # 4. Rank 0 writes and checks everything but the index (inside the last step: a defect fails every
         # rank and publishes nothing); once every rank knows that outcome, no peer is watched any more and
         # rank 0 publishes: the index comes last.
         record = _record(inputs, results, manifest.fingerprint)
         staged = ctx.on_rank0("commit", stage_export, plan, out_dir, inputs.opened.side_dir, source.load_config(),
-                              rec, fmt, inputs.calib, record, staged_path, lock.foreign if lock else frozenset(),
-                              opts.verify, progress.tick)
+                              rec, output_format, inputs.calib, record, staged_path,
+                              lock.foreign if lock else frozenset(), opts.verify, progress.tick)
         if ctx.is_rank0:
             progress.close(complete=True)  # every rank's items are on disk; nothing is drawn after this
         if ctx.monitor:
@@ -284,7 +284,8 @@ def _export(ctx: DistContext, open_source, out_dir: str, opts: ExportOptions, fa
         _log_summary(summary)
         verified = staged.verify_line
         log.info("%s", format_report(summary, summary["quantization"], model=inputs.opened.display_name,
-                                     recipe=rec.name, format_name=fmt.name, load_hint=fmt.load_hint(out_dir),
+                                     recipe=rec.name, format_name=output_format.name,
+                                     load_hint=output_format.load_hint(out_dir),
                                      world_size=ctx.world_size, verify_line=verified))
     return summary
 
@@ -309,9 +310,10 @@ def source_dirs(opened: OpenedSource) -> list[str]:
 def will_write(inputs: _Inputs) -> set[str]:
     """Every name the export may write into --out (relative paths), known before any write: a foreign file at one
     of them is refused even with --allow-foreign-files."""
-    plan, fmt = inputs.plan, inputs.output_format
-    names = {CONFIG_NAME, *fmt.file_names}
-    names |= {s.filename for s in plan.shards} | {os.path.basename(staged_path("", plan, s.filename)) for s in plan.shards}
+    plan, output_format = inputs.plan, inputs.output_format
+    names = {CONFIG_NAME, *output_format.file_names}
+    names |= {s.filename for s in plan.shards}
+    names |= {os.path.basename(staged_path("", plan, s.filename)) for s in plan.shards}
     if inputs.opened.side_dir is not None:
         from .sources.hub import source_root
         from .sources.side_files import list_side_files
@@ -331,8 +333,8 @@ def check_nodes(plan: ExportPlan, hosts: list[str]) -> None:
                              f"but run on hosts {names[:3]}; launch ranks node by node (torchrun's numbering)")
 
 
-def _log_plan(plan: ExportPlan, fmt) -> None:
-    loads = rank_loads(plan, fmt)
+def _log_plan(plan: ExportPlan, output_format) -> None:
+    loads = rank_loads(plan, output_format)
     mean = sum(d["cost"] for d in loads) / len(loads)
     log.info("plan: %d items, %d shards, %.2f GB out, %d groups, %d node(s); per-rank items %s, GB out %s, cost "
              "max/mean %.3f", len(plan.items), len(plan.shards), plan.total_size / 1e9, len(plan.groups), plan.nnodes,

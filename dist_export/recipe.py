@@ -4,6 +4,8 @@ A recipe names module-path patterns (fnmatch, in checkpoint key space, without t
 rule whose pattern matches decides a module's quantizers, so different layers can use different formats
 (mixed precision). Default exclusions (lm_head, embeddings, norms, MoE routers) apply unless switched off.
 Unknown keys and impossible settings are ValueErrors that name the key and list the valid values.
+
+Loaded on every rank at plan time (the same file gives every rank the same recipe).
 """
 from __future__ import annotations
 

@@ -6,6 +6,8 @@ no quantizer-state keys, index total_size, safetensors metadata, each output for
 right dtypes and shapes, finite and positive); shard checksums against the export record. With `source_dir` and full=True: the plan is rebuilt from the recorded recipe, format and calibration and
 every expected tensor is recomputed and compared bit for bit. For fp8-block, the report lists the
 tensor-parallel sizes at which vLLM can serve the checkpoint (block divisibility of every partition).
+
+One process, after rank 0's commit (`dist-export verify`) or inside the commit (the quick verify on staged files).
 """
 from __future__ import annotations
 
@@ -97,8 +99,8 @@ def _check_structure(out_dir: str, rep: Report, pending: dict, tick) -> dict:
 
 def _check_formats(out_dir: str, metas: dict, config: dict, rep: Report) -> None:
     """Each output format checks its own part of the folder (its scales, its extra files)."""
-    for fmt in output_formats():
-        fmt.check_folder(out_dir, metas, config, rep)
+    for output_format in output_formats():
+        output_format.check_folder(out_dir, metas, config, rep)
 
 
 def _check_checksums(out_dir: str, record: dict, rep: Report, pending: dict, tick) -> None:
@@ -139,10 +141,10 @@ def recompute_and_compare(out_dir: str, source_dir: str, record: dict, metas: di
                          f"{record['recipe']['quantizer_state']}); --source cannot rebuild it without that state: "
                          f"run verify without --source (structure, scales and checksums)")
     recipe = recipe_from_dict(record["recipe"], source="export record")
-    fmt = get_output_format(record["format"])
+    output_format = get_output_format(record["format"])
     calib = {k: torch.tensor(v, dtype=torch.float32) for k, v in record.get("calibration", {}).items()}
-    plan = build_plan(source.tensors, recipe, fmt, 1, 1 << 62)
-    expected = {o.name for item in plan.items.values() for o in item_outputs(fmt, item)}
+    plan = build_plan(source.tensors, recipe, output_format, 1, 1 << 62)
+    expected = {o.name for item in plan.items.values() for o in item_outputs(output_format, item)}
     for name in sorted(set(metas) - expected):
         rep.defect(f"{name}: not expected from the source (extra tensor)")
     for name in sorted(expected - set(metas)):
@@ -153,7 +155,7 @@ def recompute_and_compare(out_dir: str, source_dir: str, record: dict, metas: di
     group_amax = merge_group_amax(plan, [measure_group_amax(ctx, plan, source)]) if plan.groups else {}
     expected_names = set()
     for item in plan.items.values():
-        for name, tensor in quantize_item(ctx, item, source.read(item.meta), fmt, calib, group_amax):
+        for name, tensor in quantize_item(ctx, item, source.read(item.meta), output_format, calib, group_amax):
             expected_names.add(name)
             got = read_tensor(out_dir, metas[name])
             if got.dtype != tensor.dtype or tuple(got.shape) != tuple(tensor.shape):

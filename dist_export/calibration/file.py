@@ -5,6 +5,8 @@ Keys are quantizer paths (`model.layers.0.self_attn.q_proj.input_quantizer`; wit
 0-d float32 amax.
 Metadata binds the file to the model (names, dtypes and shapes of every tensor) and to the recipe, so a
 calibration made for another model or recipe is refused instead of silently misapplied.
+
+Written by `dist-export calibrate` (rank 0); read and checked by every rank at plan time.
 """
 from __future__ import annotations
 

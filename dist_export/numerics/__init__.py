@@ -1,4 +1,7 @@
-"""Quantization numerics: pure tensor functions, bit-exact with formats.md section 5 on CPU and CUDA."""
+"""Quantization numerics: pure tensor functions, bit-exact with formats.md section 5 on CPU and CUDA.
+
+Pure functions: called on every rank in the execute stage (and by verify, one process).
+"""
 from . import fp8, integer, mx, nvfp4  # noqa: F401  (registers the formats)
 from .kernels import formats as _kernel_formats  # noqa: F401  (attaches each format's GPU kernels)
 from .blocks import check_finite, expand_to, reduce_abs_max

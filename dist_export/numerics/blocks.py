@@ -3,6 +3,8 @@
 Blocks follow formats.md section 5: zero-pad the blocked dims to a multiple of the block, reduce each block
 (zeros never raise an amax), and crop back. Expanding a per-block value to element shape lets every format
 apply its formula elementwise, which gives exactly the per-block result (the formulas are elementwise).
+
+Pure functions: every rank, execute stage.
 """
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Named numeric constants of the formats (values in comments, as formats.md section 5 gives them)."""
+"""Named numeric constants of the formats (values in comments, as formats.md section 5 gives them).
+
+Pure data: every stage and rank.
+"""
 
 F8E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 F4E2M1_MAX = 6.0  # largest E2M1 magnitude

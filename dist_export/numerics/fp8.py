@@ -5,6 +5,8 @@
 
 Real quant stores the E4M3 codes and `inv` (the exact multiplier of the fold), so that
 codes.float() * inv reproduces the fold bit for bit.
+
+Pure functions: every rank, execute stage (registered as numeric formats at import).
 """
 from __future__ import annotations
 

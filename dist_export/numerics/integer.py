@@ -2,6 +2,8 @@
 
     scale = float32(maxb) / amax;  amax <= 2**-24 -> y = 0
     y = clamp(round_half_even(x * scale), minb, maxb) / scale          # divide here (not multiply)
+
+Pure functions: every rank, execute stage (registered as numeric formats at import).
 """
 from __future__ import annotations
 

@@ -8,6 +8,8 @@ Real quant rule (documented choice, bit-exact with the fold): the stored block s
 value the fold multiplies by, and `weight_scale_2` is gs; then (code value) * (scale * gs) == y for every
 element. Blocks where the fold used the 1.0 quirk fold to all zeros (checked); their stored scale is the
 smallest positive E4M3 (2**-9) so every stored scale is finite and positive.
+
+Pure functions: every rank, execute stage (registered as a numeric format at import).
 """
 from __future__ import annotations
 

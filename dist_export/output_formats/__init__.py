@@ -5,6 +5,9 @@ files it adds (`file_names`: a foreign file at one of them is refused, a source'
 of an exported folder for `verify` (`check_folder`).
 
 Adding a format adds a module here that calls `register_output_format`; nothing else changes.
+
+Asked by every rank at plan time (which tensors an item becomes) and in the execute stage (encoding); rank 0 writes
+the extra files at commit.
 """
 from __future__ import annotations
 
@@ -65,11 +68,11 @@ class OutputFormat:
         return f"vllm serve {out_dir}"
 
 
-def register_output_format(fmt: OutputFormat) -> OutputFormat:
-    if fmt.name in _OUTPUT_FORMATS:
-        raise ValueError(f"output format {fmt.name!r} registered twice")
-    _OUTPUT_FORMATS[fmt.name] = fmt
-    return fmt
+def register_output_format(output_format: OutputFormat) -> OutputFormat:
+    if output_format.name in _OUTPUT_FORMATS:
+        raise ValueError(f"output format {output_format.name!r} registered twice")
+    _OUTPUT_FORMATS[output_format.name] = output_format
+    return output_format
 
 
 def get_output_format(name: str) -> OutputFormat:
@@ -93,7 +96,7 @@ def output_formats() -> list[OutputFormat]:
 
 def format_file_names() -> tuple[str, ...]:
     """The names any registered format adds to an export folder (sorted)."""
-    return tuple(sorted({n for fmt in output_formats() for n in fmt.file_names}))
+    return tuple(sorted({n for output_format in output_formats() for n in output_format.file_names}))
 
 
 def _load_builtin() -> None:

@@ -3,6 +3,8 @@
 Per quantized Linear: `weight` float8_e4m3fn [out, in] and `weight_scale_inv` float32 [ceil(out/128),
 ceil(in/128)] holding the dequant multiplier (the exact `inv` of the fold, so codes * scale_inv reproduces the
 fake-quant fold bit for bit). Weight-only and dynamic-activation recipes write the same tensors.
+
+Every rank at plan and execute time; rank 0 at commit (config).
 """
 from __future__ import annotations
 

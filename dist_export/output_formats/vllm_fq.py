@@ -1,4 +1,7 @@
-"""`--format vllm-fq`: folded fake-quant weights plus `vllm_fq_modelopt_state.pth` (formats.md section 2)."""
+"""`--format vllm-fq`: folded fake-quant weights plus `vllm_fq_modelopt_state.pth` (formats.md section 2).
+
+Every rank at plan and execute time; rank 0 at commit (the state file).
+"""
 from __future__ import annotations
 
 import io

@@ -1,5 +1,8 @@
 """The synthetic architectures and their presets (pure data: the command line reads it without importing
-torch or transformers). Shapes follow the real models' configs; `synthetic.py` builds the checkpoints."""
+torch or transformers). Shapes follow the real models' configs; `synthetic.py` builds the checkpoints.
+
+Read by the command line (`make-model --help`) and by `sources/synthetic` (one process).
+"""
 from __future__ import annotations
 
 _TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

@@ -3,6 +3,8 @@
 transformers 5 renames some modules in memory (Mixtral's `block_sparse_moe` -> `mlp`) and fuses experts into
 3-D tensors; its own `revert_weight_conversion` undoes both. Applied to one meta tensor at a time it tells,
 for every in-memory key, the checkpoint keys it becomes, without touching any data.
+
+Every rank, plan stage (in-memory models and calibration).
 """
 from __future__ import annotations
 

@@ -5,6 +5,8 @@ with CPU/disk offload (parameters on the meta device, real values in the hooks' 
 experts split into per-expert names, with the names transformers itself would save), read one at a time. The
 caller's model is never changed: every read returns a fresh host copy, nothing is written back, no hook is
 touched, and the export runs under `torch.no_grad()`.
+
+Runs in the user's process on every rank of the launch (plan and execute read through it).
 """
 from __future__ import annotations
 

@@ -17,16 +17,16 @@ from ..layout import SLICE_TAG
 _BUILT: dict[int, tuple] = {}  # id(record) -> (record, rebuilt quantizer); the record is kept, so ids stay its own
 
 
-def plan_checks(fmt, values) -> None:
+def plan_checks(output_format, values) -> None:
     """Every rank, plan stage: ModelOpt importable, every quantized weight rebuildable, a fake-quant format."""
     try:
         import modelopt.torch.quantization  # noqa: F401
     except ImportError:
         raise ValueError("modelopt_kernels runs the model's own ModelOpt quantizers on every rank, but ModelOpt is "
                          "not importable here; install it with `pip install dist-export[modelopt]`") from None
-    if fmt.name != "vllm-fq":
+    if output_format.name != "vllm-fq":
         raise ValueError(f"modelopt_kernels writes ModelOpt's fake-quant weights: use --format vllm-fq, not "
-                         f"{fmt.name}")
+                         f"{output_format.name}")
     for name, record in sorted(values.kernels.items()):
         if record is None:
             where = values.quantizer_names.get(name, name)

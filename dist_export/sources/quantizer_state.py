@@ -121,8 +121,8 @@ def load_state(path: str) -> dict:
         raise ValueError(f"quantizer state file {path} cannot be read ({type(e).__name__}: {e}); write it again "
                          f"with dist_export.save_quantizer_state") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        fmt = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"{path} is not a dist_export quantizer state file (format {fmt!r}, expected "
+        tag = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{path} is not a dist_export quantizer state file (format {tag!r}, expected "
                          f"{STATE_FORMAT!r}); write it with dist_export.save_quantizer_state(model, path)")
     return state
 
@@ -304,27 +304,29 @@ def check_signature(state: dict, tensors, path: str, folder: str) -> None:
                          f"checkpoint folder the quantized model was loaded from")
 
 
-def check_format_takes(fmt, values) -> None:
+def check_format_takes(output_format, values) -> None:
     """Refuse, naming the first one, quantizers the output format cannot carry: a pre-quant scale folded into a
     weight (only fake-quant weights hold it), and, in formats without ModelOpt's state file, any enabled
     quantizer other than a quantized module's input quantizer that the format names (KV cache, outputs)."""
     folded = sorted(n for n, (_, pqs) in values.weights.items() if pqs is not None)
-    if folded and not getattr(fmt, "folds_pre_quant_scale", False):
-        raise ValueError(f"--format {fmt.name} cannot store {folded[0]} with its pre-quant scale (AWQ/SmoothQuant) "
+    if folded and not getattr(output_format, "folds_pre_quant_scale", False):
+        raise ValueError(f"--format {output_format.name} cannot store {folded[0]} with its pre-quant scale "
+                         f"(AWQ/SmoothQuant) "
                          f"folded into the weight; use --format vllm-fq")
-    if getattr(fmt, "carries_quantizer_state", False):
+    if getattr(output_format, "carries_quantizer_state", False):
         return
     for path, record in sorted(values.activations.items()):
         if record["properties"].get("_disabled", True):
             continue
         module = path.rpartition(".")[0]
         if not (path.endswith(".input_quantizer") and f"{module}.weight" in values.weights and input_spec(record)):
-            raise ValueError(f"{path}: --format {fmt.name} cannot carry this enabled quantizer (KV cache, output or "
+            raise ValueError(f"{path}: --format {output_format.name} cannot carry this enabled quantizer "
+                             f"(KV cache, output or "
                              f"an input quantizer it has no field for); use --format vllm-fq, whose state file "
                              f"carries every quantizer, or disable it")
 
 
-def recipe_from_quantizers(quantizer_state, recipe, source, fmt, modelopt_kernels: bool = False):
+def recipe_from_quantizers(quantizer_state, recipe, source, output_format, modelopt_kernels: bool = False):
     """(recipe, values, source) of an export whose recipe is a model's own quantizers (plan stage, every rank).
 
     `quantizer_state` is a file from `save_quantizer_state` or the same dict built in memory. The source must
@@ -340,11 +342,11 @@ def recipe_from_quantizers(quantizer_state, recipe, source, fmt, modelopt_kernel
     folder = getattr(source, "folder", None)
     check_signature(state, source.tensors, path, folder or "the in-memory model")
     qrecipe, values = quantizer_recipe(state, modelopt_kernels)
-    check_format_takes(fmt, values)
+    check_format_takes(output_format, values)
     if modelopt_kernels:
         from .modelopt_kernel import plan_checks
 
-        plan_checks(fmt, values)
+        plan_checks(output_format, values)
     if recipe is not None:
         check_recipe_agrees(recipe if isinstance(recipe, Recipe) else load_recipe(recipe), qrecipe, values,
                             source.tensors)

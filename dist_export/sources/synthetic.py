@@ -4,6 +4,8 @@ Key names and shapes come from the real transformers model class, built on the m
 mapped to checkpoint key space (per-expert names) with transformers' own weight-conversion reversal. Each
 tensor is generated from a seed derived from (seed, name) and streamed to disk, so a 16 GB preset needs about
 one tensor of memory. `synthetic:<arch>-<preset>` model names are generated once into a local cache.
+
+One process (`dist-export make-model`, or rank 0 of an export of `synthetic:` before the others read it).
 """
 from __future__ import annotations
 

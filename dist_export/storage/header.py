@@ -3,6 +3,8 @@
 We parse and write headers ourselves because the planner needs every tensor's dtype, shape and byte range
 without touching data, and because the writer streams tensors one at a time into a file whose header is known
 in advance (bounded memory, no whole-shard buffer).
+
+Every rank: read at plan time (source headers), written in the execute stage (shard headers).
 """
 from __future__ import annotations
 

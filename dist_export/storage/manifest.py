@@ -34,12 +34,12 @@ def source_fingerprint(source) -> str:
     return h.hexdigest()
 
 
-def run_fingerprint(source, recipe, calib_sha: str | None, fmt: str, layout_digest: str) -> dict:
+def run_fingerprint(source, recipe, calib_sha: str | None, format_name: str, layout_digest: str) -> dict:
     return {
         "source": source_fingerprint(source),
         "recipe": recipe.fingerprint,
         "calibration": calib_sha or "none",
-        "format": fmt,
+        "format": format_name,
         "layout": layout_digest,
         "dist_export": __version__,
     }
