@@ -176,6 +176,10 @@ def test_sigterm_to_launcher_ends_every_rank(tmp_path):
     assert "[launcher] error: rank" in err and "SIGTERM" in err, err[-2000:]
     assert not [pid for pid in children if os.path.exists(f"/proc/{pid}")], "a rank outlived the launcher"
     assert not (out / "model.safetensors.index.json").exists()
+    # each rank said why it stopped and removed its partial files (the hung one too: its main thread is asleep)
+    for rank in (0, 1):
+        assert f"[rank {rank}] error: export aborted: terminated by SIGTERM" in err, err[-2000:]
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")], sorted(p.name for p in out.iterdir())
 
 
 def _children(pid: int) -> list[int]:

@@ -44,6 +44,8 @@ def rank_env(rank: int, nproc: int, rendezvous: str) -> dict[str, str]:
 
 
 def describe_exit(code: int) -> str:
+    if code == 128 + signal.SIGTERM:
+        return f"exited with code {code} (stopped by SIGTERM)"
     if code < 0:
         try:
             return f"killed by {signal.Signals(-code).name}"

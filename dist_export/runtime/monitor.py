@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import socket
 import sys
@@ -42,6 +43,9 @@ class Monitor:
         self._beat = 0
         self.interrupted = False
         self._old_sigint = None
+        self._old_sigterm = None
+        self._wakeup: tuple[int, int] | None = None  # (read, write) ends of the signal wakeup pipe
+        self._terminating = threading.Lock()
         self._peer_interrupted: dict[int, float] = {}
         self._stop = threading.Event()
         self._seen: dict[int, tuple[tuple[int, int], float, float]] = {}
@@ -50,10 +54,35 @@ class Monitor:
     # -- called by the main thread ---------------------------------------------------------------
     def start(self) -> "Monitor":
         self._publish()
-        self._thread.start()
         if threading.current_thread() is threading.main_thread():
             self._old_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+            if self.store is not None:
+                self._catch_sigterm()
+        self._thread.start()
         return self
+
+    def _catch_sigterm(self) -> None:
+        """A launcher (torchrun, srun, ours) stops the other ranks with SIGTERM when one fails: this rank then
+        names the dead peer, removes its temporary files and exits, instead of dying silently. The signal also
+        wakes the monitor thread through a wakeup pipe, so it is handled while the main thread is blocked inside
+        a C call (a collective) where a Python handler would not run."""
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        os.set_blocking(w, False)
+        try:
+            signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        except ValueError:  # not the main thread of the main interpreter
+            os.close(r), os.close(w)
+            return
+        self._wakeup = (r, w)
+        self._old_sigterm = signal.signal(signal.SIGTERM, lambda signum, frame: self._terminated())
+
+    def _terminated(self) -> None:
+        if not self._terminating.acquire(blocking=False):
+            return  # the other thread is already exiting
+        dead = "; ".join(self.dead_peers())
+        self._fail("terminated by SIGTERM (a launcher stops every rank once one fails)" + (f"; {dead}" if dead else ""),
+                   code=128 + signal.SIGTERM)
 
     def _on_sigint(self, signum, frame) -> None:
         """The first Ctrl-C: tell the peers, stop watching them, unwind the main thread; ignore any later one."""
@@ -79,6 +108,12 @@ class Monitor:
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
         self.progress.close()
+        if self._wakeup is not None and threading.current_thread() is threading.main_thread():
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGTERM, self._old_sigterm)
+            for fd in self._wakeup:
+                os.close(fd)
+            self._wakeup = None
         if self._old_sigint is not None:
             # after an interrupt, later SIGINTs (the launcher forwards the terminal's) stay ignored until exit
             signal.signal(signal.SIGINT, self._old_sigint if not self.interrupted else signal.SIG_IGN)
@@ -105,9 +140,20 @@ class Monitor:
                   f"{socket.gethostname()} {os.getpid()}")
         self.store.set(f"hb/{self.ctx.rank}", record)
 
+    def _wait_interval(self) -> bool:
+        """Sleep one interval (woken early by a SIGTERM, which ends this rank); True once stopped."""
+        wakeup = self._wakeup
+        if wakeup is None:
+            return self._stop.wait(self.interval)
+        with contextlib.suppress(OSError, ValueError):
+            ready, _, _ = select.select([wakeup[0]], [], [], self.interval)
+            if ready and signal.SIGTERM in os.read(wakeup[0], 64) and not self._stop.is_set():
+                self._terminated()
+        return self._stop.is_set()
+
     def _run(self) -> None:
         start = time.monotonic()
-        while not self._stop.wait(self.interval):
+        while not self._wait_interval():
             try:
                 self._publish()
                 records = self._read_peers()
@@ -178,13 +224,13 @@ class Monitor:
         elif now - prog_t > self.hang_after:
             self._fail(f"rank {peer} made no progress for {now - prog_t:.0f} s (hung)")
 
-    def _fail(self, message: str) -> None:
+    def _fail(self, message: str, code: int = 1) -> None:
         line = f"[rank {self.ctx.rank}] error: export aborted: {message}; no index was written, rerun with --resume"
         print(line, file=sys.stderr, flush=True)
         if self.on_fail is not None:
             with contextlib.suppress(Exception):
                 self.on_fail()
-        os._exit(1)  # the main thread may be blocked in a collective that will never return
+        os._exit(code)  # the main thread may be blocked in a collective that will never return
 
     def _totals(self, records) -> tuple[int, int]:
         """(bytes, items) done by the whole job: the sum of every rank's last heartbeat."""
