@@ -15,7 +15,6 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from importlib import resources
 
 import yaml
 

@@ -65,9 +65,9 @@ def _export_memory(model, out, **kw):
 def _snapshot(model) -> dict:
     """Every parameter and buffer value (offloaded ones through accelerate's weights_map) and quantizer-free
     flags, to prove the export leaves the model exactly as it was."""
-    from dist_export.sources.memory import _resolve
+    from dist_export.sources.memory import model_tensor
 
-    state = {k: _resolve(model, k).detach().clone() for k in model.state_dict()}
+    state = {k: model_tensor(model, k).detach().clone() for k in model.state_dict()}
     flags = {n: (m.training, type(m).__name__) for n, m in model.named_modules()}
     devices = {n: p.device.type for n, p in model.named_parameters()}
     return {"state": state, "flags": flags, "devices": devices}

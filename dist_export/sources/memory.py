@@ -69,7 +69,7 @@ class MemorySource:
             m = re.match(r"^(.*)\.input_quantizer\._amax$", k)
             if m is None:
                 continue
-            value = _resolve(model, k).detach().float().cpu()
+            value = model_tensor(model, k).detach().float().cpu()
             if value.numel() != 1:
                 raise ValueError(f"{k}: only per-tensor input amax can be used (shape {list(value.shape)})")
             weight_key = f"{m.group(1)}.weight"
@@ -80,7 +80,7 @@ class MemorySource:
 
     def _view(self, meta: TensorMeta) -> torch.Tensor:
         key, part = self._readers[meta.name]
-        t = _resolve(self.model, key)
+        t = model_tensor(self.model, key)
         if part is not None:
             e, lo, hi = part
             t = t[e] if lo is None else t[e, lo:hi]
@@ -134,7 +134,7 @@ def _tied_output_key(model) -> str | None:
     return None
 
 
-def _resolve(model, key: str) -> torch.Tensor:
+def model_tensor(model, key: str) -> torch.Tensor:
     """The value of parameter/buffer `key`, from the module or, if offloaded, from accelerate's weights_map."""
     module_name, _, attr = key.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
