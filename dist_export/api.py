@@ -26,7 +26,7 @@ from .layout import CONFIG_NAME, staged_path
 from .options import DEFAULT_MODEL, DEFAULT_RECIPE, ExportOptions, parse_size
 from .output_formats import format_file_names, get_output_format
 from .plan import ExportPlan, build_plan, rank_loads
-from .recipe import Recipe, load_recipe
+from .recipe import Recipe, load_recipe, recipe_args, with_kv_cache
 from .runtime.dist import DistContext, init_distributed
 from .runtime.monitor import start_monitor
 from .runtime.progress import Progress
@@ -92,7 +92,7 @@ def export(model=None, out_dir: str = "out", *, revision: str | None = None, ctx
                     raise ValueError("the in-memory model carries its own quantizers: do not pass quantizer_state")
                 return run_export(lambda: opened, out_dir, replace(opts, quantizer_state=state), ctx)
             if opts.calib is None and source.calibration:  # calibrated in memory: use the model's input amax
-                opts = replace(opts, calib=_save_model_calibration(source, side, opts.recipe))
+                opts = replace(opts, calib=_save_model_calibration(source, side, opts.recipe, opts.kv_cache))
             return run_export(lambda: opened, out_dir, opts, ctx)
 
     def open_folder():
@@ -102,9 +102,16 @@ def export(model=None, out_dir: str = "out", *, revision: str | None = None, ctx
     return run_export(open_folder, out_dir, opts, ctx)
 
 
-def _save_model_calibration(source, folder: str, recipe) -> str:
-    """Every rank: the input amax an in-memory model was calibrated with, as a calibration file in `folder`."""
+def export_recipe(recipe, kv_cache: str | None) -> Recipe:
+    """The recipe an export without quantizer state uses: `recipe` (a name, path or Recipe; None: the default)
+    with `kv_cache` (--kv-cache) applied."""
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe or DEFAULT_RECIPE)
+    return with_kv_cache(rec, kv_cache)
+
+
+def _save_model_calibration(source, folder: str, recipe, kv_cache: str | None) -> str:
+    """Every rank: the input amax an in-memory model was calibrated with, as a calibration file in `folder`."""
+    rec = export_recipe(recipe, kv_cache)
     path = os.path.join(folder, "calibration.safetensors")
     save_calibration(path, source.calibration, rec, model_signature(source.tensors))
     log.info("using %d input amax values calibrated in the model", len(source.calibration))
@@ -127,7 +134,7 @@ def _export_calibrated(model, out_dir: str, opts: ExportOptions, ctx: DistContex
     try:
         path = os.path.join(tmp, "calibration.safetensors")
         target = resolve_model(model, revision) if model is None or isinstance(model, str) else model
-        calibrate_for_export(ctx, target, opts.recipe, path, opts.calibration)
+        calibrate_for_export(ctx, target, export_recipe(opts.recipe, opts.kv_cache), path, opts.calibration)
         return export(model, out_dir, revision=revision, ctx=ctx, **{**options, "calibration": None, "calib": path})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -193,7 +200,7 @@ def plan_inputs(open_source, out_dir: str | None, opts: ExportOptions, world_siz
         if opts.modelopt_kernels:
             raise ValueError("modelopt_kernels runs a ModelOpt-quantized model's own quantizers; this export has "
                              "none (pass a ModelOpt-quantized model or --quantizer-state)")
-        rec = opts.recipe if isinstance(opts.recipe, Recipe) else load_recipe(opts.recipe or DEFAULT_RECIPE)
+        rec = export_recipe(opts.recipe, opts.kv_cache)
     if out_dir is not None:
         check_output_dir(out_dir, opts.overwrite, opts.resume, opts.allow_foreign_files, source_dirs(opened))
     plan = build_plan(opened.source.tensors, rec, output_format, world_size, opts.shard_bytes, nnodes)
@@ -207,8 +214,9 @@ def plan_inputs(open_source, out_dir: str | None, opts: ExportOptions, world_siz
                              f"calibrate the model (mtq.quantize with a forward loop) first")
         return _Inputs(opened, rec, output_format, plan, values)
     if required and opts.calib is None:
-        raise ValueError(f"recipe {rec.name!r} has static activation quantizers: calibrate first with "
-                         f"`dist-export calibrate --model {opened.display_name} --recipe {rec.name} "
+        what = "has static activation quantizers" if rec.kv_cache is None else "quantizes the KV cache"
+        raise ValueError(f"recipe {rec.name!r} {what}: calibrate first with "
+                         f"`dist-export calibrate --model {opened.display_name} {recipe_args(rec)} "
                          f"--out calib.safetensors`, then pass --calib calib.safetensors")
     calib = (load_calibration(opts.calib, rec, model_signature(opened.source.tensors), required)
              if opts.calib else {})

@@ -60,6 +60,18 @@ def _add_quantizer_state(p):
                         "dist_export's exact arithmetic")
 
 
+def _add_kv_cache(p, what: str):
+    """--kv-cache, the same for `export`, `calibrate` and `plan`."""
+    from .options import KV_CACHE_CHOICES
+
+    p.add_argument("--kv-cache", default=None, choices=KV_CACHE_CHOICES,
+                   help=f"fp8: quantize the KV cache (one static FP8 scale per attention layer for K and one for V, "
+                        f"max|key| / max|value| after RoPE from calibration, / 448; written as compressed-tensors "
+                        f"kv_cache_scheme + k_scale/v_scale, modelopt kv_cache_quant_algo FP8, vllm-fq k_bmm/"
+                        f"v_bmm quantizer state; --format fp8-block has no slot for it); none: keep it in the model "
+                        f"dtype; {what} (default: the recipe's own kv_cache key, none in every packaged recipe)")
+
+
 def _add_export(sub):
     from .options import DEFAULT_RECIPE, DEFAULTS
 
@@ -72,6 +84,7 @@ def _add_export(sub):
     p.add_argument("--out", required=True, help="output folder (new or empty)")
     p.add_argument("--format", default=DEFAULTS.format, choices=_formats(), help="output format")
     p.add_argument("--calib", default=DEFAULTS.calib, help="calibration file from `dist-export calibrate`")
+    _add_kv_cache(p, "the calibration file must be made with the same --kv-cache")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier export in --out (only the files its record names; a folder holding any "
                         "other file is refused)")
@@ -96,6 +109,7 @@ def _add_calibrate(sub):
     _add_model(p)
     p.add_argument("--recipe", required=True, metavar="RECIPE", help=_recipe_help())
     p.add_argument("--out", required=True, help="calibration file to write (.safetensors)")
+    _add_kv_cache(p, "fp8 records the K/V amax too, for an export with --kv-cache fp8")
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--data", default=None, help="a .txt file (one sample per line), a .jsonl file (`text` or "
                       "chat `messages`, rendered with the tokenizer's chat template) or a dataset folder")
@@ -149,6 +163,7 @@ def _add_plan(sub):
                         f"(default: {DEFAULT_RECIPE}, or the saved quantizers)")
     _add_quantizer_state(p)
     p.add_argument("--format", default=DEFAULTS.format, choices=_formats(), help="output format")
+    _add_kv_cache(p, "plans the K/V scales as export does")
     p.add_argument("--world-size", type=_positive_int, default=8, help="simulated world size (ignored under torchrun)")
     p.add_argument("--max-shard-size", default=DEFAULTS.max_shard_size, help="largest output file")
     p.add_argument("--metadata-only", action="store_true",
@@ -220,7 +235,7 @@ def cmd_export(args) -> int:
     if args.summary_json:
         _check_summary_path(args.summary_json)  # before the export: a run that fails here has published nothing
     summary = export(args.model, args.out, revision=args.revision, recipe=args.recipe, format=args.format,
-                     calib=args.calib, overwrite=args.overwrite, resume=args.resume,
+                     calib=args.calib, kv_cache=args.kv_cache, overwrite=args.overwrite, resume=args.resume,
                      allow_foreign_files=args.allow_foreign_files, device=args.device,
                      max_shard_size=args.max_shard_size, hang_timeout=args.hang_timeout,
                      dead_timeout=args.dead_timeout, verify=not args.no_verify,
@@ -247,7 +262,7 @@ def cmd_calibrate(args) -> int:
 
     calibrate(args.model, args.recipe, args.out, data=args.data, random_tokens=args.random_tokens,
               num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed, device_map=args.device_map, trust_remote_code=args.trust_remote_code,
-              batch_size=args.batch_size, revision=args.revision, device=args.device)
+              batch_size=args.batch_size, revision=args.revision, device=args.device, kv_cache=args.kv_cache)
     return 0
 
 
@@ -296,7 +311,8 @@ def cmd_plan(args) -> int:
     if world < 1:
         raise ValueError(f"--world-size must be at least 1, got {world}")
     opts = ExportOptions(recipe=args.recipe, format=args.format, max_shard_size=args.max_shard_size,
-                         quantizer_state=args.quantizer_state, modelopt_kernels=args.modelopt_kernels)
+                         quantizer_state=args.quantizer_state, modelopt_kernels=args.modelopt_kernels,
+                         kv_cache=args.kv_cache)
 
     def open_source():
         if args.model and args.model.startswith("synthetic:") and args.metadata_only:
@@ -320,9 +336,10 @@ def cmd_plan(args) -> int:
             from .plan import plan_summary
 
             print(json.dumps({**plan_summary(plan, inputs.output_format), "recipe": inputs.recipe.name,
-                              "quantized_items": quantized}, indent=1))
+                              "kv_cache": inputs.recipe.kv_cache or "none", "quantized_items": quantized}, indent=1))
         elif ctx.is_rank0:
-            print(f"recipe {inputs.recipe.name}: {len(plan.items)} items ({quantized} quantized), "
+            kv = f" + {inputs.recipe.kv_cache} KV cache" if inputs.recipe.kv_cache else ""
+            print(f"recipe {inputs.recipe.name}{kv}: {len(plan.items)} items ({quantized} quantized), "
                   f"{len(plan.shards)} shards, {plan.total_size / 1e9:.3f} GB out, "
                   f"{len(plan.groups)} shared-amax groups, world size {world} on {nnodes} node(s)"
                   + (f", {world} ranks agree on digest {plan.digest()[:12]}" if ctx.is_distributed else ""))

@@ -13,6 +13,18 @@ DEFAULT_RECIPE = "fp8-block"  # recipe=None: a ModelOpt-quantized model's own qu
 # it (imported on first use). Kept here, free of torch, so `--help` and the launcher parent stay light.
 BUILTIN_OUTPUT_FORMATS = {"vllm-fq": "vllm_fq", "fp8-block": "fp8_block", "modelopt": "modelopt",
                           "compressed-tensors": "compressed_tensors"}
+# KV-cache quantization a recipe may ask for (`kv_cache:`): FP8 E4M3 with one static scale per attention layer for
+# K and one for V (amax of the key/value states after RoPE, from calibration); vLLM stores the cache as x / scale.
+KV_CACHE_FORMATS = ("fp8",)
+# `--kv-cache` / export(kv_cache=...): one of those, or "none" (the KV cache in the model dtype, whatever the recipe)
+KV_CACHE_CHOICES = ("none", *KV_CACHE_FORMATS)
+
+
+def check_kv_cache_choice(kv_cache) -> None:
+    """None (as the recipe says) or one of KV_CACHE_CHOICES; anything else is one line listing them."""
+    if kv_cache is not None and (not isinstance(kv_cache, str) or kv_cache not in KV_CACHE_CHOICES):
+        raise ValueError(f"kv_cache {kv_cache!r} is not supported; valid: {list(KV_CACHE_CHOICES)} (or None: as "
+                         f"the recipe says)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -25,6 +37,9 @@ class ExportOptions:
             Given together with quantizers, it must agree with them (the first disagreement stops the export).
         format: output format name (`vllm-fq`, `fp8-block`, `modelopt`, ...).
         calib: calibration file from `dist-export calibrate` (static activation recipes need one).
+        kv_cache: "fp8" quantizes the KV cache (static FP8 per-tensor K/V scale per attention layer, from
+            calibration: the calibration must be made with the same setting), "none" keeps it in the model dtype;
+            None: as the recipe says (its `kv_cache:` key). The recipe recorded in dist_export.json carries it.
         calibration: calibrate in this run instead, on every rank (each a slice of the samples): a dict of
             `data` (text / JSONL / dataset folder; None: random tokens, for tests), `num_samples`, `seq_len`,
             `batch_size`, `seed`, `tokenizer` (needed with `data` for an in-memory model), `trust_remote_code`.
@@ -52,6 +67,7 @@ class ExportOptions:
     recipe: object = None
     format: str = "vllm-fq"
     calib: str | None = None
+    kv_cache: str | None = None
     calibration: dict | None = None
     overwrite: bool = False
     resume: bool = False
@@ -85,6 +101,11 @@ class ExportOptions:
         if self.nproc_per_node is not None and (isinstance(self.nproc_per_node, bool) or
                                                 not isinstance(self.nproc_per_node, int) or self.nproc_per_node < 1):
             raise ValueError(f"nproc_per_node must be a positive integer, got {self.nproc_per_node!r}")
+        if self.kv_cache is not None:
+            check_kv_cache_choice(self.kv_cache)
+            if self.quantizer_state is not None:
+                raise ValueError("the model's quantizers decide its KV cache (ModelOpt's k_bmm/v_bmm quantizers, "
+                                 "--quantizer-state or a ModelOpt-quantized model): do not pass --kv-cache as well")
         if self.quantizer_state is not None and self.calib is not None:
             raise ValueError("the model's quantizers carry its calibration (--quantizer-state or a ModelOpt-quantized "
                              "model): do not pass --calib as well")

@@ -387,7 +387,7 @@ def build_plan(tensors: dict[str, TensorMeta], recipe: Recipe, output_format, wo
     items, excluded = classify_tensors(tensors, recipe)
     if recipe.kv_cache is not None and not output_format.carries_kv_cache:
         raise ValueError(f"--format {output_format.name} cannot carry the recipe's kv_cache: {recipe.kv_cache} "
-                         f"scales; use --format vllm-fq, modelopt or compressed-tensors, or drop kv_cache")
+                         f"scales; use --format vllm-fq, modelopt or compressed-tensors, or drop kv_cache (--kv-cache none)")
     output_format.check_items(items, recipe)
     groups = plan_groups(items, recipe.share_weight_amax)
     member_of = {m: g for g, ms in groups.items() for m in ms}

@@ -14,11 +14,12 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import yaml
 
 from .numerics import QuantSpec, get_format
+from .options import KV_CACHE_FORMATS, check_kv_cache_choice
 from .numerics.registry import format_names
 from .recipe_names import available_recipes, packaged_recipes  # noqa: F401  (torch-free, re-exported)
 
@@ -38,9 +39,6 @@ DEFAULT_EXCLUDE = (
 )
 SHARE_KINDS = ("qkv", "gate_up", "experts")
 INPUT_GRANULARITIES = ("tensor", "token", "group")
-# KV-cache quantization a recipe may ask for: FP8 E4M3 with one static scale per attention layer for K and one
-# for V (amax of the key/value states after RoPE, from calibration); vLLM stores the cache as x / scale in FP8.
-KV_CACHE_FORMATS = ("fp8",)
 # A recipe is a few hundred bytes; anchors and aliases may not make it grow past these (a 400-byte YAML of nested
 # aliases expands to 10^9 values: it is refused while still a node graph, before any value is built).
 MAX_RECIPE_BYTES = 1 << 20
@@ -268,6 +266,20 @@ def recipe_from_dict(data: dict, source: str = "<dict>") -> Recipe:
         source=source,
         kv_cache=kv_cache,
     )
+
+
+def with_kv_cache(recipe: Recipe, kv_cache: str | None) -> Recipe:
+    """The recipe with `--kv-cache` applied: None keeps the recipe's own `kv_cache:`, "none" drops it, "fp8" sets
+    it (the recipe keeps its name; its fingerprint, and so the calibration it needs, follow the KV cache)."""
+    if kv_cache is None:
+        return recipe
+    check_kv_cache_choice(kv_cache)
+    return replace(recipe, kv_cache=None if kv_cache == "none" else kv_cache)
+
+
+def recipe_args(recipe: Recipe) -> str:
+    """The `--recipe` (and `--kv-cache`) arguments that name this recipe in a command line the user can rerun."""
+    return f"--recipe {recipe.name}" + (f" --kv-cache {recipe.kv_cache}" if recipe.kv_cache else "")
 
 
 def resolve_recipe_path(name_or_path: str):

@@ -35,7 +35,8 @@ def describe_input(spec) -> str:
 
 def quantization_summary(plan, recipe) -> dict:
     """{"quantized": [{"weights", "inputs", "modules", "tensors", "example"}], "excluded": [{"pattern", "why",
-    "modules", "example"}], "copied_tensors": n}: every item of the plan is counted exactly once."""
+    "modules", "example"}], "copied_tensors": n, "kv_cache": {"format", "attention_layers"}}: every item of the
+    plan is counted exactly once."""
     quantized: dict[tuple[str, str], list[str]] = {}
     for item in plan.items.values():
         if item.quantized:
@@ -51,7 +52,9 @@ def quantization_summary(plan, recipe) -> dict:
             for (w, i), ms in sorted(quantized.items())]
     excluded_weights = len(plan.excluded)
     copied = sum(1 for i in plan.items.values() if not i.quantized) - excluded_weights
-    return {"quantized": rows, "excluded": excluded, "copied_tensors": copied}
+    kv_layers = sum(1 for i in plan.items.values() if i.kv) // 2  # a K and a V quantizer per attention layer
+    return {"quantized": rows, "excluded": excluded, "copied_tensors": copied,
+            "kv_cache": {"format": recipe.kv_cache or "none", "attention_layers": kv_layers}}
 
 
 def _size(n: float) -> str:
@@ -86,5 +89,8 @@ def format_report(summary: dict, quant: dict, *, model: str, recipe: str, format
     width = max([len(r["pattern"]) for r in quant["excluded"]] + [10])
     for r in quant["excluded"]:
         lines.append(f"    {r['pattern']:<{width}}  {r['modules']:>5}  {r['why']}; e.g. {r['example']}")
+    kv = quant.get("kv_cache") or {}
+    if kv.get("format", "none") != "none":
+        lines.append(f"  KV cache: {kv['format']}, static K/V scales for {kv['attention_layers']} attention layers")
     lines.append(f"  load it: {load_hint}")
     return "\n".join(lines)

@@ -203,3 +203,132 @@ def test_modelopt_restores_kv_quantizers(kv_exports):
         got = q(x).float()
     want = _fp8_reference(x, q.amax.float()).to(torch.bfloat16).float()
     assert torch.equal(got, want), (got - want).abs().max()
+
+
+# ---- `--kv-cache {none,fp8}` (export, calibrate, plan): the recipe option from the command line ----
+
+def _cli(capsys, *args) -> tuple[int, str]:
+    from dist_export.cli import main
+
+    rc = main(list(args))
+    return rc, capsys.readouterr().err
+
+
+def test_kv_cache_flag_writes_what_each_consumer_reads(tmp_path, capsys, synthetic_cache):
+    """`calibrate --kv-cache fp8` + `export --recipe fp8-pc-pt --kv-cache fp8`: compressed-tensors config carries
+    `kv_cache_scheme`, modelopt `kv_cache_quant_algo: FP8`, vllm-fq the k_bmm/v_bmm state entries; the K/V scales
+    equal amax / 448 of the calibration; the record and summary say so; and every file is byte-identical to the
+    export of a YAML recipe holding `kv_cache: fp8` (the packaged fp8-pc-pt plus that key)."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from dist_export.api import export
+    from dist_export.calibration.run import calibrate
+    from dist_export.recipe import available_recipes, load_recipe, resolve_recipe_path
+    from dist_export.sources.synthetic import ensure_synthetic
+    from helpers import folder_hashes
+
+    assert all(load_recipe(n).kv_cache is None for n in available_recipes())  # --help: none in every packaged one
+    src = ensure_synthetic("synthetic:llama-tiny")
+    calib = str(tmp_path / "calib.safetensors")
+    rc, err = _cli(capsys, "calibrate", "--model", src, "--recipe", "fp8-pc-pt", "--kv-cache", "fp8",
+                   "--random-tokens", "--num-samples", "3", "--seq-len", "24", "--out", calib)
+    assert rc == 0, err
+    amax = load_file(calib)
+    assert sorted(amax) == sorted(f"{a}.{r}_bmm_quantizer" for a in LAYERS for r in "kv"), sorted(amax)
+    with_key = dict(yaml.safe_load(open(resolve_recipe_path("fp8-pc-pt"))), kv_cache="fp8")
+    yaml_recipe = tmp_path / "fp8-pc-pt.yaml"
+    yaml_recipe.write_text(yaml.safe_dump(with_key))
+    yaml_calib = str(tmp_path / "calib-yaml.safetensors")
+    calibrate(src, str(yaml_recipe), yaml_calib, random_tokens=True, num_samples=3, seq_len=24)
+    assert folder_hashes(tmp_path)["calib.safetensors"] == folder_hashes(tmp_path)["calib-yaml.safetensors"]
+    for fmt in ("compressed-tensors", "modelopt", "vllm-fq"):
+        out = str(tmp_path / fmt)
+        summary = str(tmp_path / f"{fmt}.json")
+        rc, err = _cli(capsys, "export", "--model", src, "--recipe", "fp8-pc-pt", "--kv-cache", "fp8", "--calib",
+                       calib, "--format", fmt, "--out", out, "--summary-json", summary)
+        assert rc == 0, err
+        assert "KV cache: fp8, static K/V scales for 2 attention layers" in err, err[-2000:]
+        assert json.load(open(summary))["quantization"]["kv_cache"] == {"format": "fp8", "attention_layers": 2}
+        record = json.load(open(os.path.join(out, "dist_export.json")))
+        assert record["recipe"]["name"] == "fp8-pc-pt" and record["recipe"]["kv_cache"] == "fp8", record["recipe"]
+        assert sorted(record["calibration"]) == sorted(amax)
+        qc = json.load(open(os.path.join(out, "config.json"))).get("quantization_config")
+        tensors = _tensors(out)
+        if fmt == "compressed-tensors":
+            assert qc["kv_cache_scheme"]["type"] == "float" and qc["kv_cache_scheme"]["num_bits"] == 8, qc
+            scales = {f"{a}.{r}_bmm_quantizer": tensors[f"{a}.{r}_scale"] for a in LAYERS for r in "kv"}
+        elif fmt == "modelopt":
+            hf = json.load(open(os.path.join(out, "hf_quant_config.json")))
+            assert hf["quantization"]["kv_cache_quant_algo"] == "FP8" and qc["kv_cache_scheme"]["num_bits"] == 8
+            scales = {f"{a}.{r}_bmm_quantizer": tensors[f"{a}.{r}_proj.{r}_scale"] for a in LAYERS for r in "kv"}
+        else:
+            state = torch.load(os.path.join(out, "vllm_fq_modelopt_state.pth"), weights_only=True)
+            qstate = state["modelopt_state_dict"][0][1]["metadata"]["quantizer_state"]
+            assert all(qstate[k]["_disabled"] is False and qstate[k]["_num_bits"] == (4, 3) for k in amax)
+            scales = {k: state["modelopt_state_weights"][k]["_amax"].float() * (1 / FP8_MAX) for k in amax}
+        for k, a in amax.items():  # vllm-fq holds the amax in the model dtype: compare in it
+            want = a.float() / FP8_MAX if fmt != "vllm-fq" else a.to(torch.bfloat16).float() * (1 / FP8_MAX)
+            assert torch.equal(scales[k].reshape(()).float(), want.reshape(())), (fmt, k, scales[k], a)
+        by_yaml = str(tmp_path / f"{fmt}-yaml")
+        export(src, by_yaml, recipe=str(yaml_recipe), format=fmt, calib=yaml_calib)
+        got, want = folder_hashes(out), folder_hashes(by_yaml)
+        assert got.keys() == want.keys() and {k for k in got if got[k] != want[k]} <= {"dist_export.json"}
+        a, b = (json.load(open(os.path.join(p, "dist_export.json"))) for p in (out, by_yaml))
+        assert a["recipe"] == b["recipe"] and a["calibration"] == b["calibration"]
+
+
+def test_kv_cache_flag_refusals(tmp_path, capsys, synthetic_cache):
+    from dist_export.api import export
+    from dist_export.options import ExportOptions
+    from dist_export.sources.synthetic import ensure_synthetic
+
+    src = ensure_synthetic("synthetic:llama-tiny")
+    with pytest.raises(SystemExit) as e:
+        _cli(capsys, "export", "--model", src, "--kv-cache", "int8", "--out", str(tmp_path / "x"))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--kv-cache: invalid choice: 'int8'" in err[0] and "'none', 'fp8'" in err[0], err
+    with pytest.raises(ValueError, match=r"kv_cache 'int8' is not supported; valid: \['none', 'fp8'\]"):
+        export(src, str(tmp_path / "y"), recipe="fp8-pc-pt", kv_cache="int8")
+    with pytest.raises(ValueError, match="the model's quantizers decide its KV cache"):
+        ExportOptions(quantizer_state="q.pt", kv_cache="fp8")
+
+    def refused(*args) -> str:
+        rc, err = _cli(capsys, *args)
+        lines = err.strip().splitlines()
+        assert rc == 1 and len(lines) == 1 and lines[0].startswith("[rank 0] error: "), (rc, err)
+        return lines[0]
+
+    from dist_export.cli import main
+
+    assert main(["plan", "--model", src, "--recipe", "fp8-pc-pt", "--kv-cache", "fp8", "--format", "modelopt",
+                 "--world-size", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["kv_cache"] == "fp8"
+    line = refused("plan", "--model", src, "--recipe", "fp8-pc-pt", "--kv-cache", "fp8", "--format", "fp8-block")
+    assert "--format fp8-block cannot carry" in line, line
+    out = str(tmp_path / "z")
+    line = refused("export", "--model", src, "--recipe", "fp8-pc-pt", "--kv-cache", "fp8", "--out", out)
+    assert "quantizes the KV cache: calibrate first with" in line and "--recipe fp8-pc-pt --kv-cache fp8" in line
+    line = refused("export", "--model", src, "--recipe", "fp8-block", "--kv-cache", "fp8", "--format", "fp8-block",
+                   "--out", out)
+    assert "--format fp8-block cannot carry" in line and "--kv-cache none" in line, line
+    line = refused("calibrate", "--model", src, "--recipe", "fp8-pc-pt", "--random-tokens", "--out",
+                   str(tmp_path / "c.safetensors"))
+    assert "needs no calibration (--kv-cache fp8 would calibrate its KV cache)" in line, line
+    calib = str(tmp_path / "no-kv.safetensors")  # a static recipe calibrated without the KV cache ...
+    assert _cli(capsys, "calibrate", "--model", src, "--recipe", "fp8", "--random-tokens", "--num-samples", "2",
+                "--seq-len", "16", "--out", calib)[0] == 0
+    line = refused("export", "--model", src, "--recipe", "fp8", "--kv-cache", "fp8", "--calib", calib, "--out", out)
+    assert "with its KV cache" in line and "calibrate again with --recipe fp8 --kv-cache fp8" in line, line
+    assert not os.path.exists(out) and not os.path.exists(tmp_path / "c.safetensors")
+    # ... exports with that file under --kv-cache none; and none switches a recipe's own kv_cache off
+    assert _cli(capsys, "export", "--model", src, "--recipe", "fp8", "--kv-cache", "none", "--calib", calib,
+                "--format", "compressed-tensors", "--out", out)[0] == 0
+    assert json.load(open(os.path.join(out, "config.json")))["quantization_config"]["kv_cache_scheme"] is None
+    off = str(tmp_path / "off")
+    export(src, off, recipe=_recipe(tmp_path), kv_cache="none", format="modelopt")  # dynamic: no calibration
+    assert json.load(open(os.path.join(off, "hf_quant_config.json")))["quantization"].get("kv_cache_quant_algo") \
+        is None
+    assert "kv_cache" not in json.load(open(os.path.join(off, "dist_export.json")))["recipe"]
+    assert not [k for k in _tensors(off) if k.endswith(("k_scale", "v_scale"))]

@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as save_bytes
 
+from ..recipe import recipe_args
 from ..storage.atomic import write_atomic
 
 
@@ -71,7 +72,8 @@ def load_calibration(path: str, recipe, signature: str, required: list[str]) -> 
     if meta.get("recipe_fingerprint") != recipe.fingerprint:
         raise ValueError(f"calibration file {path} was made with recipe {meta.get('recipe')!r} "
                          f"(fingerprint {meta.get('recipe_fingerprint')}), not this {recipe.name!r} "
-                         f"(fingerprint {recipe.fingerprint}); calibrate again with --recipe {recipe.name}")
+                         f"(fingerprint {recipe.fingerprint}{', with its KV cache' if recipe.kv_cache else ''}); "
+                         f"calibrate again with {recipe_args(recipe)}")
     missing = [k for k in required if k not in amax]
     if missing:
         raise ValueError(f"calibration file {path} has no amax for {len(missing)} quantizers, e.g. {missing[0]!r}")

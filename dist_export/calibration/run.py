@@ -27,6 +27,7 @@ from ..storage.header import model_signature
 from .file import input_quantizer_name, save_calibration
 from ..sources.checkpoint import SourceCheckpoint
 from ..sources.keymap import checkpoint_keys, expert_slots
+from ..options import check_kv_cache_choice
 from ..plan import classify_tensors, kv_cache_quantizers
 
 log = logging.getLogger(__name__)
@@ -189,7 +190,7 @@ def _kv_attention_modules(model, kv_targets: set[str]) -> dict[str, tuple[str, s
 def calibrate(model, recipe, out: str | None = None, data: str | None = None, num_samples: int = 16,
               seq_len: int = 128, seed: int = 0, device_map: str | None = None, trust_remote_code: bool = False, *,
               random_tokens: bool = False, batch_size: int = 1, revision: str | None = None, tokenizer=None,
-              device: str | None = None, ctx=None) -> dict[str, torch.Tensor]:
+              device: str | None = None, ctx=None, kv_cache: str | None = None) -> dict[str, torch.Tensor]:
     """Max-calibrate the input amax of every static input quantizer of `recipe`; returns {quantizer: 0-d amax}
     on every rank, and rank 0 writes `out` (when given).
 
@@ -202,16 +203,20 @@ def calibrate(model, recipe, out: str | None = None, data: str | None = None, nu
     are removed afterwards). Under a launcher every rank takes its slice of the samples (samples r, r+W, ...),
     and the amax are reduced with a max all-reduce: max is exact, so the result equals one process calibrating
     every sample, bit for bit, wherever each sample's activations do not depend on its batch (`batch_size` 1,
-    or the same batches; padded positions are never observed). `ctx`: an existing `DistContext`.
+    or the same batches; padded positions are never observed). `ctx`: an existing `DistContext`. `kv_cache`
+    (`--kv-cache`): "fp8" also records the K/V amax of every attention layer, "none" does not, None: as the
+    recipe says; the file is bound to the recipe with that setting (export with the same `--kv-cache`).
     """
     from ..runtime.dist import init_distributed
 
     check_data_choice(data, random_tokens)  # before any process group or model load
+    check_kv_cache_choice(kv_cache)
     own = ctx is None
     ctx = ctx or init_distributed(device)
     try:
         amax, record, signature, recipe = _calibrate(ctx, model, recipe, data, num_samples, seq_len, seed,
-                                                     device_map, trust_remote_code, batch_size, revision, tokenizer)
+                                                     device_map, trust_remote_code, batch_size, revision, tokenizer,
+                                                     kv_cache)
         if out is not None:
             ctx.on_rank0("write calibration", save_calibration, out, amax, recipe, signature, data=record)
         if ctx.is_rank0:
@@ -253,11 +258,11 @@ def calibration_options(options: dict) -> dict:
 
 
 def _calibrate(ctx, model, recipe, data, num_samples, seq_len, seed, device_map, trust_remote_code,
-               batch_size, revision, tokenizer):
-    """(amax on every rank, the data record, the model signature, the recipe)."""
-    from ..recipe import Recipe, load_recipe
+               batch_size, revision, tokenizer, kv_cache=None):
+    """(amax on every rank, the data record, the model signature, the recipe with `kv_cache` applied)."""
+    from ..recipe import Recipe, load_recipe, with_kv_cache
 
-    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    recipe = with_kv_cache(recipe if isinstance(recipe, Recipe) else load_recipe(recipe), kv_cache)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"--batch-size must be a positive integer, got {batch_size!r}")
     live = model is not None and not isinstance(model, str)
@@ -277,7 +282,8 @@ def _calibrate(ctx, model, recipe, data, num_samples, seq_len, seed, device_map,
     targets = [i.module for i in items if i.quantized and i.input is not None and i.input.needs_calibration]
     kv_targets = kv_cache_quantizers(items)
     if not targets and not kv_targets:
-        raise ValueError(f"recipe {recipe.name!r} has no static input quantizers; it needs no calibration")
+        raise ValueError(f"recipe {recipe.name!r} has no static input quantizers; it needs no calibration "
+                         f"(--kv-cache fp8 would calibrate its KV cache)")
     if kv_targets and live:
         raise ValueError(f"recipe {recipe.name!r} quantizes the KV cache: its calibration loads the model with an "
                          f"observing attention; calibrate the saved folder instead of the in-memory model")
