@@ -60,3 +60,25 @@ def run_torchrun(nproc: int, *args, env=None, timeout=300, extra=(), check=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"torchrun {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
+
+
+def cli_in_process(capsys, *argv) -> tuple[int, str, str]:
+    """`dist-export ARGV` in this process (no second torch import: fast on 2 cores), the root logger's handlers
+    and level restored afterwards; returns (exit code as `python -m dist_export` would exit, stdout, stderr)."""
+    import logging
+
+    from dist_export.cli import main
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    capsys.readouterr()
+    try:
+        rc = main([str(a) for a in argv])
+    finally:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        for h in handlers:
+            root.addHandler(h)
+        root.setLevel(level)
+    out, err = capsys.readouterr()
+    return rc, out, err

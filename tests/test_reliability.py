@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from helpers import REPO, folder_hashes, model_dir, run_cli, run_torchrun
+from helpers import REPO, cli_in_process, folder_hashes, model_dir, run_cli, run_torchrun
 
 MODEL = "synthetic:qwen3-moe-tiny"
 RECIPE = "int4-w4a16"
@@ -76,26 +76,7 @@ def tail(text: str, n: int = 3000) -> str:
     return text[-n:]
 
 
-def cli(capsys, *argv) -> tuple[int, str, str]:
-    """`dist-export ARGV` in this process (no second torch import: the file must stay fast on 2 cores); returns
-    (exit code as `python -m dist_export` would exit, stdout, stderr)."""
-    import logging
-
-    from dist_export.cli import main
-
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    capsys.readouterr()
-    try:
-        rc = main([str(a) for a in argv])
-    finally:
-        for h in list(root.handlers):
-            root.removeHandler(h)
-        for h in handlers:
-            root.addHandler(h)
-        root.setLevel(level)
-    out, err = capsys.readouterr()
-    return rc, out, err
+cli = cli_in_process  # (exit code, stdout, stderr) of `dist-export ARGV` run in this process
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from helpers import REPO, model_dir
+from helpers import REPO, cli_in_process, model_dir
 
 MODEL = "synthetic:llama-tiny"
 RECIPE = "int4-w4a16"
@@ -54,22 +54,8 @@ def tree(path) -> dict[str, tuple]:
 
 def cli(capsys, *argv) -> tuple[int, str]:
     """`dist-export ARGV` in this process; returns (exit code, stderr)."""
-    import logging
-
-    from dist_export.cli import main
-
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    capsys.readouterr()
-    try:
-        rc = main([str(a) for a in argv])
-    finally:
-        for h in list(root.handlers):
-            root.removeHandler(h)
-        for h in handlers:
-            root.addHandler(h)
-        root.setLevel(level)
-    return rc, capsys.readouterr().err
+    rc, _, err = cli_in_process(capsys, *argv)
+    return rc, err
 
 
 def export(capsys, out, *args, model=MODEL, recipe=RECIPE) -> tuple[int, str]:
