@@ -4,6 +4,8 @@
 # transformers are used unchanged; compressed-tensors is installed --no-deps with its one missing need (loguru).
 set -euo pipefail
 VENV="${HOME}/.cache/dist_export-ci/venvs/ct"
+mkdir -p "$(dirname "$VENV")"
+exec 9>"$VENV.lock" && flock 9  # one build at a time (parallel CI runs, helpers)
 if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -c "import compressed_tensors" >/dev/null 2>&1; then
   python3 -m venv --system-site-packages "$VENV" >&2
   "$VENV/bin/python" -m pip install -q --no-deps compressed-tensors==0.20.1 loguru >&2

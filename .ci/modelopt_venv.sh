@@ -5,6 +5,8 @@
 # 2.3's parser was generated with; the system's newer antlr4 stays as it is outside the venv).
 set -euo pipefail
 VENV="${DIST_EXPORT_MODELOPT_VENV:-$HOME/.cache/dist_export-ci/venv-modelopt-0.47.0}"
+mkdir -p "$(dirname "$VENV")"
+exec 9>"$VENV.lock" && flock 9  # one build at a time (parallel CI runs, helpers)
 if ! "$VENV/bin/python" -c "import modelopt.torch.quantization, modelopt.torch.export" >/dev/null 2>&1; then
   rm -rf "$VENV"
   python3 -m venv --system-site-packages "$VENV" >&2

