@@ -43,10 +43,10 @@ def assert_same_export_of_other_source(a, b) -> None:
     assert records[0] == records[1]
 
 
-def run_cli(*args, env=None, timeout=300, check=True) -> subprocess.CompletedProcess:
+def run_cli(*args, env=None, timeout=300, check=True, cwd=REPO) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **(env or {})}
     proc = subprocess.run([sys.executable, "-m", "dist_export", *args], capture_output=True, text=True,
-                          env=full_env, timeout=timeout, cwd=REPO)
+                          env=full_env, timeout=timeout, cwd=cwd)
     if check and proc.returncode != 0:
         raise AssertionError(f"dist-export {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc

@@ -9,6 +9,7 @@ Needs nvidia-modelopt (CI: the ModelOpt venv step of .ci/run); skipped where it 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 
@@ -64,17 +65,35 @@ CONFIGS = {
                                                        "cfg": {"num_bits": (4, 3), "axis": None}, "enable": True}),
 }
 GPU_ONLY = ("nvfp4", "w4a16-nvfp4")
-# llama-tiny ties lm_head to the embeddings (fp8-lm-head: refused, see the last test); ModelOpt's mse search on
-# MoE experts is slow on CPU, so the MoE model runs the block-64 search only.
-CASES = [("llama-tiny", c) for c in CONFIGS if c not in ("fp8-lm-head", *GPU_ONLY)] + \
-        [("qwen3-moe-tiny", c) for c in CONFIGS if c not in ("int4-awq", "int8-sq", "int4-b128-mse", *GPU_ONLY)]
+UNTIED = "llama-tiny-untied"
+# Every CPU config on both models. llama-tiny ties lm_head to the embeddings (fp8-lm-head: refused, see
+# test_quantized_lm_head_tied_to_embeddings_refused): its quantized-lm_head case runs on an untied copy.
+CASES = [("llama-tiny", c) for c in CONFIGS if c not in ("fp8-lm-head", *GPU_ONLY)] + [(UNTIED, "fp8-lm-head")] + \
+        [("qwen3-moe-tiny", c) for c in CONFIGS if c not in GPU_ONLY]
 
 
 def load_model(name: str):
     import transformers
 
-    folder = model_dir(f"synthetic:{name}")
+    folder = _untied_llama() if name == UNTIED else model_dir(f"synthetic:{name}")
     return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval(), folder
+
+
+@functools.lru_cache(maxsize=None)
+def _untied_llama() -> str:
+    """llama-tiny with an lm_head of its own (seeded random, unlike the embeddings), saved once per process: the
+    tiny Llama of the quantized-lm_head case (llama-tiny itself ties lm_head to the embeddings)."""
+    import tempfile
+
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir("synthetic:llama-tiny"), dtype=torch.bfloat16)
+    model.config.tie_word_embeddings = False
+    head = torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(1)) * 0.02
+    model.lm_head.weight = torch.nn.Parameter(head.to(torch.bfloat16))
+    folder = os.path.join(tempfile.mkdtemp(prefix="dist-export-untied-llama-"), "model")
+    model.save_pretrained(folder)
+    return folder
 
 
 def quantized(name: str, config: str, device: str = "cpu"):
@@ -122,22 +141,39 @@ class _ExactGlobalScale:
 
 def modelopt_export(model, out, exact_fp8: bool, exact_global_scale: bool = False):
     """ModelOpt's own export; `exact_*` replace only ModelOpt's rounded reciprocals (FP8 `448.0 / amax` on CPU,
-    the NVFP4 global scale `amax / 2688.0` on CUDA) by the exact divisions formats.md documents."""
+    the NVFP4 global scale `amax / 2688.0` on CUDA) by the exact divisions formats.md documents. A fused experts
+    module is skipped by its MoE re-smoothing (`_fused_experts_not_grouped`), as ModelOpt skips a model type it
+    does not list."""
     import modelopt.torch.kernels.quantization.gemm as kernels
     import modelopt.torch.quantization.tensor_quant as tq
+    from modelopt.torch.export.plugins import vllm_fakequant_hf as vfq
 
-    fp8, fp4 = tq.fp8_eager, getattr(kernels, "fp4_fake_quant_block", None)
+    fp8, fp4, groups = tq.fp8_eager, getattr(kernels, "fp4_fake_quant_block", None), vfq.get_experts_list
     if exact_fp8:
         tq.fp8_eager = exact_fp8_eager
     if exact_global_scale and fp4 is not None:
         kernels.fp4_fake_quant_block = lambda x, amax, *a, **kw: fp4(x, _ExactGlobalScale(amax), *a, **kw)
+    vfq.get_experts_list = _fused_experts_not_grouped(groups)
     try:
         export_hf_vllm_fq_checkpoint(model, out)
     finally:
-        tq.fp8_eager = fp8
+        tq.fp8_eager, vfq.get_experts_list = fp8, groups
         if fp4 is not None:
             kernels.fp4_fake_quant_block = fp4
     return load_file(os.path.join(out, "model.safetensors"))
+
+
+def _fused_experts_not_grouped(get_experts_list):
+    """ModelOpt 0.47's exporter re-smooths AWQ-format exports (INT4 blocks, AWQ) per MoE expert group, listing
+    the group with `len(module.experts)`: a transformers-5 fused experts module has no len() (TypeError). Its
+    re-smoothing averages per-expert `pre_quant_scale`s, and a fused module has none (one shared input quantizer;
+    awq_lite leaves fused experts at max calibration: _awq_left_fused_experts_at_max), so it has nothing to
+    do: NotImplementedError, which the exporter already catches for a model type it does not list, skips it."""
+    def patched(module, model_type):
+        if not hasattr(type(module.experts), "__len__"):
+            raise NotImplementedError(f"{type(module.experts).__name__}: fused experts, no per-expert groups")
+        return get_experts_list(module, model_type)
+    return patched
 
 
 def ours(model, out, device="cpu", **kw):
@@ -149,57 +185,43 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.int16 if t.element_size() == 2 else torch.int32)
 
 
-def modelopt_fold(model) -> dict:
-    """ModelOpt's own weight fold (the exporter's `_fakequant_module_weights`, fused experts included) on a copy
-    of the state dict, fused experts then split into checkpoint names (gate = rows [:I], up = rows [I:]), for
-    the configs where ModelOpt 0.47's exporter itself crashes (INT4 on transformers-5 fused experts)."""
-    import re
-
-    from modelopt.torch.export.plugins.vllm_fakequant_hf import _fakequant_module_weights
-
-    sd = {k: v.detach().clone() for k, v in model.state_dict().items() if "quantizer" not in k}
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            _fakequant_module_weights(module, name, model, sd, set(), set(), set(), inplace=False)
-    out = {}
-    for key, t in sd.items():
-        m = re.match(r"^(.*\.experts)\.(gate_up_proj|down_proj)$", key)
-        if m is None:
-            out[key] = t
-            continue
-        for e in range(t.shape[0]):
-            if m.group(2) == "gate_up_proj":
-                half = t.shape[1] // 2
-                out[f"{m.group(1)}.{e}.gate_proj.weight"] = t[e, :half]
-                out[f"{m.group(1)}.{e}.up_proj.weight"] = t[e, half:]
-            else:
-                out[f"{m.group(1)}.{e}.down_proj.weight"] = t[e]
-    if getattr(model.config, "tie_word_embeddings", False):
-        out.pop("lm_head.weight", None)
-    return out
-
-
-# ModelOpt 0.47's exporter raises on these (`len()` of a fused experts module in its AWQ/INT4 re-smoothing).
-EXPORTER_CRASHES = {("qwen3-moe-tiny", c) for c in ("int4-b128", "int4-b64", "int4-b64-mse", "int4-b128-mse")}
-
-
 @pytest.mark.parametrize("name,config", CASES)
 def test_weights_equal_the_models_own_quantizers(tmp_path, name, config):
     model, folder = quantized(name, config)
     mine = ours(model, tmp_path / "ours")
-    if (name, config) in EXPORTER_CRASHES:
-        theirs = modelopt_fold(model)
-        assert sorted(mine) == sorted(load_file_keys(folder))
-    else:
-        theirs = modelopt_export(model, str(tmp_path / "modelopt"), exact_fp8=True)
-    assert sorted(mine) == sorted(theirs)
+    theirs = modelopt_export(model, str(tmp_path / "modelopt"), exact_fp8=True)
+    assert sorted(mine) == sorted(theirs) == sorted(load_file_keys(folder))
     for key in sorted(theirs):
         assert mine[key].dtype == theirs[key].dtype, key
         assert torch.equal(bits(mine[key]), bits(theirs[key])), f"{key}: differs from ModelOpt's fold"
-    if (name, config) not in EXPORTER_CRASHES:
-        enabled = _check_state(tmp_path / "ours" / STATE_FILE_NAME, tmp_path / "modelopt" / STATE_FILE_NAME, model)
-        assert enabled > 0 or config in ("int8-wo", "int4-b128", "int4-b64", "int4-b64-mse", "int4-b128-mse",
-                                         "int4-awq", "fp8-2d-block")
+    enabled = _check_state(tmp_path / "ours" / STATE_FILE_NAME, tmp_path / "modelopt" / STATE_FILE_NAME, model)
+    assert enabled > 0 or config in ("int8-wo", "int4-b128", "int4-b64", "int4-b64-mse", "int4-b128-mse",
+                                     "int4-awq", "fp8-2d-block")
+    if (name, config) == ("qwen3-moe-tiny", "int4-awq"):
+        _awq_left_fused_experts_at_max(model)
+    if config == "fp8-lm-head":  # lm_head was quantized (its own weight, not the embeddings')
+        source = load_model(name)[0]
+        assert not torch.equal(mine["lm_head.weight"], source.lm_head.weight)
+        assert torch.equal(mine["model.embed_tokens.weight"], source.model.embed_tokens.weight)
+        assert not torch.equal(source.lm_head.weight, source.model.embed_tokens.weight)
+
+
+def _awq_left_fused_experts_at_max(model) -> None:
+    """What INT4_AWQ_CFG (awq_lite) does to a transformers-5 fused experts module in ModelOpt 0.47: nothing
+    AWQ-specific. Its experts get no pre_quant_scale (the attention linears do), their weights are not rescaled
+    and every expert's weight amax is plain max calibration, max|W| per block of 32; so an MoE AWQ export is AWQ
+    on attention and INT4-max on the experts, in ModelOpt's export and in ours."""
+    source = load_model("qwen3-moe-tiny")[0].state_dict()
+    assert model.model.layers[0].self_attn.q_proj.input_quantizer._pre_quant_scale is not None
+    for i, layer in enumerate(model.model.layers):
+        experts = layer.mlp.experts
+        for name in ("gate_up_proj", "down_proj"):
+            assert getattr(getattr(experts, f"{name}_input_quantizer"), "_pre_quant_scale", None) is None
+            weight = getattr(experts, name)
+            assert torch.equal(weight, source[f"model.layers.{i}.mlp.experts.{name}"]), "weights rescaled"
+            for e, q in enumerate(getattr(experts, f"{name}_weight_quantizers")):
+                want = weight[e].float().abs().reshape(-1, 32).amax(-1)
+                assert torch.equal(q._amax.float().reshape(-1), want), (i, name, e)
 
 
 def test_kv_cache_and_fused_expert_inputs_carry_the_models_amax(tmp_path):
@@ -381,6 +403,43 @@ def test_nproc_per_node_in_process_equals_the_in_memory_export(tmp_path):
     _same_as_in_memory(tmp_path / "workers", tmp_path / "mem")
     with pytest.raises(ValueError, match="nproc_per_node is for in-memory ModelOpt-quantized models"):
         dist_export.export(str(bare), str(tmp_path / "x"), nproc_per_node=2)
+
+
+def test_readme_modelopt_path_runs(tmp_path, monkeypatch):
+    """README's five lines for a ModelOpt user, run as written (in a folder holding models/llama, a copy of
+    llama-tiny without tokenizer as in the tests above; 2 processes where they say 8, for the CPU), with the
+    names a PTQ script has (mtq, torch, AutoModelForCausalLM, dist_export, a forward loop): the in-memory export
+    equals ModelOpt's own bit for bit, and the 2 worker processes and the command line on the saved quantizer
+    state give the same files."""
+    import re
+    import shlex
+    import shutil
+
+    import transformers
+
+    from helpers import REPO, run_cli
+
+    readme = open(os.path.join(REPO, "README.md")).read()
+    section = readme[readme.index("## ModelOpt-calibrated models"):]
+    lines = section[section.index("```python\n") + 10:section.index("```\n", section.index("```python"))].splitlines()
+    assert len(lines) == 5 and lines[-1].startswith("# dist-export "), lines
+    shutil.copytree(model_dir("synthetic:llama-tiny"), tmp_path / "models" / "llama",
+                    ignore=shutil.ignore_patterns("tokenizer*"))
+    monkeypatch.chdir(tmp_path)
+    data = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    names = {"mtq": mtq, "torch": torch, "dist_export": dist_export, "loop": lambda m: [m(d[None]) for d in data],
+             "AutoModelForCausalLM": transformers.AutoModelForCausalLM}
+    with torch.no_grad():
+        exec(compile("\n".join(lines[:4]).replace("nproc_per_node=8", "nproc_per_node=2"), "README.md", "exec"),
+             names)
+    cli = shlex.split(re.sub(r"--nproc-per-node 8\b", "--nproc-per-node 2", lines[4][2:]))
+    assert cli[:2] == ["dist-export", "export"] and "--nproc-per-node" in cli, cli
+    run_cli(*cli[1:], cwd=str(tmp_path), env={"OMP_NUM_THREADS": "1"})
+    mine = load_file(tmp_path / "out" / "llama-fp8" / "model.safetensors")
+    theirs = modelopt_export(names["model"], str(tmp_path / "modelopt"), exact_fp8=True)
+    assert sorted(mine) == sorted(theirs) and all(torch.equal(bits(mine[k]), bits(theirs[k])) for k in theirs)
+    for folder in ("llama-fp8-x8", "llama-fp8-cli"):
+        _same_as_in_memory(tmp_path / "out" / folder, tmp_path / "out" / "llama-fp8")
 
 
 def test_weights_changed_in_place_are_refused(tmp_path):
