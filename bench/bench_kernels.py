@@ -74,9 +74,8 @@ def runners(spec, what, w, amax, block_amax):
                 lambda: fmt.fake_quant(w.float(), spec, amax, block_amax).to(w.dtype))
     if what == "quant" and spec.fmt == "nvfp4":  # the encoder without the adapter's one host sync (graph-safe)
         from dist_export.numerics.kernels.fold import encode_nvfp4
-        from dist_export.numerics.nvfp4 import global_scale
 
-        return (lambda: encode_nvfp4(w, global_scale(amax), block_amax),
+        return (lambda: encode_nvfp4(w, amax, block_amax),
                 lambda: fmt.quantize(w.float(), spec, amax, block_amax), kern.quantize)
     if what == "quant":
         return (lambda: kern.quantize(w, spec, amax, block_amax),

@@ -65,7 +65,7 @@ def assert_same(got: torch.Tensor, want: torch.Tensor, what: str):
 
 
 KINDS = ["random", "zero", "tiny", "huge"]
-SHAPES = [(40, 72), (3, 16), (1, 1), (5, 33)] + ([(1000, 1030), (256, 4096)] if BIG else [])
+SHAPES = [(40, 72), (3, 16), (1, 1), (5, 33), (16, 128)] + ([(1000, 1030), (256, 4096)] if BIG else [])
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 BLK = 128 if BIG else 16
 FOLD_SPECS = [("fp8", "tensor", None), ("fp8", "channel", None), ("fp8", "block", BLK), ("fp8", "block", 24),
@@ -136,8 +136,8 @@ def test_nvfp4_fold_with_searched_block_amax_and_strided_input():
     from dist_export.numerics import QuantSpec, compute_amax, fake_quant, quantize
 
     spec = QuantSpec("nvfp4", "group", 16)
-    full = make("random", (30, 96), torch.bfloat16)
-    w = full[:, :80]  # row stride 96
+    full = make("random", (30, 97), torch.bfloat16)
+    w = full[:, 1:81]  # row stride 97, an odd start: the encoder's words need a copy
     amax = compute_amax(w, spec)
     g = torch.Generator().manual_seed(1)
     bam = compute_amax(w, QuantSpec("int8", "group", 16)) * (0.5 + 0.5 * torch.rand(30, 5, generator=g))
@@ -146,6 +146,25 @@ def test_nvfp4_fold_with_searched_block_amax_and_strided_input():
     got, want = _kernels().NVFP4.quantize(w.to(DEV), spec, amax.to(DEV), bam.to(DEV)), quantize(w, spec, amax, bam)
     for key in want:
         assert_same(got[key], want[key], key)
+
+
+@pytest.mark.parametrize("fmt,gran,bs,shape", [("fp8", "block", 16, (32, 48)), ("int4", "group", 16, (16, 128)),
+                                               ("nvfp4", "group", 16, (16, 128)), ("nvfp4", "group", 16, (5, 20))])
+def test_int64_offsets_give_the_same_bits(fmt, gran, bs, shape, monkeypatch):
+    """The int64-offset variant (weights past 2**31 elements) on small shapes: the int32 limit lowered to 1."""
+    from dist_export.numerics import QuantSpec, compute_amax, fake_quant, quantize
+    from dist_export.numerics.kernels import fold
+
+    monkeypatch.setattr(fold, "INT32_LIMIT", 1)
+    spec = QuantSpec(fmt, gran, bs)
+    ks = kernels_of(fmt)
+    w = make("random", shape, torch.bfloat16, seed=3)
+    amax = compute_amax(w, spec)
+    assert_same(ks.fake_quant(w.to(DEV), spec, amax.to(DEV)), fake_quant(w, spec, amax), "fold")
+    if ks.quantize is not None:
+        got, want = ks.quantize(w.to(DEV), spec, amax.to(DEV)), quantize(w, spec, amax)
+        for key in want:
+            assert_same(got[key], want[key], key)
 
 
 def test_nvfp4_encoder_refuses_what_the_torch_path_refuses():

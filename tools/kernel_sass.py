@@ -77,21 +77,24 @@ def main() -> int:
     ptr = lambda *names, t="*fp32": {n: (t, 0) for n in names}  # noqa: E731
     tile = dict(TR=fold.TILE_R, NBT=1, CB=128, CH=128)
     cases = []
-    for name, ssr, ssb, br, bc, fake in [("fp8 tensor fold", 0, 0, 1, 1, True), ("fp8 block-128 fold", 32, 1, 128, 128, True),
-                                         ("fp8 block-128 encode", 32, 1, 128, 128, False)]:
-        out = "*i16" if fake else "*u8"
-        a = {"x_ptr": ("*bf16", 0), **ptr("scale_ptr", "inv_ptr"), **ptr("y_ptr", "code_ptr", t=out),
+    tensor, block = (fold.WHOLE, fold.WHOLE, 0, 0), (128, 128, 32, 1)
+    for name, (br, bc, ssr, ssb), fake in [("fp8 tensor fold", tensor, True), ("fp8 block-128 fold", block, True),
+                                           ("fp8 block-128 encode", block, False)]:
+        a = {"x_ptr": ("*bf16", 0), **ptr("amax_ptr", "inv_ptr"), **ptr("y_ptr", t="*i16" if fake else "*u8"),
              **ints(R=R, C=C, sx=C, sy=C, SSR=ssr, SSB=ssb)}
-        cases.append((name, fold._fp8_kernel, a, dict(BR=br, BC=bc, FAKE=fake, BF16=fake, **tile), 2048))
-    a = {"x_ptr": ("*bf16", 0), **ptr("scale_ptr"), **ptr("y_ptr", t="*i16"), **ints(R=R, C=C, sx=C, sy=C, SSR=32, SSB=1),
+        cx = dict(BR=br, BC=bc, FAKE=fake, BF16=fake, EVEN=True, WIDE=False, SCALAR=ssr == 0, **tile)
+        cases.append((name, fold._fp8_kernel, a, cx, 2048))
+    a = {"x_ptr": ("*bf16", 0), **ptr("amax_ptr"), **ptr("y_ptr", t="*i16"), **ints(R=R, C=C, sx=C, sy=C, SSR=32, SSB=1),
          "MAXB": ("fp32", None), "MINB": ("fp32", None)}
-    cases.append(("int4 group-128 fold", fold._int_kernel, a, dict(BC=128, BF16=True, **tile), 2048))
-    for name, fake in [("nvfp4 fold", True), ("nvfp4 encode", False)]:
-        a = {"x_ptr": ("*bf16", 0), **ptr("gs_ptr", "bamax_ptr"), **ptr("y_ptr", t="*i16" if fake else "*u8"),
-             **ptr("packed_ptr", t="*i16" if fake else "*i32"), **ptr("scale_ptr", t="*i16" if fake else "*u8"),
-             **ptr("bad_ptr", t="*i16" if fake else "*i32"), **ints(R=R, C=C, sx=C, sy=C if fake else 0, NB=C // 16)}
-        cx = dict(HAS_BAMAX=False, FAKE=fake, BF16=fake, TR=fold.NV_TR, TB=fold.NV_TB, WORDS=not fake)
-        cases.append((name, fold._nvfp4_kernel, a, cx, fold.NV_TR * fold.NV_TB * 16))
+    cases.append(("int4 group-128 fold", fold._int_kernel, a, dict(BC=128, BF16=True, EVEN=True, WIDE=False, SCALAR=False, **tile), 2048))
+    a = {"x_ptr": ("*bf16", 0), **ptr("gamax_ptr", "bamax_ptr"), **ptr("y_ptr", t="*i16"),
+         **ints(R=R, C=C, sx=C, sy=C, NB=C // 16)}
+    cx = dict(HAS_BAMAX=False, BF16=True, TR=fold.NV_TR, TB=fold.NV_TB, EVEN=True, WIDE=False)
+    cases.append(("nvfp4 fold", fold._nvfp4_fold_kernel, a, cx, fold.NV_TR * fold.NV_TB * 16))
+    a = {"w_ptr": ("*i32", 0), **ptr("gamax_ptr", "bamax_ptr", "gs_ptr"), **ptr("packed_ptr", "scale_ptr", t="*u8"),
+         **ptr("bad_ptr", t="*i32"), **ints(R=R, W=C // 2, sw=C // 2, NB=C // 16)}
+    cx = dict(HAS_BAMAX=False, DT=0, TR=fold.NVE_TR, TB=fold.NVE_TB, EVEN=True, WIDE=False)
+    cases.append(("nvfp4 encode", fold._nvfp4_encode_kernel, a, cx, fold.NVE_TR * fold.NVE_TB * 16))
     print("| kernel (12288x4096 bf16, sm_90) | SASS instr per element: all (static) / kernel body | layout conversions | "
           "shared ld+st per thread | global loads / stores per thread | load / store widths | atomics |")
     print("|---|---|---|---|---|---|---|")

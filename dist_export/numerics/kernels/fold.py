@@ -1,9 +1,20 @@
 """Fold (fake quant) and real-quant encoder kernels (stage 2, every rank): one pass over a 2-D weight.
 
-Each element reads its scale through a block map: element (r, c) uses entry (r // BR, c // BC) of a small
-per-block tensor (strides 0 for a per-tensor value), so one kernel serves the tensor, channel, group and 2-D
-block granularities. The float32 arithmetic is the reference's (`fp8.py`, `integer.py`, `nvfp4.py`); the fold
-result is cast once (round to nearest even) to the output dtype, as `registry.fake_quant` does.
+Each element reads its amax through a block map: element (r, c) uses entry (r // BR) * SSR + (c // BC) * SSB of
+the small per-granularity amax tensor (BR = BC = WHOLE and strides 0 for one value per tensor, BC = WHOLE for one
+per row), so one kernel serves the tensor, channel, group and 2-D block granularities. The per-block scales are
+computed in the kernel from that amax, with the reference's IEEE operations (`fp8.choose_fp8_inv_scale`,
+`integer.fake_quant_int_elementwise`, `nvfp4.global_scale` / `block_multipliers`), instead of a separate chain of
+small torch kernels; the FP8 encoder writes the dequant multiplier `inv` of each block from the program that holds
+the block's first element, the NVFP4 encoder the global scale from program (0, 0). The float32 element arithmetic
+is the reference's (`fp8.py`, `integer.py`, `nvfp4.py`); a fold's result is cast once (round to nearest even) to
+the output dtype, as `registry.fake_quant` does.
+
+Launch choices (none changes a value): offsets are int32 where every offset of the launch fits (WIDE=False),
+int64 otherwise; a tile is unmasked where the shape divides it (EVEN) and masked only at ragged edges otherwise.
+The NVFP4 encoder reads the weight as words of two elements (int32 for 16-bit dtypes, int64 for float32), so the
+two E2M1 codes of an output byte are in the same thread: it packs them in registers and stores the bytes, the E4M3
+block scales and its flag in the same pass, with no reshape or layout conversion.
 """
 from __future__ import annotations
 
@@ -15,13 +26,47 @@ from .jitlib import div_rn, e2m1_code, e2m1_round, e4m3_byte, e4m3_round, rint, 
 
 _OPTS = {"enable_fp_fusion": False}
 TILE_R, TILE_C = 16, 128  # rows x columns per program (FP8, INT): 2048 elements
+WHOLE = 1 << 30  # block extent of "one value for all rows / columns"
+INT32_LIMIT = 2**31
+
+
+@triton.jit
+def _row_offset(r, stride, WIDE: tl.constexpr):
+    if WIDE:
+        return r.to(tl.int64) * stride
+    else:
+        return r * stride
+
+
+@triton.jit
+def _load(ptr, m, EVEN: tl.constexpr):
+    if EVEN:
+        return tl.load(ptr)
+    else:
+        return tl.load(ptr, mask=m, other=0)
+
+
+@triton.jit
+def _store(ptr, v, m, EVEN: tl.constexpr):
+    if EVEN:
+        tl.store(ptr, v)
+    else:
+        tl.store(ptr, v, mask=m)
+
+
+@triton.jit
+def _fold_store(ptr, offs, y, m, BF16: tl.constexpr, EVEN: tl.constexpr):
+    if EVEN:
+        store_cast(ptr, offs, y, None, BF16)
+    else:
+        store_cast(ptr, offs, y, m, BF16)
 
 
 @triton.jit
 def _chunk_tile(R, C, TR: tl.constexpr, NBT: tl.constexpr, CB: tl.constexpr, CH: tl.constexpr):
     """A tile of TR rows x NBT column chunks of CB elements (padded to CH, a power of two): element (r, b, j) is
-    column b * CB + j. Every element of a chunk has the same per-block scale, so the scales are loaded once per
-    (row, chunk) as a small [TR, NBT] tensor instead of once per element."""
+    column b * CB + j. Every element of a chunk has the same per-block amax, so it is loaded (and its scales
+    computed) once per (row, chunk) as a small [TR, NBT] tensor instead of once per element."""
     rr = tl.program_id(0) * TR + tl.arange(0, TR)
     bb = tl.program_id(1) * NBT + tl.arange(0, NBT)
     j = tl.arange(0, CH)[None, None, :]
@@ -32,111 +77,196 @@ def _chunk_tile(R, C, TR: tl.constexpr, NBT: tl.constexpr, CB: tl.constexpr, CH:
 
 
 @triton.jit
-def _chunk_scale(ptr, rr, bb, R, C, SSR, SSB, BR: tl.constexpr, BC: tl.constexpr, CB: tl.constexpr):
-    """Per-block value of every (row, chunk) of the tile, [TR, NBT, 1]: entry (r // BR) * SSR + (b * CB // BC) *
-    SSB of the per-block tensor (SSR = SSB = 0 for one value per tensor, SSB = 0 for one per row)."""
-    idx = (rr[:, None] // BR) * SSR + ((bb[None, :] * CB) // BC) * SSB
-    ok = (rr[:, None] < R) & (bb[None, :] * CB < C)
-    return tl.load(ptr + idx, mask=ok, other=1.0)[:, :, None]
+def _chunk_amax(ptr, rr, bb, R, C, SSR, SSB, BR: tl.constexpr, BC: tl.constexpr, CB: tl.constexpr):
+    """(amax of every (row, chunk) of the tile [TR, NBT] as float32, its index in the amax tensor, in range)."""
+    c0 = bb[None, :] * CB
+    idx = (rr[:, None] // BR) * SSR + (c0 // BC) * SSB
+    ok = (rr[:, None] < R) & (c0 < C)
+    return tl.load(ptr + idx, mask=ok, other=1.0).to(tl.float32), idx, ok
 
 
 @triton.jit
-def _fp8_kernel(x_ptr, scale_ptr, inv_ptr, y_ptr, code_ptr, R, C, sx, sy, SSR, SSB, BR: tl.constexpr,
-                BC: tl.constexpr, FAKE: tl.constexpr, BF16: tl.constexpr, TR: tl.constexpr, NBT: tl.constexpr,
-                CB: tl.constexpr, CH: tl.constexpr):
+def _fp8_scale(a):
+    """fp8.choose_fp8_inv_scale of float32 a: (scale = 448 / a, inv = 1 / scale), a = 1 where a <= 2**-24."""
+    a = tl.where(a <= 5.960464477539063e-08, 1.0, a)
+    scale = div_rn(448.0 + tl.zeros_like(a), a)
+    return scale, div_rn(1.0 + tl.zeros_like(a), scale)
+
+
+@triton.jit
+def _fp8_kernel(x_ptr, amax_ptr, y_ptr, inv_ptr, R, C, sx, sy, SSR, SSB, BR: tl.constexpr, BC: tl.constexpr,
+                FAKE: tl.constexpr, BF16: tl.constexpr, TR: tl.constexpr, NBT: tl.constexpr, CB: tl.constexpr,
+                CH: tl.constexpr, EVEN: tl.constexpr, WIDE: tl.constexpr, SCALAR: tl.constexpr):
+    """y_ptr: the fold (FAKE) or the E4M3 codes; the encoder stores inv of each block from the (row, chunk)
+    holding the block's first element. SCALAR: one amax for the tensor, its scales computed once per program."""
     rr, bb, r, col, m = _chunk_tile(R, C, TR, NBT, CB, CH)
-    x = tl.load(x_ptr + r.to(tl.int64) * sx + col, mask=m, other=0.0).to(tl.float32)
-    v = x * _chunk_scale(scale_ptr, rr, bb, R, C, SSR, SSB, BR, BC, CB)
-    v = tl.minimum(tl.maximum(v, -448.0), 448.0)
+    x = _load(x_ptr + _row_offset(r, sx, WIDE) + col, m, EVEN).to(tl.float32)
+    if SCALAR:
+        scale, inv = _fp8_scale(tl.load(amax_ptr).to(tl.float32))
+        scale_el, inv_el = scale, inv
+    else:
+        a, idx, ok = _chunk_amax(amax_ptr, rr, bb, R, C, SSR, SSB, BR, BC, CB)
+        scale, inv = _fp8_scale(a)
+        scale_el, inv_el = scale[:, :, None], inv[:, :, None]
+    v = tl.minimum(tl.maximum(x * scale_el, -448.0), 448.0)
     mag = e4m3_round(tl.abs(v))
     neg = sign_bit(v)
     if FAKE:
-        y = with_sign(mag, neg) * _chunk_scale(inv_ptr, rr, bb, R, C, SSR, SSB, BR, BC, CB)
-        store_cast(y_ptr, r.to(tl.int64) * sy + col, y, m, BF16)
+        y = with_sign(mag, neg) * inv_el
+        _fold_store(y_ptr, _row_offset(r, sy, WIDE) + col, y, m, BF16, EVEN)
     else:
-        tl.store(code_ptr + r.to(tl.int64) * C + col, e4m3_byte(mag, neg).to(tl.uint8), mask=m)
+        _store(y_ptr + _row_offset(r, sy, WIDE) + col, e4m3_byte(mag, neg).to(tl.uint8), m, EVEN)
+        if SCALAR:
+            if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+                tl.store(inv_ptr, inv)
+        else:
+            first = ok & (rr[:, None] % BR == 0) & ((bb[None, :] * CB) % BC == 0)
+            tl.store(inv_ptr + idx, inv, mask=first)
 
 
 @triton.jit
-def _int_kernel(x_ptr, scale_ptr, y_ptr, R, C, sx, sy, SSR, SSB, MAXB, MINB, BC: tl.constexpr,
-                BF16: tl.constexpr, TR: tl.constexpr, NBT: tl.constexpr, CB: tl.constexpr, CH: tl.constexpr):
-    """scale per block from `int_scales` (0 marks a zero block): one division per element, not two."""
+def _int_scale(a, MAXB):
+    """(scale = maxb / a (true division, a = 1 where a <= 2**-24), the blocks that fold to zeros)."""
+    zero = a <= 5.960464477539063e-08
+    return div_rn(MAXB + tl.zeros_like(a), tl.where(zero, 1.0, a)), zero
+
+
+@triton.jit
+def _int_kernel(x_ptr, amax_ptr, y_ptr, R, C, sx, sy, SSR, SSB, MAXB, MINB, BC: tl.constexpr,
+                BF16: tl.constexpr, TR: tl.constexpr, NBT: tl.constexpr, CB: tl.constexpr, CH: tl.constexpr,
+                EVEN: tl.constexpr, WIDE: tl.constexpr, SCALAR: tl.constexpr):
+    """integer.fake_quant_int per block; one division per element. SCALAR: one amax for the tensor."""
     rr, bb, r, col, m = _chunk_tile(R, C, TR, NBT, CB, CH)
-    x = tl.load(x_ptr + r.to(tl.int64) * sx + col, mask=m, other=0.0).to(tl.float32)
-    s = _chunk_scale(scale_ptr, rr, bb, R, C, SSR, SSB, 1, BC, CB)
-    zero = s == 0.0
-    scale = tl.where(zero, MAXB, s)
-    y = div_rn(tl.minimum(tl.maximum(rint(x * scale), MINB), MAXB), scale)
+    x = _load(x_ptr + _row_offset(r, sx, WIDE) + col, m, EVEN).to(tl.float32)
+    if SCALAR:
+        scale, zero = _int_scale(tl.load(amax_ptr).to(tl.float32), MAXB)
+    else:
+        a, _, _ = _chunk_amax(amax_ptr, rr, bb, R, C, SSR, SSB, 1, BC, CB)
+        scale, zero = _int_scale(a, MAXB)
+        scale, zero = scale[:, :, None], zero[:, :, None]
+    y = div_rn(tl.minimum(tl.maximum(rint(x * scale), MINB), MAXB), scale + tl.zeros_like(x))
     y = tl.where(zero, 0.0, y)
-    store_cast(y_ptr, r.to(tl.int64) * sy + col, y, m, BF16)
+    _fold_store(y_ptr, _row_offset(r, sy, WIDE) + col, y, m, BF16, EVEN)
 
 
 @triton.jit
-def _nvfp4_kernel(x_ptr, gs_ptr, bamax_ptr, y_ptr, packed_ptr, scale_ptr, bad_ptr, R, C, sx, sy, NB,
-                  HAS_BAMAX: tl.constexpr, FAKE: tl.constexpr, BF16: tl.constexpr, TR: tl.constexpr, TB: tl.constexpr,
-                  WORDS: tl.constexpr):
-    """Tile of TR rows x TB blocks of 16; element arithmetic of nvfp4.block_scales/_signed_q. WORDS (widths a
-    multiple of 8): the packed codes are written as int32 words of 8 codes (packed_ptr is the uint8 output
-    viewed as int32), not byte by byte."""
+def _global_scale(gamax_ptr):
+    """nvfp4.global_scale: gamax / 2688 (true division), 1e-12 where that is <= 0."""
+    gs = div_rn(tl.load(gamax_ptr).to(tl.float32), 2688.0)
+    return tl.where(gs <= 0.0, 1e-12, gs)
+
+
+@triton.jit
+def _nvfp4_block_scales(bmax, gs):
+    """nvfp4.block_multipliers: (e4m3 block scale, sq the fold multiplies by, the 1.0-quirk blocks)."""
+    s_e4m3 = e4m3_round(tl.minimum(div_rn(bmax, 6.0 * gs), 448.0))
+    sq = s_e4m3 * gs
+    quirk = sq < 1e-5
+    return s_e4m3, tl.where(quirk, 1.0, sq), quirk
+
+
+@triton.jit
+def _nvfp4_fold_kernel(x_ptr, gamax_ptr, bamax_ptr, y_ptr, R, C, sx, sy, NB, HAS_BAMAX: tl.constexpr,
+                       BF16: tl.constexpr, TR: tl.constexpr, TB: tl.constexpr, EVEN: tl.constexpr,
+                       WIDE: tl.constexpr):
+    """Tile of TR rows x TB blocks of 16; element arithmetic of nvfp4.block_scales/_signed_q."""
     rr = tl.program_id(0) * TR + tl.arange(0, TR)
     bb = tl.program_id(1) * TB + tl.arange(0, TB)
     r = rr[:, None, None]
     col = bb[None, :, None] * 16 + tl.arange(0, 16)[None, None, :]
     m = (r < R) & (col < C)
-    x = tl.load(x_ptr + r.to(tl.int64) * sx + col, mask=m, other=0.0).to(tl.float32)
+    x = _load(x_ptr + _row_offset(r, sx, WIDE) + col, m, EVEN).to(tl.float32)
     ax = tl.abs(x)
-    bmask = (rr[:, None] < R) & (bb[None, :] < NB)
     if HAS_BAMAX:
-        bmax = tl.load(bamax_ptr + rr[:, None].to(tl.int64) * NB + bb[None, :], mask=bmask, other=0.0)
+        bmask = (rr[:, None] < R) & (bb[None, :] < NB)
+        bmax = _load(bamax_ptr + _row_offset(rr[:, None], NB, WIDE) + bb[None, :], bmask, EVEN)
     else:
         bmax = tl.max(ax, axis=2)
-    gs = tl.load(gs_ptr)
-    s_e4m3 = e4m3_round(tl.minimum(div_rn(bmax, 6.0 * gs), 448.0))
-    sq = s_e4m3 * gs
-    quirk = sq < 1e-5
-    sq = tl.where(quirk, 1.0, sq)[:, :, None]
-    a = div_rn(ax, sq)
-    neg = x < 0  # where(x >= 0, q, -q): -0.0 gives +0.0; a negative x rounding to 0 keeps the sign
-    if FAKE:
-        y = with_sign(e2m1_round(a), neg) * sq
-        store_cast(y_ptr, r.to(tl.int64) * sy + col, y, m, BF16)
+    gs = _global_scale(gamax_ptr)
+    _, sq, _ = _nvfp4_block_scales(bmax, gs)
+    sq = sq[:, :, None]
+    # where(x >= 0, q, -q): -0.0 gives +0.0; a negative x rounding to 0 keeps the sign
+    y = with_sign(e2m1_round(div_rn(ax, sq)), x < 0) * sq
+    _fold_store(y_ptr, _row_offset(r, sy, WIDE) + col, y, m, BF16, EVEN)
+
+
+@triton.jit
+def _word_halves(w, DT: tl.constexpr):
+    """(even, odd) elements, as float32, of words holding two elements each (little-endian: the even element in
+    the low half). DT 0: bfloat16 in int32 words, 1: float16 in int32 words, 2: float32 in int64 words."""
+    if DT == 0:
+        lo = (w << 16).to(tl.float32, bitcast=True)
+        hi = (w & -65536).to(tl.float32, bitcast=True)
+    elif DT == 1:
+        lo = w.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        hi = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     else:
-        idx = e2m1_code(a)
-        code = idx | tl.where(neg, 8, 0)
-        if WORDS:  # codes 8h .. 8h+7 of a row -> one little-endian word: byte k holds codes 2k (low) and 2k+1
-            shift = (tl.arange(0, 8) * 4)[None, None, :]
-            word = tl.sum(tl.reshape(code, (TR, TB * 2, 8)) << shift, axis=2)  # disjoint bits: the sum is an OR
-            hh = tl.program_id(1) * (TB * 2) + tl.arange(0, TB * 2)
-            wm = (rr[:, None] < R) & (hh[None, :] * 8 < C)
-            tl.store(packed_ptr + rr[:, None].to(tl.int64) * (C // 8) + hh[None, :], word, mask=wm)
-        else:
-            lo, hi = tl.split(tl.reshape(code, (TR, TB, 8, 2)))
-            pcol = bb[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
-            pm = (r < R) & (pcol * 2 < C)
-            tl.store(packed_ptr + r.to(tl.int64) * (C // 2) + pcol, (lo | (hi << 4)).to(tl.uint8), mask=pm)
-        stored = tl.where(quirk, 0.001953125, s_e4m3)  # 2**-9, the smallest positive E4M3
-        tl.store(scale_ptr + rr[:, None].to(tl.int64) * NB + bb[None, :],
-                 e4m3_byte(stored, stored < 0).to(tl.uint8), mask=bmask)
-        # a quirk block (scale stored as 2**-9, fold with 1.0) that keeps a nonzero code cannot be stored exactly:
-        # flag it (a plain store of 1: no reduction across the tile, no atomic; padding elements are 0 codes)
-        lost = quirk & (tl.max(idx, axis=2) != 0) & bmask
-        tl.store(bad_ptr + tl.zeros_like(bmax).to(tl.int32), 1, mask=lost)
+        lo = w.to(tl.int32).to(tl.float32, bitcast=True)
+        hi = (w >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    return lo, hi
 
 
-def _chunking(granularity: str, block: int | None, values: torch.Tensor):
-    """Launch constants of a per-granularity tensor `values` for `_chunk_tile` / `_chunk_scale`:
+@triton.jit
+def _e2m1_signed_code(x, ax, sq):
+    """4-bit code of x (sign bit 8 where x < 0, as nvfp4.encode_e2m1 of where(x >= 0, q, -q)) and the magnitude code."""
+    idx = e2m1_code(div_rn(ax, sq))
+    return idx | tl.where(x < 0, 8, 0), idx
+
+
+@triton.jit
+def _nvfp4_encode_kernel(w_ptr, gamax_ptr, bamax_ptr, packed_ptr, scale_ptr, gs_ptr, bad_ptr, R, W, sw, NB,
+                         HAS_BAMAX: tl.constexpr, DT: tl.constexpr, TR: tl.constexpr, TB: tl.constexpr,
+                         EVEN: tl.constexpr, WIDE: tl.constexpr):
+    """Tile of TR rows x TB blocks of 16 elements, read as 8 words of two elements (W words per row, row stride
+    sw words): word k of a row becomes output byte k (low nibble: the even element's code)."""
+    rr = tl.program_id(0) * TR + tl.arange(0, TR)
+    bb = tl.program_id(1) * TB + tl.arange(0, TB)
+    r = rr[:, None, None]
+    wc = bb[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
+    m = (r < R) & (wc < W)
+    lo, hi = _word_halves(_load(w_ptr + _row_offset(r, sw, WIDE) + wc, m, EVEN), DT)
+    alo, ahi = tl.abs(lo), tl.abs(hi)
+    bmask = (rr[:, None] < R) & (bb[None, :] < NB)
+    if HAS_BAMAX:
+        bmax = _load(bamax_ptr + _row_offset(rr[:, None], NB, WIDE) + bb[None, :], bmask, EVEN)
+    else:
+        bmax = tl.max(tl.maximum(alo, ahi), axis=2)
+    gs = _global_scale(gamax_ptr)
+    s_e4m3, sq, quirk = _nvfp4_block_scales(bmax, gs)
+    code_lo, idx_lo = _e2m1_signed_code(lo, alo, sq[:, :, None])
+    code_hi, idx_hi = _e2m1_signed_code(hi, ahi, sq[:, :, None])
+    _store(packed_ptr + _row_offset(r, W, WIDE) + wc, (code_lo | (code_hi << 4)).to(tl.uint8), m, EVEN)
+    stored = tl.where(quirk, 0.001953125, s_e4m3)  # 2**-9, the smallest positive E4M3
+    _store(scale_ptr + _row_offset(rr[:, None], NB, WIDE) + bb[None, :], e4m3_byte(stored, stored < 0).to(tl.uint8),
+           bmask, EVEN)
+    if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+        tl.store(gs_ptr, gs)
+    # a quirk block (scale stored as 2**-9, fold with 1.0) that keeps a nonzero code cannot be stored exactly:
+    # flag it (a plain store of 1: no reduction across the tile, no atomic; padding elements are 0 codes)
+    lost = quirk & (tl.max(idx_lo | idx_hi, axis=2) != 0) & bmask
+    tl.store(bad_ptr + tl.zeros_like(bmax).to(tl.int32), 1, mask=lost)
+
+
+def _chunking(granularity: str, block: int | None, amax: torch.Tensor):
+    """Launch constants of a per-granularity tensor `amax` for `_chunk_tile` / `_chunk_amax`:
     (BR, BC, SSR, SSB, CB, CH, NBT). Column chunks never cross a block edge: a block of at most TILE_C columns is
     one chunk; a larger block is cut into chunks of its largest divisor up to TILE_C."""
-    if granularity in ("tensor", "channel"):
-        cb, br, bc, ssb = TILE_C, 1, 1, 0
-        ssr = 0 if granularity == "tensor" else 1
+    if granularity == "tensor":
+        br, bc, ssr, ssb, cb = WHOLE, WHOLE, 0, 0, TILE_C
+    elif granularity == "channel":
+        br, bc, ssr, ssb, cb = 1, WHOLE, 1, 0, TILE_C
     else:
         bc = block
         br = block if granularity == "block" else 1
         cb = bc if bc <= TILE_C else max(d for d in range(1, TILE_C + 1) if bc % d == 0)
-        ssr, ssb = values.shape[-1], 1
+        ssr, ssb = amax.shape[-1], 1
     ch = triton.next_power_of_2(cb)
     return br, bc, ssr, ssb, cb, ch, max(1, TILE_C // ch)
+
+
+def _wide(r: int, c: int, *strides: int) -> bool:
+    """int64 offsets needed: some offset of a [r, c] launch with these row strides reaches 2**31."""
+    return (r - 1) * max(strides + (c,)) + c >= INT32_LIMIT
 
 
 def _out(r, c, dtype, device):
@@ -146,83 +276,100 @@ def _out(r, c, dtype, device):
     return y, (y.view(torch.int16) if bf16 else y), bf16
 
 
-def _grid(r, c, cb, nbt):
-    return (triton.cdiv(r, TILE_R), triton.cdiv(-(-c // cb), nbt))
-
-
-def fold_fp8(x, granularity, block, scale, inv, out_dtype):
-    """FP8 fold of a 2-D x with the per-granularity (scale, inv) of fp8.choose_fp8_inv_scale, in out_dtype."""
+def _launch_shape(x, granularity, block, amax, out_stride):
+    """(grid, chunk constants, EVEN, WIDE) of an FP8 / INT launch over 2-D x."""
     r, c = x.shape
-    br, bc, ssr, ssb, cb, ch, nbt = _chunking(granularity, block, scale)
+    br, bc, ssr, ssb, cb, ch, nbt = _chunking(granularity, block, amax)
+    grid = (triton.cdiv(r, TILE_R), triton.cdiv(-(-c // cb), nbt))
+    even = r % TILE_R == 0 and c % (cb * nbt) == 0 and cb == ch
+    return grid, (br, bc, ssr, ssb, cb, ch, nbt), even, _wide(r, c, x.stride(0), out_stride)
+
+
+def _amax32(amax: torch.Tensor) -> torch.Tensor:
+    return amax.float().contiguous()
+
+
+def fold_fp8(x, granularity, block, amax, out_dtype):
+    """FP8 fold of a 2-D x under its per-granularity amax (fp8.fake_quant_fp8), in out_dtype."""
+    r, c = x.shape
     y, ya, bf16 = _out(r, c, out_dtype, x.device)
-    _fp8_kernel[_grid(r, c, cb, nbt)](x, scale.float().contiguous(), inv.float().contiguous(), ya, ya, r, c,
-                                      x.stride(0), y.stride(0), ssr, ssb, BR=br, BC=bc, FAKE=True, BF16=bf16,
-                                      TR=TILE_R, NBT=nbt, CB=cb, CH=ch, **_OPTS)
+    a = _amax32(amax)
+    grid, (br, bc, ssr, ssb, cb, ch, nbt), even, wide = _launch_shape(x, granularity, block, a, y.stride(0))
+    _fp8_kernel[grid](x, a, ya, a, r, c, x.stride(0), y.stride(0), ssr, ssb, BR=br, BC=bc, FAKE=True, BF16=bf16,
+                      TR=TILE_R, NBT=nbt, CB=cb, CH=ch, EVEN=even, WIDE=wide, SCALAR=granularity == "tensor", **_OPTS)
     return y
 
 
-def encode_fp8(x, granularity, block, scale):
-    """E4M3 codes (torch.float8_e4m3fn) of a 2-D x: float8(clamp(x * scale, -448, 448))."""
+def encode_fp8(x, granularity, block, amax):
+    """(E4M3 codes (torch.float8_e4m3fn) float8(clamp(x * scale, -448, 448)), inv per block, float32 in amax's
+    shape): fp8.quantize_fp8."""
     r, c = x.shape
-    br, bc, ssr, ssb, cb, ch, nbt = _chunking(granularity, block, scale)
     codes = torch.empty((r, c), dtype=torch.uint8, device=x.device)
-    s = scale.float().contiguous()
-    _fp8_kernel[_grid(r, c, cb, nbt)](x, s, s, codes, codes, r, c, x.stride(0), c, ssr, ssb, BR=br, BC=bc,
-                                      FAKE=False, BF16=False, TR=TILE_R, NBT=nbt, CB=cb, CH=ch, **_OPTS)
-    return codes.view(torch.float8_e4m3fn)
-
-
-def int_scales(amax, maxb):
-    """float32(maxb) / amax per block by torch's true division (the reference's `scale`), 0 where the amax is
-    at most 2**-24 (the fold gives zeros there)."""
-    a = amax.float()
-    zero = a <= 5.960464477539063e-08
-    scale = torch.full_like(a, maxb) / torch.where(zero, torch.ones_like(a), a)
-    return torch.where(zero, torch.zeros_like(scale), scale).contiguous()
+    a = _amax32(amax)
+    inv = torch.empty_like(a)
+    grid, (br, bc, ssr, ssb, cb, ch, nbt), even, wide = _launch_shape(x, granularity, block, a, c)
+    _fp8_kernel[grid](x, a, codes, inv, r, c, x.stride(0), c, ssr, ssb, BR=br, BC=bc, FAKE=False, BF16=False,
+                      TR=TILE_R, NBT=nbt, CB=cb, CH=ch, EVEN=even, WIDE=wide, SCALAR=granularity == "tensor", **_OPTS)
+    return codes.view(torch.float8_e4m3fn), inv
 
 
 def fold_int(x, granularity, block, amax, maxb, minb, out_dtype):
+    """Symmetric INT fold of a 2-D x under its per-granularity amax (integer.fake_quant_int), in out_dtype."""
     r, c = x.shape
-    _, bc, ssr, ssb, cb, ch, nbt = _chunking(granularity, block, amax)
     y, ya, bf16 = _out(r, c, out_dtype, x.device)
-    _int_kernel[_grid(r, c, cb, nbt)](x, int_scales(amax, maxb), ya, r, c, x.stride(0), y.stride(0), ssr, ssb,
-                                      float(maxb), float(minb), BC=bc, BF16=bf16, TR=TILE_R, NBT=nbt, CB=cb,
-                                      CH=ch, **_OPTS)
+    a = _amax32(amax)
+    grid, (_, bc, ssr, ssb, cb, ch, nbt), even, wide = _launch_shape(x, granularity, block, a, y.stride(0))
+    _int_kernel[grid](x, a, ya, r, c, x.stride(0), y.stride(0), ssr, ssb, float(maxb), float(minb), BC=bc,
+                      BF16=bf16, TR=TILE_R, NBT=nbt, CB=cb, CH=ch, EVEN=even, WIDE=wide, SCALAR=granularity == "tensor",
+                      **_OPTS)
     return y
 
 
-NV_TR, NV_TB = 8, 8
+NV_TR, NV_TB = 8, 8  # fold: rows x blocks of 16 per program
+NVE_TR, NVE_TB = 16, 8  # encoder: rows x blocks of 16 per program
+_WORD = {torch.bfloat16: (0, torch.int32), torch.float16: (1, torch.int32), torch.float32: (2, torch.int64)}
 
 
-def _nvfp4_launch(x, gs, block_amax, fake, out_dtype):
+def _bamax(block_amax, gamax):
+    """(the searched block amax as float32 or a placeholder pointer, whether there is one)."""
+    return (_amax32(block_amax), True) if block_amax is not None else (gamax, False)
+
+
+def fold_nvfp4(x, gamax, block_amax, out_dtype):
+    """NVFP4 fold of a 2-D x (tensor amax gamax, optional searched block amax [rows, nblocks]) in out_dtype."""
     r, c = x.shape
     nb = -(-c // 16)
-    grid = (triton.cdiv(r, NV_TR), triton.cdiv(nb, NV_TB))
-    gs1 = gs.float().reshape(1)
-    bam = block_amax.float().contiguous() if block_amax is not None else gs1
-    if fake:
-        y, ya, bf16 = _out(r, c, out_dtype, x.device)
-        _nvfp4_kernel[grid](x, gs1, bam, ya, ya, ya, ya, r, c, x.stride(0), y.stride(0), nb,
-                            HAS_BAMAX=block_amax is not None, FAKE=True, BF16=bf16, TR=NV_TR, TB=NV_TB, WORDS=False,
-                            **_OPTS)
-        return y
-    packed = torch.empty((r, c // 2), dtype=torch.uint8, device=x.device)
+    y, ya, bf16 = _out(r, c, out_dtype, x.device)
+    g = _amax32(gamax).reshape(1)
+    bam, has = _bamax(block_amax, g)
+    even = r % NV_TR == 0 and c % (16 * NV_TB) == 0
+    wide = _wide(r, c, x.stride(0), y.stride(0))
+    _nvfp4_fold_kernel[(triton.cdiv(r, NV_TR), triton.cdiv(nb, NV_TB))](
+        x, g, bam, ya, r, c, x.stride(0), y.stride(0), nb, HAS_BAMAX=has, BF16=bf16, TR=NV_TR, TB=NV_TB, EVEN=even,
+        WIDE=wide, **_OPTS)
+    return y
+
+
+def encode_nvfp4(x, gamax, block_amax):
+    """(packed E2M1 codes uint8 [rows, cols/2], E4M3 block scales, global scale float32 [1], int32 [1]: 1 where a
+    block whose scale underflows E4M3 keeps a nonzero code, i.e. the weight cannot be stored exactly, else 0).
+    The width must be even."""
+    dt, word = _WORD.get(x.dtype, (None, None))
+    if dt is None:
+        x, (dt, word) = x.float(), _WORD[torch.float32]
+    if x.stride(0) % 2 or x.data_ptr() % (2 * x.element_size()) or x.stride(-1) != 1:
+        x = x.contiguous()  # words of two elements need an even row stride and an aligned start
+    r, c = x.shape
+    nb, w = -(-c // 16), c // 2
+    xw = x.view(word)
+    packed = torch.empty((r, w), dtype=torch.uint8, device=x.device)
     scales = torch.empty((r, nb), dtype=torch.uint8, device=x.device)
+    gs = torch.empty((1,), dtype=torch.float32, device=x.device)
     bad = torch.zeros((1,), dtype=torch.int32, device=x.device)
-    words = c % 8 == 0
-    out = packed.view(torch.int32) if words else packed
-    _nvfp4_kernel[grid](x, gs1, bam, out, out, scales, bad, r, c, x.stride(0), 0, nb,
-                        HAS_BAMAX=block_amax is not None, FAKE=False, BF16=False, TR=NV_TR, TB=NV_TB, WORDS=words,
-                        **_OPTS)
-    return packed, scales.view(torch.float8_e4m3fn), bad
-
-
-def fold_nvfp4(x, gs, block_amax, out_dtype):
-    """NVFP4 fold of a 2-D x (global scale gs, optional searched block amax [rows, nblocks]) in out_dtype."""
-    return _nvfp4_launch(x, gs, block_amax, True, out_dtype)
-
-
-def encode_nvfp4(x, gs, block_amax):
-    """(packed E2M1 codes uint8 [rows, cols/2], E4M3 block scales, int32 [1]: 1 where a block whose scale
-    underflows E4M3 keeps a nonzero code, i.e. the weight cannot be stored exactly, else 0)."""
-    return _nvfp4_launch(x, gs, block_amax, False, None)
+    g = _amax32(gamax).reshape(1)
+    bam, has = _bamax(block_amax, g)
+    even = r % NVE_TR == 0 and c % (16 * NVE_TB) == 0
+    _nvfp4_encode_kernel[(triton.cdiv(r, NVE_TR), triton.cdiv(nb, NVE_TB))](
+        xw, g, bam, packed, scales, gs, bad, r, w, xw.stride(0), nb, HAS_BAMAX=has, DT=dt, TR=NVE_TR, TB=NVE_TB,
+        EVEN=even, WIDE=_wide(r, w, xw.stride(0), nb), **_OPTS)
+    return packed, scales.view(torch.float8_e4m3fn), gs, bad

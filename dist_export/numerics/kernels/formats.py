@@ -37,23 +37,18 @@ def _rows(w: torch.Tensor) -> torch.Tensor:
 def fp8_fake_quant(w, spec, amax, block_amax=None):
     if not _two_d(w):
         return None
-    w = _rows(w)
-    from ..fp8 import choose_fp8_inv_scale
     from .fold import fold_fp8
 
-    scale, inv = choose_fp8_inv_scale(amax)
-    return fold_fp8(w, spec.granularity, spec.block_size, scale, inv, w.dtype)
+    return fold_fp8(_rows(w), spec.granularity, spec.block_size, amax, w.dtype)
 
 
 def fp8_quantize(w, spec, amax, block_amax=None):
     if not _two_d(w):
         return None
-    w = _rows(w)
-    from ..fp8 import choose_fp8_inv_scale
     from .fold import encode_fp8
 
-    scale, inv = choose_fp8_inv_scale(amax)
-    return {"qdata": encode_fp8(w, spec.granularity, spec.block_size, scale), "scale_inv": inv.float().contiguous()}
+    codes, inv = encode_fp8(_rows(w), spec.granularity, spec.block_size, amax)
+    return {"qdata": codes, "scale_inv": inv}
 
 
 FP8 = FormatKernels(fake_quant=fp8_fake_quant, quantize=fp8_quantize)
@@ -64,12 +59,11 @@ FP8 = FormatKernels(fake_quant=fp8_fake_quant, quantize=fp8_quantize)
 def int_fake_quant(w, spec, amax, block_amax=None):
     if not _two_d(w):
         return None
-    w = _rows(w)
     from ..integer import int_range
     from .fold import fold_int
 
     maxb, minb = int_range(spec.fmt)
-    return fold_int(w, spec.granularity, spec.block_size, amax, maxb, minb, w.dtype)
+    return fold_int(_rows(w), spec.granularity, spec.block_size, amax, maxb, minb, w.dtype)
 
 
 def int_search(w, spec, amax):
@@ -97,27 +91,22 @@ INT = FormatKernels(fake_quant=int_fake_quant, search=int_search)
 def nvfp4_fake_quant(w, spec, amax, block_amax=None):
     if not _two_d(w):
         return None
-    w = _rows(w)
-    from ..nvfp4 import global_scale
     from .fold import fold_nvfp4
 
-    return fold_nvfp4(w, global_scale(amax), block_amax, w.dtype)
+    return fold_nvfp4(_rows(w), amax, block_amax, w.dtype)
 
 
 def nvfp4_quantize(w, spec, amax, block_amax=None):
     if not _two_d(w) or w.shape[-1] % 2:
         return None  # the torch path gives the refusal for an odd width
-    w = _rows(w)
-    from ..nvfp4 import global_scale
     from .fold import encode_nvfp4
 
-    gs = global_scale(amax)
-    packed, scales, bad = encode_nvfp4(w, gs, block_amax)
+    packed, scales, gs, bad = encode_nvfp4(w, amax, block_amax)
     if int(bad.item()):  # one host sync, as the torch path's check; the torch path raises its refusal
         from ..registry import get_format
 
         return get_format("nvfp4").quantize(w.float(), spec, amax, block_amax)
-    return {"qdata": packed, "weight_scale": scales, "weight_scale_2": gs.float().reshape(())}
+    return {"qdata": packed, "weight_scale": scales, "weight_scale_2": gs.reshape(())}
 
 
 def nvfp4_search(w, spec, amax):
