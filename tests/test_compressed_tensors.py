@@ -151,7 +151,9 @@ def test_transformers_dequantize_load_equals_fake_quant(tmp_path):
     # (NVFP4 MoE experts are left out: transformers 5.24 dequantizes them without weight_global_scale, for
     # llm-compressor's files alike; compressed-tensors' own decompression of them is tested above.)
     for model, recipe in (("synthetic:llama-tiny", "nvfp4"), ("synthetic:llama-tiny", "fp8-block"),
-                          ("synthetic:qwen3-moe-tiny", "int8-w8a16"), ("synthetic:qwen3-moe-tiny", "fp8-pc-pt")):
+                          ("synthetic:qwen3-moe-tiny", "int8-w8a16"), ("synthetic:qwen3-moe-tiny", "fp8-pc-pt"),
+                          ("synthetic:llama-tiny", "int8-w8a8"), ("synthetic:llama-tiny", "mxfp8-w8a16"),
+                          ("synthetic:llama-tiny", "mxfp4-w4a16")):
         (tmp_path / recipe).mkdir()
         _exports(model, recipe, tmp_path / recipe)
         out, info_path = tmp_path / recipe / "loaded.safetensors", tmp_path / recipe / "info.json"

