@@ -129,7 +129,7 @@ def _export_calibrated(model, out_dir: str, opts: ExportOptions, ctx: DistContex
 
     calibration_options(opts.calibration)  # a missing data choice or an unknown key: one line, before anything
     own = ctx is None
-    ctx = ctx or init_distributed(opts.device)
+    ctx = ctx or init_distributed(opts.device, startup_timeout_s=opts.dead_timeout)
     tmp = tempfile.mkdtemp(prefix="dist_export_calib_")
     try:
         path = os.path.join(tmp, "calibration.safetensors")
@@ -163,7 +163,7 @@ class _Inputs:
 def run_export(open_source, out_dir: str, opts: ExportOptions, ctx: DistContext | None = None) -> dict:
     """Run the stages for the source that `open_source()` returns (called inside the plan step on every rank)."""
     own_ctx = ctx is None
-    ctx = ctx or init_distributed(opts.device)
+    ctx = ctx or init_distributed(opts.device, startup_timeout_s=opts.dead_timeout)
     fault = opts.fault
     if fault is None:
         from .runtime.faults import fault_from_env

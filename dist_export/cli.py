@@ -96,7 +96,8 @@ def _add_export(sub):
     p.add_argument("--hang-timeout", type=float, default=DEFAULTS.hang_timeout,
                    help="seconds without progress before a rank counts as hung")
     p.add_argument("--dead-timeout", type=float, default=DEFAULTS.dead_timeout,
-                   help="seconds without heartbeat before a rank counts as dead")
+                   help="seconds without heartbeat before a rank counts as dead; also the most a rank waits "
+                        "at start-up for its peers to form the process group")
     p.add_argument("--no-verify", action="store_true", help="skip the structural check of the staged export before it is published")
     p.add_argument("--summary-json", default=None, help="write the run summary (timings, bytes, RSS) here")
     p.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
@@ -396,13 +397,33 @@ COMMANDS = {"export": cmd_export, "calibrate": cmd_calibrate, "make-model": cmd_
             "plan": cmd_plan, "recipes": cmd_recipes}
 
 
+def _interrupt_once() -> None:
+    """The first Ctrl-C unwinds the command (one line below); later ones are ignored: a rank of `--nproc-per-node`
+    gets the terminal's SIGINT and the launcher's forwarded one, and a second KeyboardInterrupt raised while the
+    first is handled would end in a traceback."""
+    import signal
+    import threading
+
+    def once(signum, frame):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is \
+            signal.default_int_handler:
+        signal.signal(signal.SIGINT, once)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from .runtime.launch import die_with_launcher
+
+    die_with_launcher()  # a rank of `--nproc-per-node`: ends with the launcher, even a SIGKILLed one
     args = build_parser().parse_args(argv)
     from .runtime.log import setup_logging
 
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     setup_logging(rank, args.verbose)
+    _interrupt_once()
     try:
         if getattr(args, "nproc_per_node", 1) != 1:
             from .runtime.launch import launch_local, strip_option

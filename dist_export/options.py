@@ -51,7 +51,8 @@ class ExportOptions:
         device: "cpu" or "cuda"; None picks cuda when one is visible.
         max_shard_size: largest output file, as bytes or text such as "500MB" or "1GB".
         hang_timeout: seconds without progress before a rank counts as hung.
-        dead_timeout: seconds without a heartbeat before a rank counts as dead.
+        dead_timeout: seconds without a heartbeat before a rank counts as dead; also the most a rank waits at
+            start-up for every peer to reach the rendezvous and the process group to form.
         verify: run the structural check of the staged export before publishing it (a defect publishes nothing).
         quantizer_state: a file from `dist_export.save_quantizer_state(model, path)` (the quantizers of a
             ModelOpt-calibrated model, exported from its checkpoint folder on every rank); an in-memory ModelOpt

@@ -156,8 +156,9 @@ def test_two_nodes_two_procs_c10d(tmp_path):
 
 
 def test_slurm_one_task_per_gpu_without_torchrun(tmp_path):
-    """srun --ntasks=2 python -m dist_export ...: ranks from SLURM_PROCID/NTASKS/LOCALID, head node from the
-    node list (scontrol is absent here, so the list itself is used)."""
+    """srun --ntasks=2 python -m dist_export ...: ranks from SLURM_PROCID/STEP_NUM_TASKS/LOCALID (the variables
+    srun sets for each task of its step), head node from the node list (scontrol is absent here, so the list
+    itself is used)."""
     src = model_dir("synthetic:llama-tiny")
     ref = _single(src, str(tmp_path / "ws1"), "int4-w4a16", None)
     out = str(tmp_path / "slurm")
@@ -165,7 +166,8 @@ def test_slurm_one_task_per_gpu_without_torchrun(tmp_path):
     procs = []
     for rank in range(2):
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
-        env.update(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank), SLURM_JOB_ID="4242",
+        env.update(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_STEP_NUM_TASKS="2", SLURM_STEP_ID="0",
+                   SLURM_LOCALID=str(rank), SLURM_JOB_ID="4242",
                    SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
         procs.append(subprocess.Popen([sys.executable, "-m", "dist_export", "export", "--model", src, "--recipe",
                                        "int4-w4a16", "--max-shard-size", SHARD, "--out", out], cwd=REPO, env=env,

@@ -2,7 +2,9 @@
 
 The launcher must give the bytes of a single-process export, end a job whose rank was killed quickly (peers on
 the same host see the process vanish within about a second, well before the heartbeat timeout), name the rank,
-leave no index, and let --resume finish the job. Its parent process must not import torch (that is the point:
+leave no index, and let --resume finish the job. Start-up is bounded too (issue 13, item 5): a rank killed or
+stopped before or while the process group forms is named within --dead-timeout, Ctrl-C then is one line, a
+SIGKILLed launcher takes its ranks with it, and Slurm variables without srun do not make a rank wait for peers. Its parent process must not import torch (that is the point:
 its start-up costs nothing that does not also happen in a single-process run).
 """
 from __future__ import annotations
@@ -68,7 +70,11 @@ def test_launcher_parent_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
-@pytest.mark.parametrize("env", [{"RANK": "0", "WORLD_SIZE": "2"}, {"SLURM_NTASKS": "2", "SLURM_PROCID": "0"}])
+SRUN_TASK = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_PROCID": "0", "SLURM_STEP_ID": "0",
+             "SLURM_STEP_NUM_TASKS": "2"}
+
+
+@pytest.mark.parametrize("env", [{"RANK": "0", "WORLD_SIZE": "2"}, SRUN_TASK])
 def test_nproc_per_node_under_another_launcher_refused(env, tmp_path):
     proc = _export(tmp_path / "x", "--nproc-per-node", "2", env=env, check=False)
     assert proc.returncode == 1
@@ -204,3 +210,166 @@ def test_rank_ignoring_sigterm_is_killed_after_grace():
     t0 = time.monotonic()
     assert _wait([failing, stubborn], grace_s=1.0, poll_s=0.05) == 3
     assert stubborn.returncode == -9 and time.monotonic() - t0 < 30
+
+
+# --- bounded start-up (issue 13, item 5) ----------------------------------------------------------------------
+
+
+def _job(out, fault, *extra, env=None) -> subprocess.Popen:
+    """`export --nproc-per-node 2` in a session of its own (the test can signal or kill the whole job)."""
+    cmd = [sys.executable, "-m", "dist_export", "export", "--model", model_dir(MODEL), "--recipe", RECIPE,
+           "--max-shard-size", SHARD, "--out", str(out), "--nproc-per-node", "2", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DIST_EXPORT_FAULT": fault, **(env or {})}
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _ended(proc: subprocess.Popen, timeout: float) -> str:
+    """stderr once every process of the job has ended (the ranks hold stderr open); fails after `timeout`."""
+    import signal
+
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        pytest.fail(f"the job was still running after {timeout} s:\n{err[-2000:]}")
+    deadline = time.monotonic() + 5
+    while _group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _group_alive(proc.pid), "a rank outlived the job"
+    return err
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _rendezvous_reached(proc: subprocess.Popen, timeout: float = 60) -> None:
+    """Wait until a rank has opened the launcher's file store (it is inside the rendezvous)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pid in _children(proc.pid):
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+            store = env.get(b"DIST_EXPORT_RENDEZVOUS", b"").decode().removeprefix("file://")
+            if store and os.path.exists(store):
+                return
+        time.sleep(0.1)
+    pytest.fail("no rank reached the rendezvous")
+
+
+@pytest.mark.parametrize("fault,dead_timeout,named", [
+    ("stop:1:start", 3, r"rank 1 did not reach the rendezvous within 3 s \(--dead-timeout\)"),
+    ("stop:1:join", 3, r"rank 1 is stopped \(process \d+ on \S+: SIGSTOP"),
+    ("kill:1:join", 120, r"rank 1 died during start-up \(process \d+ on \S+ is gone\)"),
+])
+def test_rank_stopped_or_killed_at_start_up_is_named_in_time(tmp_path, fault, dead_timeout, named):
+    """A rank stopped (SIGSTOP) or killed before or while the process group forms: rank 0 names it in one line
+    within --dead-timeout (a killed one at once, well before a 120 s deadline) instead of waiting out the
+    group's 3600 s timeout; the launcher kills the stopped rank; nothing is written, no rank is left."""
+    src = model_dir(MODEL)
+    before = folder_hashes(src)
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    err = _ended(_job(out, fault, "--dead-timeout", str(dead_timeout)), timeout=90)
+    elapsed = time.monotonic() - t0
+    lines = [ln for ln in err.splitlines() if ln.startswith("[rank 0] error:")]
+    assert len(lines) == 1 and re.search(r"^\[rank 0\] error: start-up aborted: " + named + r".*; nothing was "
+                                         r"written: rerun the command$", lines[0]), err[-2000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert elapsed < 40, f"took {elapsed:.1f} s:\n{err[-2000:]}"
+    if fault.startswith("stop"):
+        assert "[launcher] rank 1 is stopped (SIGSTOP) after rank 0 failed: killing it" in err, err[-2000:]
+    assert not out.exists() and folder_hashes(src) == before
+
+
+def test_ctrl_c_during_start_up_is_one_line(tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group) while rank 0 waits inside the rendezvous for a rank that
+    hangs before it: one line, exit 130, no traceback and no launcher error, every rank gone at once."""
+    import signal
+
+    out = tmp_path / "out"
+    proc = _job(out, "hang:1:start", "--dead-timeout", "120")
+    _rendezvous_reached(proc)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)
+    t0 = time.monotonic()
+    err = _ended(proc, timeout=30)
+    assert time.monotonic() - t0 < 10
+    assert proc.returncode == 130, (proc.returncode, err[-2000:])
+    assert err.strip().splitlines() == ["[rank 0] interrupted during start-up (the process group was forming); "
+                                        "nothing was written"], err[-3000:]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("fault", ["hang:1:start", "hang:1:1"])
+def test_sigkill_of_the_launcher_takes_its_ranks(tmp_path, fault):
+    """SIGKILL of the `--nproc-per-node` parent (nothing can be forwarded) during start-up or mid-export: the
+    kernel's parent-death signal (SIGTERM) ends every rank within seconds, each says why in one line and
+    removes its temporaries; nothing is published."""
+    import signal
+
+    out = tmp_path / "out"
+    proc = _job(out, fault, "--dead-timeout", "120", "--hang-timeout", "120")
+    if fault.endswith(":start"):
+        _rendezvous_reached(proc)
+    else:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (out / ".dist_export.lock").exists():
+            time.sleep(0.2)
+        assert (out / ".dist_export.lock").exists(), "the export never started"
+    time.sleep(1.0)
+    ranks = _children(proc.pid)
+    assert len(ranks) == 2, ranks
+    os.kill(proc.pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    err = _ended(proc, timeout=30)
+    assert time.monotonic() - t0 < 10, err[-2000:]
+    what = "start-up aborted" if fault.endswith(":start") else "export aborted"
+    for rank in (0, 1):
+        assert f"[rank {rank}] error: {what}: terminated by SIGTERM: the launcher (pid {proc.pid}) is gone" in err, \
+            err[-2000:]
+    assert "Traceback" not in err, err[-3000:]
+    found = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    assert not [f for f in found if f.endswith(".tmp")] and "model.safetensors.index.json" not in found, found
+
+
+BATCH_STEP = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}  # sbatch script
+SALLOC_SHELL = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_NNODES": "1"}
+
+
+@pytest.mark.parametrize("env,layout", [(BATCH_STEP, None), (SALLOC_SHELL, None), ({"RANK": "1", "WORLD_SIZE": "2"}, 2),
+                                        (SRUN_TASK, 2)])
+def test_slurm_layout_only_from_an_srun_task(monkeypatch, env, layout):
+    from dist_export.runtime.dist import launcher_env
+
+    for k in [k for k in os.environ if k.startswith("SLURM_") or k in ("RANK", "WORLD_SIZE")]:
+        monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    got = launcher_env()
+    assert (got and got["world_size"]) == layout, got
+
+
+def test_slurm_variables_without_srun_export_as_one_process(reference, tmp_path):
+    """An sbatch script with --ntasks=2 that runs dist-export without srun (SLURM_PROCID=0, no step): one process
+    with a note naming the fix, the reference bytes; it used to wait for a second rank for 3600 s."""
+    out = tmp_path / "batch"
+    proc = _export(out, env=BATCH_STEP)  # run_cli's 240 s timeout fails the test on a hang
+    assert "SLURM_NTASKS=2 is set but this process was not started by srun" in proc.stderr, proc.stderr[-2000:]
+    assert "`srun dist-export ...` or add --nproc-per-node N" in proc.stderr
+    assert folder_hashes(out) == reference
+
+
+@pytest.mark.parametrize("env", [SALLOC_SHELL, BATCH_STEP])
+def test_nproc_per_node_in_an_allocation_without_srun(reference, tmp_path, env):
+    """`--nproc-per-node 2` in an salloc shell or a batch script (SLURM_NTASKS=2, no srun) starts its ranks: it
+    was refused as if srun had started them."""
+    out = tmp_path / "n2"
+    _export(out, "--nproc-per-node", "2", env=env)
+    assert folder_hashes(out) == reference

@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from .faults import fire_startup_fault
+from .launch import srun_task
+
 log = logging.getLogger(__name__)
 
 
@@ -174,10 +177,10 @@ def launcher_env() -> dict | None:
                 "local_rank": int(env.get("LOCAL_RANK", 0)),
                 "local_world_size": int(env.get("LOCAL_WORLD_SIZE", 0)),
                 "init_method": env.get("DIST_EXPORT_RENDEZVOUS", "env://")}
-    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+    if srun_task(env):  # one task of an srun step; a batch script or salloc shell alone is one process
         addr = env.get("MASTER_ADDR") or _slurm_head_node()
         port = env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
-        return {"rank": int(env["SLURM_PROCID"]), "world_size": int(env["SLURM_NTASKS"]),
+        return {"rank": int(env["SLURM_PROCID"]), "world_size": int(env["SLURM_STEP_NUM_TASKS"]),
                 "local_rank": int(env.get("SLURM_LOCALID", 0)), "local_world_size": _slurm_tasks_per_node(env),
                 "init_method": f"tcp://{addr}:{port}"}
     return None
@@ -187,7 +190,7 @@ def _slurm_tasks_per_node(env) -> int:
     """Tasks per node of a Slurm step (SLURM_NTASKS / SLURM_NNODES, block distribution); 0 when unknown."""
     try:
         nodes = int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or env.get("SLURM_JOB_NUM_NODES") or 1)
-        return int(env["SLURM_NTASKS"]) // max(nodes, 1)
+        return int(env["SLURM_STEP_NUM_TASKS"]) // max(nodes, 1)
     except ValueError:
         return 0
 
@@ -221,14 +224,17 @@ def init_distributed(
     store: dist.Store | None = None,
     rank: int | None = None,
     world_size: int | None = None,
+    startup_timeout_s: float = 20.0,
 ) -> DistContext:
-    """Create the context: from an explicit store (tests), the launcher's environment, or a single process."""
+    """Create the context: from an explicit store (tests), the launcher's environment, or a single process. A
+    launched rank waits at most `startup_timeout_s` (--dead-timeout) for its peers to form the group (startup.py)."""
     age = process_age_seconds()
     if store is not None:
         layout = {"rank": rank, "world_size": world_size, "local_rank": rank}
     else:
         layout = launcher_env()
     if layout is None or layout["world_size"] == 1:
+        _note_slurm_without_srun()
         return _timed_device(DistContext(stage_seconds={"start-up": age}), 0, device)
     timeout = datetime.timedelta(seconds=timeout_s)
     start = time.monotonic()
@@ -238,14 +244,36 @@ def init_distributed(
             dist.init_process_group("gloo", store=store, rank=layout["rank"], world_size=layout["world_size"],
                                     timeout=timeout)
         else:
-            dist.init_process_group("gloo", init_method=layout["init_method"], rank=layout["rank"],
-                                    world_size=layout["world_size"], timeout=timeout)
+            _form_group(layout, timeout, startup_timeout_s)
         owns = True
     ctx = DistContext(layout["rank"], layout["world_size"], layout["local_rank"],
                       local_world_size=layout.get("local_world_size", 0), owns_process_group=owns,
                       stage_seconds={"start-up": age})
     ctx.stage_seconds["process group"] = time.monotonic() - start
     return _timed_device(ctx, layout["local_rank"], device)
+
+
+def _form_group(layout: dict, timeout: datetime.timedelta, startup_timeout_s: float) -> None:
+    """init_process_group's own rendezvous and group, with this rank's check-in in between, under a StartupWatch."""
+    from .startup import StartupWatch
+
+    rank, world = layout["rank"], layout["world_size"]
+    with StartupWatch(rank, world, startup_timeout_s, layout["init_method"]) as watch:
+        fire_startup_fault("start", rank)
+        store, rank, world = next(dist.rendezvous(layout["init_method"], rank, world, timeout=timeout))
+        store.set_timeout(timeout)
+        watch.joined(store)
+        fire_startup_fault("join", rank)
+        dist.init_process_group("gloo", store=dist.PrefixStore("default_pg", store), rank=rank, world_size=world,
+                                timeout=timeout)
+
+
+def _note_slurm_without_srun() -> None:
+    tasks = os.environ.get("SLURM_NTASKS") or os.environ.get("SLURM_NPROCS")
+    if tasks and tasks.isdigit() and int(tasks) > 1:
+        log.warning("SLURM_NTASKS=%s is set but this process was not started by srun (no SLURM_STEP_NUM_TASKS): "
+                    "exporting as one process; for one rank per GPU run `srun dist-export ...` or add "
+                    "--nproc-per-node N", tasks)
 
 
 def _timed_device(ctx: DistContext, local_rank: int, requested: str | None) -> DistContext:

@@ -7,6 +7,10 @@ its n-th item (0-based) is quantized, the fault fires:
   hang    sleep forever in the main thread (heartbeats continue: a hung, not a dead, rank)
   delay   sleep 3 s once, then go on (a slow item: the progress bar and Ctrl-C tests watch a running job)
   enospc  raise OSError(ENOSPC) as a full disk would
+  stop    SIGSTOP this process (a stopped, not a dead, rank: its pid stays)
+
+Start-up faults fire before any item: `<kind>:<rank>:start` just before the rank reaches the rendezvous, and
+`<kind>:<rank>:join` after it checked in there, while its peers form the process group (`dist.init_distributed`).
 """
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ import signal
 import time
 from dataclasses import dataclass
 
-KINDS = ("raise", "kill", "hang", "enospc", "delay")
+KINDS = ("raise", "kill", "hang", "enospc", "delay", "stop")
+START_POINTS = ("start", "join")
 
 
 @dataclass
@@ -34,24 +39,35 @@ class Fault:
         if rank != self.rank:
             return
         n, self._seen = self._seen, self._seen + 1
-        if n != self.at_item:
-            return
-        if self.kind == "raise":
-            raise RuntimeError(f"injected fault while processing {item_name}")
-        if self.kind == "enospc":
-            raise OSError(errno.ENOSPC, f"No space left on device (injected) while writing {item_name}")
-        if self.kind == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        if self.kind == "delay":
-            time.sleep(3.0)
-            return
-        while True:  # hang
-            time.sleep(3600)
+        if n == self.at_item:
+            _fire(self.kind, f"while processing {item_name}")
+
+
+def _fire(kind: str, where: str) -> None:
+    if kind == "raise":
+        raise RuntimeError(f"injected fault {where}")
+    if kind == "enospc":
+        raise OSError(errno.ENOSPC, f"No space left on device (injected) {where}")
+    if kind in ("kill", "stop"):
+        os.kill(os.getpid(), signal.SIGKILL if kind == "kill" else signal.SIGSTOP)
+        return
+    if kind == "delay":
+        time.sleep(3.0)
+        return
+    while True:  # hang
+        time.sleep(3600)
+
+
+def fire_startup_fault(point: str, rank: int) -> None:
+    """DIST_EXPORT_FAULT=<kind>:<rank>:<point> with point `start` or `join`: fire it here on that rank."""
+    parts = os.environ.get("DIST_EXPORT_FAULT", "").split(":")
+    if len(parts) == 3 and parts[2] == point and parts[1] == str(rank) and parts[0] in KINDS:
+        _fire(parts[0], f"at start-up ({point})")
 
 
 def fault_from_env() -> Fault | None:
     spec = os.environ.get("DIST_EXPORT_FAULT")
-    if not spec:
+    if not spec or spec.rsplit(":", 1)[-1] in START_POINTS:  # none, or a start-up fault (fire_startup_fault)
         return None
     try:
         kind, rank, at = spec.split(":")

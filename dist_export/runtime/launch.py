@@ -10,7 +10,11 @@ Failure: a rank's peers notice a dead process on their host within about a secon
 with one line naming it; the parent then reports every rank's exit and returns the first failure's code. A
 rank that has not exited `grace_s` seconds after the first failure is terminated. SIGINT/SIGTERM sent to the
 parent are passed on to every rank; after Ctrl-C that every rank obeyed (exit 130) the parent adds no line of its
-own: rank 0's says what is left and how to resume.
+own: rank 0's says what is left and how to resume. A rank that is stopped (SIGSTOP, state T) when another has
+failed cannot say anything: it is killed at once instead of after the grace period.
+
+A SIGKILL of the parent cannot be forwarded: each rank asks the kernel for SIGTERM when its parent dies
+(`die_with_launcher`, prctl PR_SET_PDEATHSIG on Linux), and its SIGTERM handling removes its temporaries.
 """
 from __future__ import annotations
 
@@ -23,6 +27,39 @@ import tempfile
 import time
 
 RENDEZVOUS_ENV = "DIST_EXPORT_RENDEZVOUS"  # init_method for the children, e.g. file:///tmp/x/store
+LAUNCHER_PID_ENV = "DIST_EXPORT_LAUNCHER_PID"  # the parent's pid, read (and removed) by die_with_launcher
+PR_SET_PDEATHSIG = 1
+_launcher_pid: int | None = None  # this rank's launcher, once die_with_launcher ran
+
+
+def srun_task(env=os.environ) -> bool:
+    """This process is one task of an srun step of several tasks (srun sets SLURM_STEP_NUM_TASKS; a batch script
+    or an salloc shell has SLURM_NTASKS and maybe SLURM_PROCID, but no step and no peers)."""
+    return "SLURM_PROCID" in env and int(env.get("SLURM_STEP_NUM_TASKS") or "1") > 1
+
+
+def die_with_launcher() -> None:
+    """In a rank started by `launch_local`: have the kernel send SIGTERM when the launcher dies (even by SIGKILL),
+    so no rank goes on without it; a launcher already gone before the request is one line and exit 143."""
+    global _launcher_pid
+    pid = os.environ.pop(LAUNCHER_PID_ENV, None)
+    if not pid or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    _launcher_pid = int(pid)
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != _launcher_pid:
+        print(f"[rank {os.environ.get('RANK', '?')}] error: {launcher_gone()}; this rank stops too",
+              file=sys.stderr, flush=True)
+        os._exit(128 + signal.SIGTERM)
+
+
+def launcher_gone() -> str | None:
+    """'the launcher (pid N) is gone' when this rank's launcher has died (its parent changed), else None."""
+    if _launcher_pid is not None and os.getppid() != _launcher_pid:
+        return f"the launcher (pid {_launcher_pid}) is gone"
+    return None
 
 
 def strip_option(argv: list[str], option: str) -> list[str]:
@@ -40,7 +77,8 @@ def strip_option(argv: list[str], option: str) -> list[str]:
 
 def rank_env(rank: int, nproc: int, rendezvous: str) -> dict[str, str]:
     return {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
-            "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1", RENDEZVOUS_ENV: rendezvous}
+            "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1", RENDEZVOUS_ENV: rendezvous,
+            LAUNCHER_PID_ENV: str(os.getpid())}
 
 
 def describe_exit(code: int) -> str:
@@ -58,7 +96,7 @@ def launch_local(argv: list[str], nproc: int, grace_s: float = 30.0, poll_s: flo
     """Run `python -m dist_export ARGV` as ranks 0..nproc-1 on this machine; return the job's exit code."""
     if nproc < 1:
         raise ValueError(f"--nproc-per-node must be at least 1, got {nproc}")
-    if "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    if "RANK" in os.environ or srun_task():
         raise ValueError("--nproc-per-node starts its own ranks; do not combine it with torchrun or srun "
                          "(they already set the ranks)")
     tmp = tempfile.mkdtemp(prefix="dist-export-rdzv-")
@@ -97,6 +135,18 @@ def _first_failure(codes: list[int | None]) -> tuple[int, int] | None:
     return min(failed, key=lambda rc: (rc[1] > 0, rc[0])) if failed else None
 
 
+def _kill_stopped(procs: list[subprocess.Popen], failed: int) -> None:
+    """After a failure, a stopped rank (SIGSTOP, Ctrl-Z) can neither report nor obey SIGTERM: kill it now."""
+    from .monitor import process_state
+
+    for r, p in enumerate(procs):
+        if p.poll() is None and process_state(p.pid) in ("T", "t"):
+            print(f"[launcher] rank {r} is stopped (SIGSTOP) after rank {failed} failed: killing it",
+                  file=sys.stderr, flush=True)
+            p.kill()
+            p.wait()
+
+
 def _wait(procs: list[subprocess.Popen], grace_s: float, poll_s: float, interrupted=()) -> int:
     first, deadline, stops = None, None, (signal.SIGTERM, signal.SIGKILL)
     while [p.poll() for p in procs].count(None):  # poll every rank each round (no short-circuit)
@@ -111,6 +161,8 @@ def _wait(procs: list[subprocess.Popen], grace_s: float, poll_s: float, interrup
                           f"{sig.name}", file=sys.stderr, flush=True)
                     p.send_signal(sig)
             deadline = time.monotonic() + 5.0
+        if first is not None:
+            _kill_stopped(procs, first[0])
         time.sleep(poll_s)
     codes = [p.returncode for p in procs]
     first = first or _first_failure(codes)

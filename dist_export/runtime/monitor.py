@@ -80,9 +80,12 @@ class Monitor:
     def _terminated(self) -> None:
         if not self._terminating.acquire(blocking=False):
             return  # the other thread is already exiting
+        from .launch import launcher_gone
+
+        gone = launcher_gone()  # SIGKILL of our launcher: the kernel's parent-death signal
         dead = "; ".join(self.dead_peers())
-        self._fail("terminated by SIGTERM (a launcher stops every rank once one fails)" + (f"; {dead}" if dead else ""),
-                   code=128 + signal.SIGTERM)
+        why = f": {gone}" if gone else " (a launcher stops every rank once one fails)"
+        self._fail("terminated by SIGTERM" + why + (f"; {dead}" if dead else ""), code=128 + signal.SIGTERM)
 
     def _on_sigint(self, signum, frame) -> None:
         """The first Ctrl-C: tell the peers, stop watching them, unwind the main thread; ignore any later one."""
@@ -105,6 +108,9 @@ class Monitor:
 
     def stop(self) -> None:
         self._stop.set()
+        if self._wakeup is not None:  # wake the thread from its select now, not after up to `interval` s (a
+            with contextlib.suppress(OSError):  # launcher's SIGTERM may end this rank before it prints its line)
+                os.write(self._wakeup[1], b"\0")
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
         self.progress.close()
@@ -250,17 +256,24 @@ def _local_process_gone(rec) -> bool:
 
 
 def _alive(pid: int) -> bool:
+    return process_state(pid) is not None
+
+
+def process_state(pid: int) -> str | None:
+    """None when the process is gone (or a zombie), else its state letter from /proc (R, S, D, T stopped, t traced),
+    '?' where /proc cannot tell."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
+        return None
     except PermissionError:
-        return True
+        return "?"
     try:
         with open(f"/proc/{pid}/status") as f:
-            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
+            state = next((line.split()[1] for line in f if line.startswith("State:")), "?")
     except OSError:
-        return False
+        return None
+    return None if state in ("Z", "X") else state
 
 
 def start_monitor(ctx, **kwargs) -> Monitor:
