@@ -287,3 +287,154 @@ def test_e2m1_rounding_on_the_bits_equals_the_threshold_table():
     assert_same(old, want_val, "threshold-table kernel")
     assert_same(val, want_val, "e2m1_round")
     assert_same(code, want_code, "e2m1_code")
+
+
+if HAVE_TRITON:
+    from dist_export.numerics.kernels.jitlib import div_by, divisor_parts, fma_rn
+
+    @triton.jit
+    def _div_probe(a_ptr, b_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        a = tl.load(a_ptr + offs, mask=m, other=1.0)
+        dm, y, ip2 = divisor_parts(tl.load(b_ptr + offs, mask=m, other=1.0))
+        tl.store(out_ptr + offs, div_by(a, dm, y, ip2), mask=m)
+
+    @triton.jit
+    def _fma_probe(a_ptr, b_ptr, c_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        a, b, c = tl.load(a_ptr + offs, mask=m), tl.load(b_ptr + offs, mask=m), tl.load(c_ptr + offs, mask=m)
+        tl.store(out_ptr + offs, fma_rn(a, b, c), mask=m)
+
+
+def _run_probe(kernel, *inputs):
+    n = inputs[0].numel()
+    out = torch.empty(n, device=DEV)
+    block = 1024 if CUDA else 1 << 16
+    kernel[(-(-n // block),)](*(t.to(DEV) for t in inputs), out, n, BLOCK=block, enable_fp_fusion=False)
+    return out.cpu()
+
+
+def _f32(bits: torch.Tensor) -> torch.Tensor:
+    return bits.to(torch.int32).view(torch.float32)
+
+
+def test_div_by_is_the_ieee_division_for_int_codes():
+    """jitlib.div_by (reciprocal once per divisor, then multiply-adds) against torch's IEEE division on the CPU:
+    every INT numerator -128..127 (signed zeros aside: callers keep -0.0 themselves) by divisors of every
+    exponent the INT scales take; on a GPU every odd numerator by all 2**23 significands (the quotient's bits do
+    not depend on the divisor's exponent nor on a power of two in the numerator, so that is every case)."""
+    g = torch.Generator().manual_seed(7)
+    if CUDA:
+        sig = torch.arange(1 << 23, dtype=torch.int64)
+        nums = range(1, 128, 2)
+    else:
+        sig = torch.cat([torch.randint(0, 1 << 23, (2000,), generator=g), torch.tensor([0, 1, (1 << 23) - 1,
+                                                                                            (1 << 23) - 2])])
+        nums = range(-128, 128)
+    batches = [[q] for q in nums] if CUDA else [list(nums)]  # the interpreter: one launch
+    for qs in batches:
+        exp = torch.randint(1, 127 + 32, (len(qs), len(sig)), generator=g)  # scale = maxb / amax: 2**-126 .. 2**31
+        b = _f32((exp << 23) | sig).reshape(-1)
+        a = torch.tensor(qs, dtype=torch.float32).repeat_interleave(len(sig))
+        keep = a != 0
+        got, want = _run_probe(_div_probe, a[keep], b[keep]), a[keep] / b[keep]
+        assert_same(got, want, f"numerators {qs[0]}..{qs[-1]}")
+
+
+def test_div_by_is_the_ieee_division_near_e2m1_thresholds_and_across_ranges():
+    """The NVFP4 division |x| / sq: random dividends and divisors over the whole range the kernels use
+    (sq in [1e-5, 5.7e37]; quotients from 2**-100 to past float32's largest, i.e. inf), quotients a few ulps from
+    each E2M1 threshold, exact quotients, and divisors with an all-ones significand."""
+    g = torch.Generator().manual_seed(8)
+    n = 1 << 22 if CUDA else 1 << 15
+    b = torch.exp(torch.empty(n).uniform_(-11.5, 86.9, generator=g))  # 1e-5 .. 5.7e37
+    b[:64] = _f32(torch.randint(100, 230, (64,), generator=g) << 23 | 0x7FFFFF)  # significand all ones
+    b[64:128] = torch.tensor(2.0) ** torch.randint(-16, 120, (64,), generator=g).float()  # exact reciprocals
+    t = torch.tensor([0.25, 0.75, 1.0, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0])
+    near = t[torch.randint(0, len(t), (n // 2,), generator=g)]
+    near = _f32(near.view(torch.int32) + torch.randint(-4, 5, (n // 2,), generator=g, dtype=torch.int32))
+    a = torch.cat([(near * b[: n // 2]).float(), b[n // 2:] * torch.exp(torch.empty(n - n // 2).uniform_(-69, 88,
+                                                                                                       generator=g))])
+    a[:32] = b[:32] * 3.0  # exact quotients where representable
+    a[-64:], b[-64:] = 3.0e38, torch.logspace(-5, 0, 64)  # quotients past the largest float32: inf
+    a[-66:-64], b[-66:-64] = 3.4028234663852886e38, torch.tensor([1.0, 1.0 - 2.0**-24])  # its last finite / inf
+    a = a.abs()
+    q = a.double() / b.double()
+    ok = torch.isfinite(a) & (q >= 2.0**-100)
+    got, want = _run_probe(_div_probe, a[ok], b[ok]), a[ok] / b[ok]
+    assert_same(got, want, "a / b")
+    assert torch.isinf(want).any() and ((want > 0.2) & (want < 6.5)).float().mean() > 0.4  # both regimes met
+
+
+def _rn32(x) -> float:
+    """Exact rational x rounded to the nearest float32 (ties to even), subnormals and overflow included."""
+    import fractions
+    import math
+
+    x = fractions.Fraction(x)
+    if x == 0:
+        return 0.0
+    s, x = (-1.0 if x < 0 else 1.0), abs(x)
+    e = x.numerator.bit_length() - x.denominator.bit_length()
+    e = e - 1 if x < fractions.Fraction(2) ** e else e  # 2**e <= x < 2**(e+1)
+    e = max(e, -126)
+    scaled = x * fractions.Fraction(2) ** (23 - e)
+    k = math.floor(scaled)
+    rem = scaled - k
+    k += 1 if rem > fractions.Fraction(1, 2) or (rem == fractions.Fraction(1, 2) and k % 2) else 0
+    v = math.ldexp(k, e - 23)
+    return s * (math.inf if v >= 2.0**128 else v)
+
+
+def test_fma_rn_rounds_once():
+    """jitlib.fma_rn (tl.fma on a GPU, an emulation in the interpreter) against a*b+c computed exactly in
+    rationals and rounded once: random operands, products that cancel c to a few bits, halfway cases."""
+    import fractions
+
+    g = torch.Generator().manual_seed(9)
+    n = 4000
+    a = torch.randn(n, generator=g) * torch.exp(torch.empty(n).uniform_(-30, 30, generator=g))
+    b = torch.randn(n, generator=g) * torch.exp(torch.empty(n).uniform_(-30, 30, generator=g))
+    c = torch.randn(n, generator=g) * torch.exp(torch.empty(n).uniform_(-60, 60, generator=g))
+    c[: n // 2] = -(a[: n // 2] * b[: n // 2])  # cancellation: the result is the product's rounding error
+    c[n // 2: n // 2 + 500] = -(a[n // 2: n // 2 + 500] * b[n // 2: n // 2 + 500]) * (1 + 2.0**-23)
+    got = _run_probe(_fma_probe, a, b, c)
+    want = torch.tensor([_rn32(fractions.Fraction(x) * fractions.Fraction(y) + fractions.Fraction(z))
+                         for x, y, z in zip(a.tolist(), b.tolist(), c.tolist())], dtype=torch.float32)
+    assert_same(got, want, "fma")
+
+
+@pytest.mark.parametrize("fmt,gran,bs", [("int4", "group", 16), ("int8", "channel", None), ("nvfp4", "group", 16),
+                                         ("fp8", "block", 16)])
+def test_float32_weights_at_the_ends_of_the_range(fmt, gran, bs):
+    """float32 weights near the largest float32 (INT quotients overflow to inf as the reference's division does,
+    scales near the smallest normal) and subnormal weights: fold, encoder and search give the torch bits."""
+    from dist_export.numerics import QuantSpec, compute_amax, fake_quant, quantize
+    from dist_export.numerics.mse import search_block_amax
+
+    g = torch.Generator().manual_seed(10)
+    w = torch.randn(8, 48, generator=g)
+    w[:3] *= 3.0e38 / w[:3].abs().max()  # rows of huge values (amax up to 3e38)
+    w[3:5] *= 1e-39  # subnormals
+    w[5] = torch.tensor(3.4028234663852886e38)
+    spec = QuantSpec(fmt, gran, bs)
+    amax = compute_amax(w, spec)
+    ks = kernels_of(fmt)
+    assert_same(ks.fake_quant(w.to(DEV), spec, amax.to(DEV)), fake_quant(w, spec, amax), f"{fmt} fold")
+    if ks.quantize is not None:
+        try:
+            want = quantize(w, spec, amax)
+        except ValueError:
+            want = None
+        if want is not None:
+            got = ks.quantize(w.to(DEV), spec, amax.to(DEV))
+            for key in want:
+                assert_same(got[key], want[key], f"{fmt} {key}")
+    if ks.search is not None and fmt != "fp8":
+        mspec = QuantSpec(fmt, gran, bs, "mse", 8)
+        got, want = ks.search(w.to(DEV), mspec, amax.to(DEV)), search_block_amax(w, mspec, amax)
+        for x, y in zip(got, want):
+            if y is not None:
+                assert_same(x, y, f"{fmt} search")

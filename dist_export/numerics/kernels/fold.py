@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .jitlib import div_rn, e2m1_code, e2m1_round, e4m3_byte, e4m3_round, rint, sign_bit, store_cast, with_sign
+from .jitlib import (div_by, div_rn, divisor_parts, e2m1_code, e2m1_round, e4m3_byte, e4m3_round, rint, sign_bit,
+                     store_cast, with_sign)
 
 _OPTS = {"enable_fp_fusion": False}
 TILE_R, TILE_C = 16, 128  # rows x columns per program (FP8, INT): 2048 elements
@@ -135,17 +136,20 @@ def _int_scale(a, MAXB):
 def _int_kernel(x_ptr, amax_ptr, y_ptr, R, C, sx, sy, SSR, SSB, MAXB, MINB, BC: tl.constexpr,
                 BF16: tl.constexpr, TR: tl.constexpr, NBT: tl.constexpr, CB: tl.constexpr, CH: tl.constexpr,
                 EVEN: tl.constexpr, WIDE: tl.constexpr, SCALAR: tl.constexpr):
-    """integer.fake_quant_int per block; one division per element. SCALAR: one amax for the tensor."""
+    """integer.fake_quant_int per block: v / scale per element by `div_by` (the divisor's reciprocal once per
+    (row, chunk)). SCALAR: one amax for the tensor."""
     rr, bb, r, col, m = _chunk_tile(R, C, TR, NBT, CB, CH)
     x = _load(x_ptr + _row_offset(r, sx, WIDE) + col, m, EVEN).to(tl.float32)
     if SCALAR:
         scale, zero = _int_scale(tl.load(amax_ptr).to(tl.float32), MAXB)
+        dm, rcp, ip2 = divisor_parts(scale)
     else:
         a, _, _ = _chunk_amax(amax_ptr, rr, bb, R, C, SSR, SSB, 1, BC, CB)
         scale, zero = _int_scale(a, MAXB)
-        scale, zero = scale[:, :, None], zero[:, :, None]
-    y = div_rn(tl.minimum(tl.maximum(rint(x * scale), MINB), MAXB), scale + tl.zeros_like(x))
-    y = tl.where(zero, 0.0, y)
+        dm, rcp, ip2 = divisor_parts(scale)
+        scale, zero, dm, rcp, ip2 = scale[:, :, None], zero[:, :, None], dm[:, :, None], rcp[:, :, None], ip2[:, :, None]
+    v = tl.minimum(tl.maximum(rint(x * scale), MINB), MAXB)
+    y = tl.where(zero, 0.0, tl.where(v == 0.0, v, div_by(v, dm, rcp, ip2)))  # v / scale; -0.0 stays -0.0
     _fold_store(y_ptr, _row_offset(r, sy, WIDE) + col, y, m, BF16, EVEN)
 
 
@@ -184,9 +188,10 @@ def _nvfp4_fold_kernel(x_ptr, gamax_ptr, bamax_ptr, y_ptr, R, C, sx, sy, NB, HAS
         bmax = tl.max(ax, axis=2)
     gs = _global_scale(gamax_ptr)
     _, sq, _ = _nvfp4_block_scales(bmax, gs)
+    dm, rcp, ip2 = divisor_parts(sq)
     sq = sq[:, :, None]
     # where(x >= 0, q, -q): -0.0 gives +0.0; a negative x rounding to 0 keeps the sign
-    y = with_sign(e2m1_round(div_rn(ax, sq)), x < 0) * sq
+    y = with_sign(e2m1_round(div_by(ax, dm[:, :, None], rcp[:, :, None], ip2[:, :, None])), x < 0) * sq
     _fold_store(y_ptr, _row_offset(r, sy, WIDE) + col, y, m, BF16, EVEN)
 
 
@@ -207,9 +212,10 @@ def _word_halves(w, DT: tl.constexpr):
 
 
 @triton.jit
-def _e2m1_signed_code(x, ax, sq):
-    """4-bit code of x (sign bit 8 where x < 0, as nvfp4.encode_e2m1 of where(x >= 0, q, -q)) and the magnitude code."""
-    idx = e2m1_code(div_rn(ax, sq))
+def _e2m1_signed_code(x, ax, m, rcp, ip2):
+    """4-bit code of x (sign bit 8 where x < 0, as nvfp4.encode_e2m1 of where(x >= 0, q, -q)) and the magnitude
+    code, of |x| / sq (sq = m * 2**k, see `div_by`)."""
+    idx = e2m1_code(div_by(ax, m, rcp, ip2))
     return idx | tl.where(x < 0, 8, 0), idx
 
 
@@ -233,8 +239,10 @@ def _nvfp4_encode_kernel(w_ptr, gamax_ptr, bamax_ptr, packed_ptr, scale_ptr, gs_
         bmax = tl.max(tl.maximum(alo, ahi), axis=2)
     gs = _global_scale(gamax_ptr)
     s_e4m3, sq, quirk = _nvfp4_block_scales(bmax, gs)
-    code_lo, idx_lo = _e2m1_signed_code(lo, alo, sq[:, :, None])
-    code_hi, idx_hi = _e2m1_signed_code(hi, ahi, sq[:, :, None])
+    dm, rcp, ip2 = divisor_parts(sq)
+    dm, rcp, ip2 = dm[:, :, None], rcp[:, :, None], ip2[:, :, None]
+    code_lo, idx_lo = _e2m1_signed_code(lo, alo, dm, rcp, ip2)
+    code_hi, idx_hi = _e2m1_signed_code(hi, ahi, dm, rcp, ip2)
     _store(packed_ptr + _row_offset(r, W, WIDE) + wc, (code_lo | (code_hi << 4)).to(tl.uint8), m, EVEN)
     stored = tl.where(quirk, 0.001953125, s_e4m3)  # 2**-9, the smallest positive E4M3
     _store(scale_ptr + _row_offset(rr[:, None], NB, WIDE) + bb[None, :], e4m3_byte(stored, stored < 0).to(tl.uint8),

@@ -6,13 +6,65 @@ nearest: Triton's `/` is an approximate division on the GPU), and the kernels ar
 """
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
+
+# Triton's interpreter evaluates tl.fma as a product and a sum, each rounded: fma_rn emulates the fused operation
+# there (read when the kernels are first imported, as the interpreter switch itself).
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @triton.jit
 def div_rn(a, b):
     return tl.math.div_rn(a, b)
+
+
+@triton.jit
+def fma_rn(a, b, c):
+    """float32 a * b + c rounded once (IEEE fused multiply-add; the GPU's fma.rn.f32). In the interpreter: the
+    product is exact in float64, the float64 sum is made round-to-odd (TwoSum error, last bit forced odd when
+    inexact), and its float32 rounding is then the single rounding of the exact value (53 >= 24 + 2 bits)."""
+    if INTERPRETED:
+        p = a.to(tl.float64) * b.to(tl.float64)
+        cd = c.to(tl.float64)
+        s = p + cd
+        v = s - p
+        err = (p - (s - v)) + (cd - v)
+        bits = s.to(tl.int64, bitcast=True)
+        step = tl.where((err > 0) == (s > 0), 1, -1).to(tl.int64)
+        bits = tl.where((err != 0) & ((bits & 1) == 0), bits + step, bits)
+        return bits.to(tl.float64, bitcast=True).to(tl.float32)
+    else:
+        return tl.fma(a, b, c)
+
+
+@triton.jit
+def divisor_parts(b):
+    """Per divisor b (a positive normal float32 below 2**127): (m, y, inv_p2) with b = m * 2**k, m in [1, 2)
+    b's significand, y = RN(1 / m) (an IEEE division, once per divisor) and inv_p2 = 2**-k, for `div_by`."""
+    bits = b.to(tl.int32, bitcast=True)
+    m = ((bits & 0x007FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)
+    inv_p2 = (0x7F000000 - (bits & 0x7F800000)).to(tl.float32, bitcast=True)
+    return m, div_rn(1.0 + tl.zeros_like(m), m), inv_p2
+
+
+@triton.jit
+def div_by(a, m, y, inv_p2):
+    """RN(a / b), bit for bit the IEEE division, for float32 a and b = m * 2**k from `divisor_parts` (a zero a
+    gives +0.0 whatever its sign: a caller that keeps -0.0 selects a itself there),
+    with multiplications and fused multiply-adds only (no reciprocal unit, no branch per element):
+      q0 = a * y;  q1 = RN(q0 + y * RN(a - m q0))  (one Newton step: within ~2**-24 ulp of a/m before its
+      rounding, so q1 is faithful, one of the two floats around a/m);  q2 = RN(q1 + y * (a - m q1)) is RN(a/m)
+      by Markstein's theorem (y within half an ulp of 1/m, q1 faithful; a - m q1 is then exact); q2 * 2**-k is
+      RN(a/b) exactly (a power-of-two scaling; it overflows to inf exactly where the division does).
+    Needs a/m and the residuals in float32's normal range: a/m in [2**-100, 2**127) covers every use here; for
+    smaller a/m (code 0 / value 0 in every caller) the result is still within a few ulps and tiny."""
+    q = a * y
+    q = fma_rn(fma_rn(-m, q, a), y, q)
+    q = fma_rn(fma_rn(-m, q, a), y, q)
+    return q * inv_p2
 
 
 @triton.jit

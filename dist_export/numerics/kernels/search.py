@@ -6,7 +6,8 @@ torch and passed in), the error of a candidate is the float64 sum of (fold - x)*
 adjacent pairs level by level (`pair_tree_sum`, the reference's `pairwise_sum`) over the block zero-padded to a
 power of two, and the first candidate with the least error wins (strict `<`, as torch.argmin's first minimum).
 Squares of float32 differences are exact in float64 and every addition happens in the same order on both paths,
-so the errors, not only the argmin, are identical bit for bit.
+so the errors, not only the argmin, are identical bit for bit. Per element divisions by a block's value are
+`jitlib.div_by` (the block's reciprocal once per candidate, then multiply-adds: the IEEE quotient's bits).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .jitlib import div_rn, e2m1_round, e4m3_round, pair_tree_sum, rint, with_sign
+from .jitlib import div_by, div_rn, divisor_parts, e2m1_round, e4m3_round, pair_tree_sum, rint, with_sign
 
 MAX_INT_BLOCK = 256  # INT groups up to this size (padded to a power of two) run here; larger ones use torch
 
@@ -39,7 +40,8 @@ def _nvfp4_search_kernel(x_ptr, gs_ptr, ratio_ptr, out_ptr, R, C, stride_r, NB,
         s = tl.minimum(div_rn(cand, six_gs), 448.0)
         sq = e4m3_round(s) * gs
         sq = tl.where(sq < 1e-5, 1.0, sq)
-        q = e2m1_round(div_rn(ax, sq[:, None]))
+        dm, rcp, ip2 = divisor_parts(sq)
+        q = e2m1_round(div_by(ax, dm[:, None], rcp[:, None], ip2[:, None]))
         y = with_sign(q, x < 0) * sq[:, None]
         d = (y - x).to(tl.float64)
         err = pair_tree_sum(d * d, 4)
@@ -65,9 +67,10 @@ def _int_search_kernel(x_ptr, base_ptr, ratio_ptr, out_ptr, R, C, stride_r, NB, 
     for k in range(K):
         cand = base * tl.load(ratio_ptr + k)
         zero = cand <= 5.960464477539063e-08  # 2**-24
-        scale = div_rn(MAXB + tl.zeros_like(cand), tl.where(zero, 1.0, cand))[:, None]
-        v = rint(x * scale)
-        y = div_rn(tl.minimum(tl.maximum(v, MINB), MAXB), scale)
+        scale = div_rn(MAXB + tl.zeros_like(cand), tl.where(zero, 1.0, cand))
+        dm, rcp, ip2 = divisor_parts(scale)
+        v = tl.minimum(tl.maximum(rint(x * scale[:, None]), MINB), MAXB)
+        y = tl.where(v == 0.0, v, div_by(v, dm[:, None], rcp[:, None], ip2[:, None]))  # v / scale
         y = tl.where(zero[:, None], 0.0, y)
         d = (y - x).to(tl.float64)
         err = pair_tree_sum(d * d, LOG2P)
