@@ -342,6 +342,8 @@ def check_nodes(plan: ExportPlan, hosts: list[str]) -> None:
 
 
 def _log_plan(plan: ExportPlan, output_format) -> None:
+    for warning in plan.warnings:  # rank 0, at plan time: before anything is written
+        log.warning("%s", warning)
     loads = rank_loads(plan, output_format)
     mean = sum(d["cost"] for d in loads) / len(loads)
     log.info("plan: %d items, %d shards, %.2f GB out, %d groups, %d node(s); per-rank items %s, GB out %s, cost "

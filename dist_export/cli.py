@@ -333,6 +333,8 @@ def cmd_plan(args) -> int:
                            lambda i: i.plan.digest())
         plan = inputs.plan
         quantized = sum(item.quantized for item in plan.items.values())
+        for warning in plan.warnings if ctx.is_rank0 else ():
+            log.warning("%s", warning)
         if ctx.is_rank0 and args.json:
             from .plan import plan_summary
 

@@ -9,6 +9,7 @@ anything is written.
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import logging
@@ -114,6 +115,7 @@ class ExportPlan:
     world_size: int
     format: str
     nnodes: int = 1
+    warnings: tuple[str, ...] = ()  # recipe rules that match nothing, a recipe that quantizes nothing (rank 0 logs)
 
     @property
     def single_file(self) -> bool:
@@ -410,7 +412,41 @@ def build_plan(tensors: dict[str, TensorMeta], recipe: Recipe, output_format, wo
         for k, s in enumerate(shard_lists)
     )
     return ExportPlan({i.name: i for i in items}, shards, groups, tuple(excluded), world_size, output_format.name,
-                      nnodes)
+                      nnodes, recipe_warnings(recipe, items, excluded))
+
+
+def recipe_warnings(recipe: Recipe, items: list[Item], excluded: list[tuple[str, str]]) -> tuple[str, ...]:
+    """Legal but likely wrong: a rule that decides no module (its patterns match none, or only modules that an
+    exclusion or an earlier rule takes), an `exclude` pattern of the recipe that matches no module, a recipe that
+    quantizes nothing. Each names the rule or pattern."""
+    quantized = sorted({i.module for i in items if i.quantized})
+    modules = quantized + sorted({m for m, _ in excluded})
+    where = f"recipe {recipe.name!r}"
+    if not quantized and modules:  # the one thing to say (every rule then decides nothing)
+        patterns = sorted({p for _, p in excluded})
+        return (f"{where} quantizes nothing: all {len(modules)} weight modules of this model are excluded (by "
+                f"{', '.join(repr(p) for p in patterns[:4])}{', ...' if len(patterns) > 4 else ''}); the export "
+                f"is an unquantized copy of the model",)
+    out = []
+    deciding = {id(recipe.rule_for(m)) for m in quantized}
+    for k, rule in enumerate(recipe.rules):
+        matched = [m for m in modules if any(fnmatch.fnmatchcase(m, p) for p in rule.match)]
+        if not matched:
+            out.append(f"{where}: rules[{k}] (match {list(rule.match)}) matches no module of this model; check the "
+                       f"pattern (module names such as {_example(modules)}, without '.weight')")
+        elif id(rule) not in deciding:
+            out.append(f"{where}: rules[{k}] (match {list(rule.match)}) decides no module: each one it matches "
+                       f"({matched[0]!r}, ...) is excluded or taken by an earlier rule")
+    named = set(modules) | {i.name.rsplit(".", 1)[0] for i in items}  # also norms, biases: '*norm' is not noise
+    for pattern in recipe.exclude:
+        if not any(fnmatch.fnmatchcase(m, pattern) for m in named):
+            out.append(f"{where}: exclude pattern {pattern!r} matches no module of this model; check the pattern "
+                       f"(module names such as {_example(modules)})")
+    return tuple(out)
+
+
+def _example(modules: list[str]) -> str:
+    return repr(modules[len(modules) // 2]) if modules else "'model.layers.0.mlp.down_proj'"
 
 
 def _entries(plan: ExportPlan, output_format) -> list[tuple[int, float, int, int]]:

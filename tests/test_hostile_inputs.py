@@ -244,3 +244,59 @@ def test_timeouts_must_be_positive_and_finite(tmp_path, capsys, option, value):
     rc, err = export(capsys, tmp_path / "out", option, value)
     assert_refused_untouched(tmp_path, rc, err, before, option[2:].replace("-", "_"),
                              "must be a positive, finite number of seconds")
+
+
+# ------------------------------------------------------------------------ legal but odd recipes: warnings
+
+
+def warned(tmp_path, capsys, text: str, *names: str) -> str:
+    """The export succeeds and warns once about the recipe, at plan time (before the plan line, so before any write), in a line
+    naming `names`; nothing outside --out changes."""
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    before = outside(tmp_path)
+    rc, err = export(capsys, tmp_path / "out", recipe=str(path))
+    assert rc == 0 and published(tmp_path / "out"), err[-2000:]
+    lines = [ln for ln in err.splitlines() if " WARNING " in ln and "recipe '" in ln]  # the recipe's warnings
+    assert len(lines) == 1 and all(n in lines[0] for n in names), err[-3000:]
+    plan_line = next(i for i, ln in enumerate(err.splitlines()) if " plan: " in ln)
+    assert err.splitlines().index(lines[0]) < plan_line, err[-3000:]
+    assert outside(tmp_path) == before
+    return lines[0]
+
+
+def test_rule_matching_no_module_warns(tmp_path, capsys):
+    warned(tmp_path, capsys, "rules:\n  - match: ['*.no_such_proj']\n    weight: {format: fp8}\n" + INT4,
+           "rules[0] (match ['*.no_such_proj']) matches no module of this model", "without '.weight'")
+
+
+def test_rule_shadowed_by_an_earlier_one_warns(tmp_path, capsys):
+    warned(tmp_path, capsys, "rules:\n" + INT4 + "  - match: ['*q_proj']\n    weight: {format: fp8}\n",
+           "rules[1] (match ['*q_proj']) decides no module", "taken by an earlier rule")
+
+
+def test_exclude_pattern_matching_no_module_warns(tmp_path, capsys):
+    warned(tmp_path, capsys, "exclude: ['*.no_such_proj']\nrules:\n" + INT4,
+           "exclude pattern '*.no_such_proj' matches no module of this model")
+
+
+def test_recipe_that_quantizes_nothing_warns(tmp_path, capsys):
+    """Every weight excluded: a legal export (a re-shard), but a copy the user may not have meant; a warning
+    before anything is written (warning, not error: re-sharding a model is a use), and the weights are the
+    source's, bit for bit."""
+    import glob
+
+    import torch
+    from safetensors.torch import load_file
+
+    line = warned(tmp_path, capsys, "exclude: ['*']\nrules:\n" + INT4, "quantizes nothing",
+                  "weight modules of this model are excluded", "unquantized copy")
+    assert "'*'" in line
+
+    def weights(folder):
+        return {k: v for f in glob.glob(os.path.join(folder, "*.safetensors")) for k, v in load_file(f).items()}
+
+    from helpers import model_dir
+
+    got, want = weights(str(tmp_path / "out")), weights(model_dir("synthetic:llama-tiny"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
