@@ -87,14 +87,11 @@ def main() -> int:
     a = {"x_ptr": ("*bf16", 0), **ptr("amax_ptr"), **ptr("y_ptr", t="*i16"), **ints(R=R, C=C, sx=C, sy=C, SSR=32, SSB=1),
          "MAXB": ("fp32", None), "MINB": ("fp32", None)}
     cases.append(("int4 group-128 fold", fold._int_kernel, a, dict(BC=128, BF16=True, EVEN=True, WIDE=False, SCALAR=False, **tile), 2048))
-    a = {"x_ptr": ("*bf16", 0), **ptr("gamax_ptr", "bamax_ptr"), **ptr("y_ptr", t="*i16"),
-         **ints(R=R, C=C, sx=C, sy=C, NB=C // 16)}
-    cx = dict(HAS_BAMAX=False, BF16=True, TR=fold.NV_TR, TB=fold.NV_TB, EVEN=True, WIDE=False)
-    cases.append(("nvfp4 fold", fold._nvfp4_fold_kernel, a, cx, fold.NV_TR * fold.NV_TB * 16))
-    a = {"w_ptr": ("*i32", 0), **ptr("gamax_ptr", "bamax_ptr", "gs_ptr"), **ptr("packed_ptr", "scale_ptr", t="*u8"),
-         **ptr("bad_ptr", t="*i32"), **ints(R=R, W=C // 2, sw=C // 2, NB=C // 16)}
-    cx = dict(HAS_BAMAX=False, DT=0, TR=fold.NVE_TR, TB=fold.NVE_TB, EVEN=True, WIDE=False)
-    cases.append(("nvfp4 encode", fold._nvfp4_encode_kernel, a, cx, fold.NVE_TR * fold.NVE_TB * 16))
+    for name, fake in [("nvfp4 fold", True), ("nvfp4 encode", False)]:
+        a = {"w_ptr": ("*i32", 0), **ptr("gamax_ptr", "bamax_ptr", "gs_ptr"), **ptr("y_ptr", t="*i32" if fake else "*u8"),
+             **ptr("scale_ptr", t="*u8"), **ptr("bad_ptr", t="*i32"), **ints(R=R, W=C // 2, sw=C // 2, sy=C // 2, NB=C // 16)}
+        cx = dict(HAS_BAMAX=False, DT=0, FAKE=fake, TR=fold.NVW_TR, TB=fold.NVW_TB, EVEN=True, WIDE=False)
+        cases.append((name, fold._nvfp4_word_kernel, a, cx, fold.NVW_TR * fold.NVW_TB * 16))
     print("| kernel (12288x4096 bf16, sm_90) | SASS instr per element: all (static) / kernel body | layout conversions | "
           "shared ld+st per thread | global loads / stores per thread | load / store widths | atomics |")
     print("|---|---|---|---|---|---|---|")

@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .jitlib import (div_by, div_rn, divisor_parts, e2m1_code, e2m1_round, e4m3_byte, e4m3_round, rint, sign_bit,
-                     store_cast, with_sign)
+from .jitlib import (div_by, div_rn, divisor_parts, e2m1_code, e2m1_round, e4m3_byte, e4m3_round, rint_clamped,
+                     sign_bit, store_cast, with_sign)
 
 _OPTS = {"enable_fp_fusion": False}
 TILE_R, TILE_C = 16, 128  # rows x columns per program (FP8, INT): 2048 elements
@@ -78,11 +78,19 @@ def _chunk_tile(R, C, TR: tl.constexpr, NBT: tl.constexpr, CB: tl.constexpr, CH:
 
 
 @triton.jit
-def _chunk_amax(ptr, rr, bb, R, C, SSR, SSB, BR: tl.constexpr, BC: tl.constexpr, CB: tl.constexpr):
-    """(amax of every (row, chunk) of the tile [TR, NBT] as float32, its index in the amax tensor, in range)."""
+def _chunk_amax(ptr, rr, bb, R, C, SSR, SSB, BR: tl.constexpr, BC: tl.constexpr, CB: tl.constexpr,
+                TR: tl.constexpr):
+    """(amax of every (row, chunk) of the tile [TR, NBT] as float32, its index in the amax tensor, in range).
+    Where the block height is a multiple of the tile's (2-D blocks of 128 rows, tiles of 16), every row of the
+    tile has the same block row: the amax is loaded (and its scales computed) once per chunk, [1, NBT]."""
     c0 = bb[None, :] * CB
-    idx = (rr[:, None] // BR) * SSR + (c0 // BC) * SSB
-    ok = (rr[:, None] < R) & (c0 < C)
+    if BR % TR == 0:
+        r0 = tl.program_id(0) * TR
+        idx = (r0 // BR) * SSR + (c0 // BC) * SSB
+        ok = (r0 < R) & (c0 < C)
+    else:
+        idx = (rr[:, None] // BR) * SSR + (c0 // BC) * SSB
+        ok = (rr[:, None] < R) & (c0 < C)
     return tl.load(ptr + idx, mask=ok, other=1.0).to(tl.float32), idx, ok
 
 
@@ -106,7 +114,7 @@ def _fp8_kernel(x_ptr, amax_ptr, y_ptr, inv_ptr, R, C, sx, sy, SSR, SSB, BR: tl.
         scale, inv = _fp8_scale(tl.load(amax_ptr).to(tl.float32))
         scale_el, inv_el = scale, inv
     else:
-        a, idx, ok = _chunk_amax(amax_ptr, rr, bb, R, C, SSR, SSB, BR, BC, CB)
+        a, idx, ok = _chunk_amax(amax_ptr, rr, bb, R, C, SSR, SSB, BR, BC, CB, TR)
         scale, inv = _fp8_scale(a)
         scale_el, inv_el = scale[:, :, None], inv[:, :, None]
     v = tl.minimum(tl.maximum(x * scale_el, -448.0), 448.0)
@@ -121,7 +129,11 @@ def _fp8_kernel(x_ptr, amax_ptr, y_ptr, inv_ptr, R, C, sx, sy, SSR, SSB, BR: tl.
             if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
                 tl.store(inv_ptr, inv)
         else:
-            first = ok & (rr[:, None] % BR == 0) & ((bb[None, :] * CB) % BC == 0)
+            first = ok & ((bb[None, :] * CB) % BC == 0)
+            if BR % TR == 0:
+                first = first & ((tl.program_id(0) * TR) % BR == 0)
+            else:
+                first = first & (rr[:, None] % BR == 0)
             tl.store(inv_ptr + idx, inv, mask=first)
 
 
@@ -144,11 +156,11 @@ def _int_kernel(x_ptr, amax_ptr, y_ptr, R, C, sx, sy, SSR, SSB, MAXB, MINB, BC: 
         scale, zero = _int_scale(tl.load(amax_ptr).to(tl.float32), MAXB)
         dm, rcp, ip2 = divisor_parts(scale)
     else:
-        a, _, _ = _chunk_amax(amax_ptr, rr, bb, R, C, SSR, SSB, 1, BC, CB)
+        a, _, _ = _chunk_amax(amax_ptr, rr, bb, R, C, SSR, SSB, 1, BC, CB, TR)
         scale, zero = _int_scale(a, MAXB)
         dm, rcp, ip2 = divisor_parts(scale)
         scale, zero, dm, rcp, ip2 = scale[:, :, None], zero[:, :, None], dm[:, :, None], rcp[:, :, None], ip2[:, :, None]
-    v = tl.minimum(tl.maximum(rint(x * scale), MINB), MAXB)
+    v = rint_clamped(x * scale, MINB, MAXB)
     y = tl.where(zero, 0.0, tl.where(v == 0.0, v, div_by(v, dm, rcp, ip2)))  # v / scale; -0.0 stays -0.0
     _fold_store(y_ptr, _row_offset(r, sy, WIDE) + col, y, m, BF16, EVEN)
 
@@ -220,11 +232,31 @@ def _e2m1_signed_code(x, ax, m, rcp, ip2):
 
 
 @triton.jit
-def _nvfp4_encode_kernel(w_ptr, gamax_ptr, bamax_ptr, packed_ptr, scale_ptr, gs_ptr, bad_ptr, R, W, sw, NB,
-                         HAS_BAMAX: tl.constexpr, DT: tl.constexpr, TR: tl.constexpr, TB: tl.constexpr,
-                         EVEN: tl.constexpr, WIDE: tl.constexpr):
+def _word_join(lo, hi, DT: tl.constexpr):
+    """Words of two float32 values each cast once, round to nearest even, to the weight's dtype (the layout
+    `_word_halves` reads; bfloat16 rounded on the bits as `store_cast` does)."""
+    if DT == 0:
+        lb = lo.to(tl.int32, bitcast=True)
+        hb = hi.to(tl.int32, bitcast=True)
+        l16 = (lb + 0x7FFF + ((lb >> 16) & 1)) >> 16
+        h16 = (hb + 0x7FFF + ((hb >> 16) & 1)) >> 16
+        return (l16 & 0xFFFF) | (h16 << 16)
+    elif DT == 1:
+        l16 = lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        return l16 | (hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) << 16)
+    else:
+        l32 = lo.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+        return l32 | (hi.to(tl.int32, bitcast=True).to(tl.int64) << 32)
+
+
+@triton.jit
+def _nvfp4_word_kernel(w_ptr, gamax_ptr, bamax_ptr, y_ptr, scale_ptr, gs_ptr, bad_ptr, R, W, sw, sy, NB,
+                       HAS_BAMAX: tl.constexpr, DT: tl.constexpr, FAKE: tl.constexpr, TR: tl.constexpr,
+                       TB: tl.constexpr, EVEN: tl.constexpr, WIDE: tl.constexpr):
     """Tile of TR rows x TB blocks of 16 elements, read as 8 words of two elements (W words per row, row stride
-    sw words): word k of a row becomes output byte k (low nibble: the even element's code)."""
+    sw words); each thread holds whole blocks. FAKE: the fold, written as words of the weight's dtype (row stride
+    sy words); else the encoder: word k of a row becomes packed byte k (low nibble: the even element's code),
+    plus the E4M3 block scales, the global scale (program (0, 0)) and the flag."""
     rr = tl.program_id(0) * TR + tl.arange(0, TR)
     bb = tl.program_id(1) * TB + tl.arange(0, TB)
     r = rr[:, None, None]
@@ -241,18 +273,24 @@ def _nvfp4_encode_kernel(w_ptr, gamax_ptr, bamax_ptr, packed_ptr, scale_ptr, gs_
     s_e4m3, sq, quirk = _nvfp4_block_scales(bmax, gs)
     dm, rcp, ip2 = divisor_parts(sq)
     dm, rcp, ip2 = dm[:, :, None], rcp[:, :, None], ip2[:, :, None]
-    code_lo, idx_lo = _e2m1_signed_code(lo, alo, dm, rcp, ip2)
-    code_hi, idx_hi = _e2m1_signed_code(hi, ahi, dm, rcp, ip2)
-    _store(packed_ptr + _row_offset(r, W, WIDE) + wc, (code_lo | (code_hi << 4)).to(tl.uint8), m, EVEN)
-    stored = tl.where(quirk, 0.001953125, s_e4m3)  # 2**-9, the smallest positive E4M3
-    _store(scale_ptr + _row_offset(rr[:, None], NB, WIDE) + bb[None, :], e4m3_byte(stored, stored < 0).to(tl.uint8),
-           bmask, EVEN)
-    if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
-        tl.store(gs_ptr, gs)
-    # a quirk block (scale stored as 2**-9, fold with 1.0) that keeps a nonzero code cannot be stored exactly:
-    # flag it (a plain store of 1: no reduction across the tile, no atomic; padding elements are 0 codes)
-    lost = quirk & (tl.max(idx_lo | idx_hi, axis=2) != 0) & bmask
-    tl.store(bad_ptr + tl.zeros_like(bmax).to(tl.int32), 1, mask=lost)
+    if FAKE:  # where(x >= 0, q, -q) * sq: -0.0 gives +0.0; a negative x rounding to 0 keeps the sign
+        sq = sq[:, :, None]
+        y_lo = with_sign(e2m1_round(div_by(alo, dm, rcp, ip2)), lo < 0) * sq
+        y_hi = with_sign(e2m1_round(div_by(ahi, dm, rcp, ip2)), hi < 0) * sq
+        _store(y_ptr + _row_offset(r, sy, WIDE) + wc, _word_join(y_lo, y_hi, DT), m, EVEN)
+    else:
+        code_lo, idx_lo = _e2m1_signed_code(lo, alo, dm, rcp, ip2)
+        code_hi, idx_hi = _e2m1_signed_code(hi, ahi, dm, rcp, ip2)
+        _store(y_ptr + _row_offset(r, W, WIDE) + wc, (code_lo | (code_hi << 4)).to(tl.uint8), m, EVEN)
+        stored = tl.where(quirk, 0.001953125, s_e4m3)  # 2**-9, the smallest positive E4M3
+        _store(scale_ptr + _row_offset(rr[:, None], NB, WIDE) + bb[None, :],
+               e4m3_byte(stored, stored < 0).to(tl.uint8), bmask, EVEN)
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+            tl.store(gs_ptr, gs)
+        # a quirk block (scale stored as 2**-9, fold with 1.0) that keeps a nonzero code cannot be stored exactly:
+        # flag it (a plain store of 1: no reduction across the tile, no atomic; padding elements are 0 codes)
+        lost = quirk & (tl.max(idx_lo | idx_hi, axis=2) != 0) & bmask
+        tl.store(bad_ptr + tl.zeros_like(bmax).to(tl.int32), 1, mask=lost)
 
 
 def _chunking(granularity: str, block: int | None, amax: torch.Tensor):
@@ -333,8 +371,8 @@ def fold_int(x, granularity, block, amax, maxb, minb, out_dtype):
     return y
 
 
-NV_TR, NV_TB = 8, 8  # fold: rows x blocks of 16 per program
-NVE_TR, NVE_TB = 16, 8  # encoder: rows x blocks of 16 per program
+NV_TR, NV_TB = 8, 8  # element fold (odd widths, unaligned rows): rows x blocks of 16 per program
+NVW_TR, NVW_TB = 16, 8  # word fold and encoder: rows x blocks of 16 per program
 _WORD = {torch.bfloat16: (0, torch.int32), torch.float16: (1, torch.int32), torch.float32: (2, torch.int64)}
 
 
@@ -343,9 +381,37 @@ def _bamax(block_amax, gamax):
     return (_amax32(block_amax), True) if block_amax is not None else (gamax, False)
 
 
+def _word_ready(x) -> bool:
+    """x can be read as words of two elements: an even width, row stride and start (in elements)."""
+    return (x.dtype in _WORD and x.shape[1] % 2 == 0 and x.stride(0) % 2 == 0 and x.stride(1) == 1
+            and x.data_ptr() % (2 * x.element_size()) == 0)
+
+
+def _word_launch(x, gamax, block_amax, y, scales, gs, bad):
+    """One `_nvfp4_word_kernel` launch over x (`_word_ready`); y: the fold (x's dtype) or the packed bytes."""
+    dt, word = _WORD[x.dtype]
+    r, c = x.shape
+    nb, w = -(-c // 16), c // 2
+    xw = x.view(word)
+    fake = scales is None
+    yw = y.view(word) if fake else y
+    g = _amax32(gamax).reshape(1)
+    bam, has = _bamax(block_amax, g)
+    even = r % NVW_TR == 0 and c % (16 * NVW_TB) == 0
+    wide = _wide(r, w, xw.stride(0), yw.stride(0), nb)
+    _nvfp4_word_kernel[(triton.cdiv(r, NVW_TR), triton.cdiv(nb, NVW_TB))](
+        xw, g, bam, yw, scales if not fake else yw, gs if not fake else g, bad if not fake else g, r, w,
+        xw.stride(0), yw.stride(0), nb, HAS_BAMAX=has, DT=dt, FAKE=fake, TR=NVW_TR, TB=NVW_TB, EVEN=even,
+        WIDE=wide, **_OPTS)
+
+
 def fold_nvfp4(x, gamax, block_amax, out_dtype):
     """NVFP4 fold of a 2-D x (tensor amax gamax, optional searched block amax [rows, nblocks]) in out_dtype."""
     r, c = x.shape
+    if out_dtype == x.dtype and _word_ready(x):
+        y = torch.empty((r, c), dtype=out_dtype, device=x.device)
+        _word_launch(x, gamax, block_amax, y, None, None, None)
+        return y
     nb = -(-c // 16)
     y, ya, bf16 = _out(r, c, out_dtype, x.device)
     g = _amax32(gamax).reshape(1)
@@ -362,22 +428,14 @@ def encode_nvfp4(x, gamax, block_amax):
     """(packed E2M1 codes uint8 [rows, cols/2], E4M3 block scales, global scale float32 [1], int32 [1]: 1 where a
     block whose scale underflows E4M3 keeps a nonzero code, i.e. the weight cannot be stored exactly, else 0).
     The width must be even."""
-    dt, word = _WORD.get(x.dtype, (None, None))
-    if dt is None:
-        x, (dt, word) = x.float(), _WORD[torch.float32]
-    if x.stride(0) % 2 or x.data_ptr() % (2 * x.element_size()) or x.stride(-1) != 1:
+    if x.dtype not in _WORD:
+        x = x.float()
+    if not _word_ready(x):
         x = x.contiguous()  # words of two elements need an even row stride and an aligned start
     r, c = x.shape
-    nb, w = -(-c // 16), c // 2
-    xw = x.view(word)
-    packed = torch.empty((r, w), dtype=torch.uint8, device=x.device)
-    scales = torch.empty((r, nb), dtype=torch.uint8, device=x.device)
+    packed = torch.empty((r, c // 2), dtype=torch.uint8, device=x.device)
+    scales = torch.empty((r, -(-c // 16)), dtype=torch.uint8, device=x.device)
     gs = torch.empty((1,), dtype=torch.float32, device=x.device)
     bad = torch.zeros((1,), dtype=torch.int32, device=x.device)
-    g = _amax32(gamax).reshape(1)
-    bam, has = _bamax(block_amax, g)
-    even = r % NVE_TR == 0 and c % (16 * NVE_TB) == 0
-    _nvfp4_encode_kernel[(triton.cdiv(r, NVE_TR), triton.cdiv(nb, NVE_TB))](
-        xw, g, bam, packed, scales, gs, bad, r, w, xw.stride(0), nb, HAS_BAMAX=has, DT=dt, TR=NVE_TR, TB=NVE_TB,
-        EVEN=even, WIDE=_wide(r, w, xw.stride(0), nb), **_OPTS)
+    _word_launch(x, gamax, block_amax, packed, scales, gs, bad)
     return packed, scales.view(torch.float8_e4m3fn), gs, bad

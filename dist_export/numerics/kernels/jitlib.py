@@ -103,12 +103,12 @@ def with_sign(mag, neg):
 
 
 @triton.jit
-def rint(v):
-    """torch.round (nearest, ties to even) of float32 v, sign of zero kept; |v| is first limited to 2**22,
-    which changes no result that is later clamped to an integer range inside +-2**22."""
-    c = tl.minimum(tl.maximum(v, -4194304.0), 4194304.0)
-    r = tl.abs((c + 12582912.0) - 12582912.0)
-    return with_sign(r, sign_bit(v))
+def rint_clamped(v, lo, hi):
+    """clamp(torch.round(v), lo, hi) (nearest, ties to even, sign of zero kept) for integers lo <= hi within
+    +-2**22, computed as round(clamp(v, lo, hi)): rounding is monotone and keeps integers, so clamping first to
+    integer bounds gives the same value, and the clamped value is small enough for the 2**23 trick as it is."""
+    c = tl.minimum(tl.maximum(v, lo), hi)
+    return with_sign(tl.abs((c + 12582912.0) - 12582912.0), sign_bit(c))
 
 
 @triton.jit

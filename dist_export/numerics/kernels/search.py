@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .jitlib import div_by, div_rn, divisor_parts, e2m1_round, e4m3_round, pair_tree_sum, rint, with_sign
+from .jitlib import div_by, div_rn, divisor_parts, e2m1_round, e4m3_round, pair_tree_sum, rint_clamped, with_sign
 
 MAX_INT_BLOCK = 256  # INT groups up to this size (padded to a power of two) run here; larger ones use torch
 
@@ -69,7 +69,7 @@ def _int_search_kernel(x_ptr, base_ptr, ratio_ptr, out_ptr, R, C, stride_r, NB, 
         zero = cand <= 5.960464477539063e-08  # 2**-24
         scale = div_rn(MAXB + tl.zeros_like(cand), tl.where(zero, 1.0, cand))
         dm, rcp, ip2 = divisor_parts(scale)
-        v = tl.minimum(tl.maximum(rint(x * scale[:, None]), MINB), MAXB)
+        v = rint_clamped(x * scale[:, None], MINB, MAXB)
         y = tl.where(v == 0.0, v, div_by(v, dm[:, None], rcp[:, None], ip2[:, None]))  # v / scale
         y = tl.where(zero[:, None], 0.0, y)
         d = (y - x).to(tl.float64)
