@@ -40,14 +40,14 @@ class Fault:
             return
         n, self._seen = self._seen, self._seen + 1
         if n == self.at_item:
-            _fire(self.kind, f"while processing {item_name}")
+            _fire(self.kind, f"while processing {item_name}", f"while writing {item_name}")
 
 
-def _fire(kind: str, where: str) -> None:
+def _fire(kind: str, where: str, writing: str) -> None:
     if kind == "raise":
         raise RuntimeError(f"injected fault {where}")
     if kind == "enospc":
-        raise OSError(errno.ENOSPC, f"No space left on device (injected) {where}")
+        raise OSError(errno.ENOSPC, f"No space left on device (injected) {writing}")
     if kind in ("kill", "stop"):
         os.kill(os.getpid(), signal.SIGKILL if kind == "kill" else signal.SIGSTOP)
         return
@@ -62,7 +62,7 @@ def fire_startup_fault(point: str, rank: int) -> None:
     """DIST_EXPORT_FAULT=<kind>:<rank>:<point> with point `start` or `join`: fire it here on that rank."""
     parts = os.environ.get("DIST_EXPORT_FAULT", "").split(":")
     if len(parts) == 3 and parts[2] == point and parts[1] == str(rank) and parts[0] in KINDS:
-        _fire(parts[0], f"at start-up ({point})")
+        _fire(parts[0], f"at start-up ({point})", f"at start-up ({point})")
 
 
 def fault_from_env() -> Fault | None:
