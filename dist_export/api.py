@@ -63,7 +63,8 @@ def export(model=None, out_dir: str = "out", *, revision: str | None = None, ctx
         out_dir: the output folder (new, empty, or an earlier export with `overwrite`/`resume`).
         ctx: an existing `DistContext` (tests, embedding); by default one is made from the launcher's environment.
         **options: the fields of `ExportOptions` (recipe, format, calib or calibration, overwrite, resume,
-            device, max_shard_size, hang_timeout, dead_timeout, verify, fault, quantizer_state, nproc_per_node),
+            device, max_shard_size, hang_timeout, dead_timeout, verify, fault, quantizer_state, nproc_per_node,
+            allow_nonfinite),
             keyword only. A ModelOpt-quantized model with recipe=None is exported with its own quantizers.
 
     Returns:
@@ -235,8 +236,8 @@ def _export(ctx: DistContext, open_source, out_dir: str, opts: ExportOptions, fa
     if ctx.is_rank0:
         _log_plan(plan, output_format)
     calib_sha = file_sha256(opts.calib) if opts.calib else None
-    manifest = Manifest(out_dir, run_fingerprint(source, rec, calib_sha, output_format.name, plan.layout_digest()),
-                        opts.resume)
+    manifest = Manifest(out_dir, run_fingerprint(source, rec, calib_sha, output_format.name, plan.layout_digest(),
+                                                 opts.allow_nonfinite), opts.resume)
 
     # 2. Rank 0 takes the folder over (lock, ownership, manifest check); the others wait for it.
     lock = None
@@ -265,7 +266,8 @@ def _export(ctx: DistContext, open_source, out_dir: str, opts: ExportOptions, fa
         parts = ctx.step("shared amax", measure_group_amax, ctx, plan, source, first, progress)
         group_amax = merge_group_amax(plan, parts, required=first)
         results = ctx.step("export", execute_rank, ctx, plan, source, output_format, out_dir, inputs.calib, group_amax,
-                           manifest, fault, prepared=prepared, progress=progress)
+                           manifest, fault, prepared=prepared, progress=progress,
+                           allow_nonfinite=opts.allow_nonfinite)
         # 4. Rank 0 writes and checks everything but the index (inside the last step: a defect fails every
         # rank and publishes nothing); once every rank knows that outcome, no peer is watched any more and
         # rank 0 publishes: the index comes last.

@@ -89,6 +89,9 @@ def _add_export(sub):
                    help="replace an earlier export in --out (only the files its record names; a folder holding any "
                         "other file is refused)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted export, reusing checked shards")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="copy unquantized tensors (norms, biases, embeddings, excluded weights) even when they hold "
+                        "NaN or inf (recorded in dist_export.json); by default that is an error naming the tensor")
     p.add_argument("--allow-foreign-files", action="store_true",
                    help="export into a folder holding files dist_export did not write; they are kept untouched")
     p.add_argument("--device", choices=["cpu", "cuda"], default=DEFAULTS.device, help="default: cuda if available")
@@ -237,7 +240,8 @@ def cmd_export(args) -> int:
         _check_summary_path(args.summary_json)  # before the export: a run that fails here has published nothing
     summary = export(args.model, args.out, revision=args.revision, recipe=args.recipe, format=args.format,
                      calib=args.calib, kv_cache=args.kv_cache, overwrite=args.overwrite, resume=args.resume,
-                     allow_foreign_files=args.allow_foreign_files, device=args.device,
+                     allow_foreign_files=args.allow_foreign_files, allow_nonfinite=args.allow_nonfinite,
+                     device=args.device,
                      max_shard_size=args.max_shard_size, hang_timeout=args.hang_timeout,
                      dead_timeout=args.dead_timeout, verify=not args.no_verify,
                      quantizer_state=args.quantizer_state, modelopt_kernels=args.modelopt_kernels)

@@ -106,7 +106,7 @@ def _same_source(plan: ExportPlan, source, shard, info: dict, tick) -> bool:
 
 def execute_rank(ctx, plan: ExportPlan, source, output_format, out_dir: str, calib: dict,
                  group_amax: dict[str, torch.Tensor], manifest: Manifest, fault=None, *,
-                 prepared: dict[str, dict], progress=NO_PROGRESS) -> RankResult:
+                 prepared: dict[str, dict], progress=NO_PROGRESS, allow_nonfinite: bool = False) -> RankResult:
     """Write this rank's items of every pending shard (the reused ones are reported by their creator); return
     its result. Shared-amax groups missing from `group_amax` are measured in the pipeline (`PipelineGroups`)."""
     start = time.monotonic()
@@ -126,7 +126,7 @@ def execute_rank(ctx, plan: ExportPlan, source, output_format, out_dir: str, cal
     if todo:
         groups = PipelineGroups(plan, [p for p, _ in todo], group_amax)
         run_pipeline(ctx, plan, source, output_format, out_dir, calib, groups, manifest, todo, result, fault,
-                     progress)
+                     progress, allow_nonfinite)
     result.seconds = time.monotonic() - start
     result.peak_rss = peak_rss_bytes()
     if ctx.device.type == "cuda":

@@ -62,6 +62,10 @@ class ExportOptions:
         modelopt_kernels: with the model's own quantizers, run each weight through its ModelOpt quantizer on the
             rank (bit for bit ModelOpt's own export on that device; ModelOpt needed on every rank, vllm-fq only)
             instead of dist_export's exact arithmetic (formats.md).
+        allow_nonfinite: copy tensors that are not quantized (norms, biases, embeddings, excluded weights) even when
+            they hold NaN or inf; by default such a tensor is an error naming it (a quantized weight with NaN/inf is
+            refused either way). Recorded as `allow_nonfinite: true` in the record's fingerprint (a resume must
+            match it).
         fault: test hook, a `runtime.faults.Fault` (None reads DIST_EXPORT_FAULT from the environment).
     """
 
@@ -82,6 +86,7 @@ class ExportOptions:
     quantizer_state: object = None
     nproc_per_node: int | None = None
     modelopt_kernels: bool = False
+    allow_nonfinite: bool = False
 
     def __post_init__(self):
         if self.overwrite and self.resume:

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from .layout import staged_path
-from .numerics.blocks import deferred_finite_checks, raise_if_nonfinite
+from .numerics.blocks import check_finite_copy, deferred_finite_checks, raise_if_nonfinite
 from .plan import item_outputs
 from .quantize import device_outputs
 from .runtime.progress import NO_PROGRESS
@@ -95,9 +95,11 @@ class _Job:
 
 
 def run_pipeline(ctx, plan, source, output_format, out_dir, calib, groups, manifest, parts, result, fault,
-                 progress=NO_PROGRESS):
+                 progress=NO_PROGRESS, allow_nonfinite=False):
     """Reader thread -> device compute (main thread) -> copy stream -> writer thread, all bounded; every item
-    written advances `progress`. `parts`: (ShardPart, SharedHandle) of this rank in file order."""
+    written advances `progress`. `parts`: (ShardPart, SharedHandle) of this rank in file order. The reader
+    refuses a copied float tensor with NaN/inf unless `allow_nonfinite` (quantized ones are refused on the
+    device)."""
     cuda = ctx.device.type == "cuda"
     shards = [p for p, _ in parts]
     handles = {p.filename: h for p, h in parts}
@@ -123,6 +125,8 @@ def run_pipeline(ctx, plan, source, output_format, out_dir, calib, groups, manif
                     tensor = source.read(meta, out=in_ring.buffers[idx])
                 else:
                     tensor = source.read(meta)
+                if not allow_nonfinite and not plan.items[name].quantized:
+                    check_finite_copy(tensor, name)
                 crcs.setdefault(shard.filename, {})[name] = tensor_crc(tensor)  # binds a resume to these bytes
                 _retry(lambda t, job=(shard, name, tensor, idx): read_q.put(job, timeout=t), stop.is_set)
                 result.bytes_read += meta.nbytes

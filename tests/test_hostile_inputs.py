@@ -1,7 +1,8 @@
 """Inputs a hostile or careless author can write (issue 13, item 6): each is validated where it enters (source
 headers and index, config.json, recipe YAML, command-line values, calibration files) and ends in one line naming
 the file or key and the fix, a non-zero exit, nothing published, and no file outside `--out` touched. Legal but
-odd recipes (a rule that matches nothing, a recipe that quantizes nothing) export with a warning.
+odd recipes (a rule that matches nothing, a recipe that quantizes nothing) export with a warning. NaN/inf in a
+copied tensor is refused unless --allow-nonfinite.
 
 Runs `dist-export export` in this process (`dist_export.cli.main`): every check here happens before a tensor is
 quantized, so a subprocess per case would only add interpreter starts. docs/bad-inputs.md lists the cases.
@@ -300,3 +301,56 @@ def test_recipe_that_quantizes_nothing_warns(tmp_path, capsys):
 
     got, want = weights(str(tmp_path / "out")), weights(model_dir("synthetic:llama-tiny"))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+# ------------------------------------------------------------------- NaN / inf in copied (unquantized) tensors
+
+
+def _poison(name: str, value: float, at: int = 3):
+    """mutate(src): set element `at` of tensor `name` in src/model.safetensors to `value`."""
+    def mutate(src: str) -> None:
+        from safetensors.torch import load_file
+
+        from test_bad_inputs import rewrite_tensor
+
+        t = load_file(os.path.join(src, SINGLE))[name].clone()
+        t.view(-1)[at] = value
+        rewrite_tensor(src, SINGLE, name, t)
+    return mutate
+
+
+@pytest.mark.parametrize("name,value,counts", [("model.norm.weight", float("nan"), "1 NaN and 0 inf"),
+                                               ("model.embed_tokens.weight", float("-inf"), "0 NaN and 1 inf")])
+def test_nonfinite_copied_tensor_refused(tmp_path, capsys, name, value, counts):
+    """A norm (1-D) and the embedding (excluded by default) are copied, not quantized: NaN/inf in them used to
+    pass into the export silently; now one line naming the tensor and the option, before anything is published."""
+    bad_source(tmp_path, capsys, f"copied tensor {name!r} has {counts} values", "fix the source checkpoint",
+               "--allow-nonfinite", mutate=_poison(name, value))
+
+
+def test_allow_nonfinite_copies_and_records_it(tmp_path, capsys, monkeypatch):
+    """--allow-nonfinite: the NaN is copied as it is and the record's fingerprint says allow_nonfinite; a run cut
+    short with the option is not resumed without it (refused as made from other inputs: shards checked and
+    unchecked never mix), and is resumed with it."""
+    import torch
+    from safetensors.torch import load_file
+
+    src = copy_model(tmp_path)
+    _poison("model.norm.weight", float("nan"))(src)
+    out = tmp_path / "out"
+    args = ("--allow-nonfinite", "--max-shard-size", "20KB")
+    monkeypatch.setenv("DIST_EXPORT_FAULT", "raise:0:12")
+    rc, err = export(capsys, out, *args, model=src)
+    refused(rc, err, "injected fault")
+    monkeypatch.delenv("DIST_EXPORT_FAULT")
+    rc, err = export(capsys, out, "--resume", "--max-shard-size", "20KB", model=src)
+    refused(rc, err, "made from other inputs", "allow_nonfinite")
+    rc, err = export(capsys, out, "--resume", *args, model=src)
+    assert rc == 0, err[-2000:]
+    with open(out / INDEX) as f:
+        shard = json.load(f)["weight_map"]["model.norm.weight"]
+    got = load_file(str(out / shard))["model.norm.weight"]
+    want = load_file(os.path.join(src, SINGLE))["model.norm.weight"]
+    assert torch.isnan(got.view(-1)[3]) and torch.equal(got.view(-1)[4:], want.view(-1)[4:])
+    with open(out / "dist_export.json") as f:
+        assert json.load(f)["fingerprint"]["allow_nonfinite"] is True

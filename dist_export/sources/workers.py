@@ -46,6 +46,7 @@ def worker_argv(folder: str, state_path: str, out_dir: str, opts, summary_path: 
     argv += ["--resume"] if opts.resume else []
     argv += [] if opts.verify else ["--no-verify"]
     argv += ["--modelopt-kernels"] if opts.modelopt_kernels else []
+    argv += ["--allow-nonfinite"] if opts.allow_nonfinite else []
     return argv
 
 

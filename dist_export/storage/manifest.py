@@ -34,7 +34,10 @@ def source_fingerprint(source) -> str:
     return h.hexdigest()
 
 
-def run_fingerprint(source, recipe, calib_sha: str | None, format_name: str, layout_digest: str) -> dict:
+def run_fingerprint(source, recipe, calib_sha: str | None, format_name: str, layout_digest: str,
+                    allow_nonfinite: bool = False) -> dict:
+    """What a resume must match; recorded in dist_export.json too. `allow_nonfinite` appears only when set (the
+    fingerprint of every other export is unchanged), so a resume never mixes shards checked and unchecked."""
     return {
         "source": source_fingerprint(source),
         "recipe": recipe.fingerprint,
@@ -42,6 +45,7 @@ def run_fingerprint(source, recipe, calib_sha: str | None, format_name: str, lay
         "format": format_name,
         "layout": layout_digest,
         "dist_export": __version__,
+        **({"allow_nonfinite": True} if allow_nonfinite else {}),
     }
 
 _PART_NAME = re.compile(r"^\d+\.json$")
