@@ -135,7 +135,8 @@ def _export_calibrated(model, out_dir: str, opts: ExportOptions, ctx: DistContex
     try:
         path = os.path.join(tmp, "calibration.safetensors")
         target = resolve_model(model, revision) if model is None or isinstance(model, str) else model
-        calibrate_for_export(ctx, target, export_recipe(opts.recipe, opts.kv_cache), path, opts.calibration)
+        calibrate_for_export(ctx, target, export_recipe(opts.recipe, opts.kv_cache), path, opts.calibration,
+                             opts.hang_timeout, opts.dead_timeout)
         return export(model, out_dir, revision=revision, ctx=ctx, **{**options, "calibration": None, "calib": path})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

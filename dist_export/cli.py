@@ -96,15 +96,22 @@ def _add_export(sub):
                    help="export into a folder holding files dist_export did not write; they are kept untouched")
     p.add_argument("--device", choices=["cpu", "cuda"], default=DEFAULTS.device, help="default: cuda if available")
     p.add_argument("--max-shard-size", default=DEFAULTS.max_shard_size, help="largest output file")
+    _add_timeouts(p)
+    p.add_argument("--no-verify", action="store_true", help="skip the structural check of the staged export before it is published")
+    p.add_argument("--summary-json", default=None, help="write the run summary (timings, bytes, RSS) here")
+    p.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+                   help="start N ranks on this machine (one per GPU) without torchrun")
+
+
+def _add_timeouts(p):
+    """--hang-timeout / --dead-timeout, the same for `export` and `calibrate`."""
+    from .options import DEFAULTS
+
     p.add_argument("--hang-timeout", type=float, default=DEFAULTS.hang_timeout,
                    help="seconds without progress before a rank counts as hung")
     p.add_argument("--dead-timeout", type=float, default=DEFAULTS.dead_timeout,
                    help="seconds without heartbeat before a rank counts as dead; also the most a rank waits "
                         "at start-up for its peers to form the process group")
-    p.add_argument("--no-verify", action="store_true", help="skip the structural check of the staged export before it is published")
-    p.add_argument("--summary-json", default=None, help="write the run summary (timings, bytes, RSS) here")
-    p.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
-                   help="start N ranks on this machine (one per GPU) without torchrun")
 
 
 def _add_calibrate(sub):
@@ -128,6 +135,7 @@ def _add_calibrate(sub):
     p.add_argument("--device-map", default=None, help='e.g. "auto": one process spreads the model over the GPUs '
                                                       '(transformers device_map)')
     p.add_argument("--trust-remote-code", action="store_true", help="let transformers import the model's own code")
+    _add_timeouts(p)
     p.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
                    help="start N ranks on this machine, each calibrating its share of the samples")
 
@@ -267,7 +275,8 @@ def cmd_calibrate(args) -> int:
 
     calibrate(args.model, args.recipe, args.out, data=args.data, random_tokens=args.random_tokens,
               num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed, device_map=args.device_map, trust_remote_code=args.trust_remote_code,
-              batch_size=args.batch_size, revision=args.revision, device=args.device, kv_cache=args.kv_cache)
+              batch_size=args.batch_size, revision=args.revision, device=args.device, kv_cache=args.kv_cache,
+              hang_timeout=args.hang_timeout, dead_timeout=args.dead_timeout)
     return 0
 
 
@@ -389,6 +398,8 @@ def _one_line(e: BaseException, args) -> str:
 def _interrupted_line(args) -> str:
     """What an interrupted command leaves behind, and how to go on."""
     out = getattr(args, "out", None)
+    if args.command == "calibrate":
+        return f"interrupted: {out} was not written; rerun the same command"
     if args.command != "export" or out is None:
         return "interrupted"
     from .layout import INDEX_NAME, SINGLE_NAME

@@ -20,6 +20,13 @@ KV_CACHE_FORMATS = ("fp8",)
 KV_CACHE_CHOICES = ("none", *KV_CACHE_FORMATS)
 
 
+def check_timeouts(hang_timeout, dead_timeout) -> None:
+    """--hang-timeout / --dead-timeout (export and calibrate): positive, finite seconds."""
+    for name, value in (("hang_timeout", hang_timeout), ("dead_timeout", dead_timeout)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise ValueError(f"{name} must be a positive, finite number of seconds, got {value!r}")
+
+
 def check_kv_cache_choice(kv_cache) -> None:
     """None (as the recipe says) or one of KV_CACHE_CHOICES; anything else is one line listing them."""
     if kv_cache is not None and (not isinstance(kv_cache, str) or kv_cache not in KV_CACHE_CHOICES):
@@ -99,10 +106,7 @@ class ExportOptions:
             raise ValueError("pass calib (a calibration file) or calibration (calibrate in this run), not both")
         if self.device not in (None, "cpu", "cuda"):
             raise ValueError(f"device {self.device!r} is not one of 'cpu', 'cuda' (or None for automatic)")
-        for name in ("hang_timeout", "dead_timeout"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-                raise ValueError(f"{name} must be a positive, finite number of seconds, got {value!r}")
+        check_timeouts(self.hang_timeout, self.dead_timeout)
         parse_size(self.max_shard_size)  # a bad size is refused before anything starts
         if self.nproc_per_node is not None and (isinstance(self.nproc_per_node, bool) or
                                                 not isinstance(self.nproc_per_node, int) or self.nproc_per_node < 1):

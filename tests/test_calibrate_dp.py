@@ -61,7 +61,7 @@ def test_each_rank_observes_only_its_slice(moe):
     src, data = moe
     seen = []
     real = run._observe
-    run._observe = lambda lm, targets, samples, *a: seen.append(samples) or real(lm, targets, samples, *a)
+    run._observe = lambda lm, targets, samples, *a, **kw: seen.append(samples) or real(lm, targets, samples, *a, **kw)
     try:
         full = run.calibrate(src, "fp8", data=data, num_samples=7, seq_len=32)
         rank1 = run.calibrate(src, "fp8", data=data, num_samples=7, seq_len=32,

@@ -4,7 +4,10 @@ One job-wide bar (every rank's items, appearing once the plan is known), no log 
 after the closing report; the report counts what was quantized and excluded (checked against the source's own
 safetensors headers) and says where the export went and how to load it. Ctrl-C of the whole job (SIGINT to its
 process group, as a terminal sends it) gives one line with the --resume hint, no traceback, no launcher line, no
-temporaries left, and --resume then finishes the export.
+temporaries left, and --resume then finishes the export, also when rank 0 sits in a collective (a C call, where
+Python runs no signal handler) as the Ctrl-C comes. Other ranks' log records, warnings and error lines stand on
+lines of their own beside rank 0's bar (checked on the screen a terminal shows, `userkit.screen_lines`).
+`calibrate` shows its job-wide bar (tokens, batches) the same way.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import pytest
 from safetensors import safe_open
 
 from helpers import model_dir, run_cli
-from userkit import run_in_pty
+from userkit import run_in_pty, screen_lines
 
 from dist_export.recipe import DEFAULT_EXCLUDE
 
@@ -52,10 +55,7 @@ def test_bar_and_report_in_a_terminal(tmp_path):
     assert draws, f"no progress bar drawn:\n{text[-3000:]}"
     assert f"items {total}/{total}]" in draws[-1] and "100%" in draws[-1], draws[-3:]  # job-wide, not rank 0's
     assert any(f"items {total}/{total}]" not in d for d in draws), "no bar drawn mid-job"
-    # every log record starts a line of its own: nothing is glued behind a bar draw
-    for seg in re.split(r"[\r\n]+", text):
-        hit = LOG_RECORD.search(seg)
-        assert hit is None or hit.start() == 0, f"log line glued to something: {seg!r}"
+    _records_stand_alone(text)
     # the closing report is last: no bar after it
     report = text[text.index("exported "):]
     assert "%|" not in report, report
@@ -71,12 +71,27 @@ def test_bar_and_report_in_a_terminal(tmp_path):
                                           if f.endswith(".safetensors"))
 
 
-def test_ctrl_c_then_resume(tmp_path):
+def _records_stand_alone(text: str) -> None:
+    """On the screen, every log record starts a line of its own: nothing is glued behind a bar draw."""
+    for line in screen_lines(text):
+        hit = LOG_RECORD.search(line)
+        assert hit is None or hit.start() == 0, f"log line glued to something: {line!r}"
+
+
+@pytest.mark.parametrize("hung_rank", [0, 1])
+def test_ctrl_c_then_resume(tmp_path, hung_rank):
+    """hung_rank 0: rank 0 hangs in Python (sleep) before its 3rd item and rank 1, done, waits in a collective;
+    hung_rank 1: the other way round, so rank 0 is blocked inside gloo's collective when Ctrl-C comes (the
+    interrupt is sent once the bar counts all of rank 0's items and rank 1's first 2)."""
     src = model_dir("synthetic:llama-tiny")
     out = str(tmp_path / "out")
     args = ["export", "--nproc-per-node", "2", "--model", src, "--out", out, "--max-shard-size", "40kB"]
-    # rank 0 hangs before its 3rd item; Ctrl-C once the bar shows progress
-    rc, text = run_in_pty(args, env={"DIST_EXPORT_FAULT": "hang:0:2"}, interrupt_on="items ")
+    when = "items "
+    if hung_rank == 1:
+        plan = json.loads(run_cli("plan", "--model", src, "--world-size", "2", "--max-shard-size", "40kB",
+                                  "--json").stdout)
+        when = f"items {plan['executed']['ranks'][0]['items'] + 2}/{plan['items']}]"
+    rc, text = run_in_pty(args, env={"DIST_EXPORT_FAULT": f"hang:{hung_rank}:2"}, interrupt_on=when)
     assert rc == 130, text[-3000:]
     lines = [ln for ln in re.split(r"[\r\n]+", text) if "interrupted" in ln]
     assert len(lines) == 1 and lines[0].startswith("[rank 0] interrupted: no index was written") and \
@@ -107,6 +122,52 @@ def test_bar_mode(monkeypatch, env, modules, want):
         monkeypatch.setitem(sys.modules, k, v)
     monkeypatch.setattr(sys, "stderr", open(os.devnull, "w"))
     assert bar_mode() == want
+
+
+def test_other_ranks_lines_beside_the_bar(tmp_path):
+    """Rank 1 writes a log warning, a Python warning and a plain stderr line while rank 0's bar is on the screen
+    (fault `talk`: 2 s into its 2nd item): each stands on a line of its own, whole, and the bar is drawn again
+    below them."""
+    src = model_dir("synthetic:llama-tiny")
+    rc, text = run_in_pty(["export", "--nproc-per-node", "2", "--model", src, "--out", str(tmp_path / "out"),
+                           "--max-shard-size", "40kB"], env={"DIST_EXPORT_FAULT": "talk:1:1"})
+    assert rc == 0, text[-3000:]
+    first_bar = re.search(r"export: +\d+%\|", text)
+    assert first_bar and first_bar.start() < text.index("injected log line"), "rank 1 spoke before the bar was up"
+    screen = screen_lines(text)
+    wanted = {"injected log line": r"\d\d:\d\d:\d\d \[rank 1\] WARNING dist_export\.runtime\.faults: injected",
+              "UserWarning: injected Python warning": r"\d\d:\d\d:\d\d \[rank 1\] WARNING py\.warnings: \S+faults\.py",
+              "injected stderr line": r"\[rank 1\] injected stderr line while processing "}
+    rows = {}
+    for marker, start in wanted.items():
+        hits = [i for i, line in enumerate(screen) if marker in line]
+        assert len(hits) == 1, (marker, hits, screen)
+        line = screen[hits[0]]
+        assert re.match(start, line) and "%|" not in line, f"{marker}: not a line of its own: {line!r}"
+        rows[marker] = hits[0]
+    assert screen[rows["UserWarning: injected Python warning"] + 2].startswith("[rank 1] injected stderr"), \
+        "a blank line after the warning"  # its text, its source line, then the next line
+    bars = [i for i, line in enumerate(screen) if re.match(r"export: +\d+%\|", line)]
+    assert bars and bars[-1] > max(rows.values()), "the bar was not drawn again below rank 1's lines"
+    _records_stand_alone(text)
+
+
+def test_calibration_bar_in_a_terminal(tmp_path):
+    """`calibrate` at 2 ranks: one job-wide bar of tokens with the batches of both ranks (16 samples of 128
+    tokens at batch size 1), drawn mid-run (rank 0 pauses 3 s before its 4th batch), closed at 16/16 before the
+    closing line."""
+    src = model_dir("synthetic:llama-tiny")
+    out = str(tmp_path / "calib.safetensors")
+    rc, text = run_in_pty(["calibrate", "--nproc-per-node", "2", "--model", src, "--recipe", "fp8", "--random-tokens",
+                           "--out", out], env={"DIST_EXPORT_FAULT": "delay:0:3"})
+    assert rc == 0 and os.path.exists(out), text[-3000:]
+    draws = [m.group(0) for m in re.finditer(r"calibrate: +\d+%\|[^\r\n]*", text)]
+    assert draws and "batches 16/16]" in draws[-1] and "100%" in draws[-1] and "2.05k/2.05k" in draws[-1], draws[-3:]
+    mid = [int(m.group(1)) for d in draws for m in [re.search(r"batches (\d+)/16\]", d)] if m]
+    assert any(0 < k < 16 for k in mid), draws
+    closing = text[text.index("calibrated 14 input quantizers on 16 samples"):]
+    assert "%|" not in closing
+    _records_stand_alone(text)
 
 
 def test_progress_lines_without_a_terminal(tmp_path):

@@ -93,3 +93,35 @@ def run_in_pty(args, env=None, timeout=240, cols=160, interrupt_on: str | None =
         os.close(master)
         proc.wait(timeout=60)
     return proc.returncode, b"".join(chunks).decode(errors="replace")
+
+
+def screen_lines(text: str) -> list[str]:
+    """What a terminal shows after `text`: carriage returns, newlines, erase-line (ESC[K, ESC[2K) and cursor-up
+    (ESC[nA) applied, other escape sequences dropped; the lines, right-stripped (no wrapping: lines are kept whole)."""
+    import re
+
+    lines, row, col, i = [""], 0, 0, 0
+    while i < len(text):
+        c = text[i]
+        if c == "\x1b":
+            m = re.match(r"\x1b\[(\??[\d;]*)([A-Za-z])", text[i:])
+            if m:
+                arg, cmd = m.groups()
+                if cmd == "K":
+                    lines[row] = "" if arg == "2" else lines[row][:col]
+                elif cmd == "A":
+                    row = max(0, row - int(arg or 1))
+                i += len(m.group(0))
+                continue
+        if c == "\r":
+            col = 0
+        elif c == "\n":
+            row += 1
+            if row == len(lines):
+                lines.append("")
+        elif c >= " ":
+            line = lines[row].ljust(col)
+            lines[row] = line[:col] + c + line[col + 1:]
+            col += 1
+        i += 1
+    return [ln.rstrip() for ln in lines]

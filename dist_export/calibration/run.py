@@ -8,15 +8,21 @@ max all-reduce, and the result is written in checkpoint key space. Fused
 in-memory experts (transformers 5 `*Experts` modules holding 3-D `gate_up_proj`/`down_proj`) are observed per
 expert by replaying the routing inside a wrapper. Experts that no calibration token reached get the layer's
 max over routed experts (explicit and logged: serving engines apply one input scale per fused MoE layer).
+A heartbeat (`runtime/monitor.py`) runs for the whole calibration: every observed input and every batch counts as
+progress (so a long calibration is never taken for a hung rank; the model load and the data choice are one long
+call each, exempt from that judgement), a dead or hung peer ends every rank in one line, and rank 0 shows the
+job-wide tokens and batches (a bar on a terminal, a line every 30 s elsewhere).
 With recipe.kv_cache the model runs a registered attention function that records max|key| and max|value| of
 each attention layer as the attention receives them (after RoPE and any k_norm: what the engine's KV cache
 stores) and then runs transformers' SDPA attention unchanged.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 
@@ -27,7 +33,8 @@ from ..storage.header import model_signature
 from .file import input_quantizer_name, save_calibration
 from ..sources.checkpoint import SourceCheckpoint
 from ..sources.keymap import checkpoint_keys, expert_slots
-from ..options import check_kv_cache_choice
+from ..options import DEFAULTS, check_kv_cache_choice, check_timeouts
+from ..runtime.progress import NO_PROGRESS, calibration_progress
 from ..plan import classify_tensors, kv_cache_quantizers
 
 log = logging.getLogger(__name__)
@@ -75,11 +82,13 @@ def calibration_samples(model_dir: str | None, vocab_size: int, data: str | None
 
 
 class _AmaxRecorder:
-    """max|x| per input quantizer; `mask` ([B, T], set per batch) keeps padded positions out."""
+    """max|x| per input quantizer; `mask` ([B, T], set per batch) keeps padded positions out. Every observation
+    ticks `progress` (the heartbeat's step counter: a rank inside a long forward still moves)."""
 
-    def __init__(self):
+    def __init__(self, progress=NO_PROGRESS):
         self.amax: dict[str, torch.Tensor] = {}
         self.mask: torch.Tensor | None = None
+        self.progress = progress
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         """x without its padded tokens: [B, T, ...] by the mask, or flattened [B*T, ...] rows."""
@@ -97,6 +106,7 @@ class _AmaxRecorder:
         self.observe_rows(name, self.rows(x))
 
     def observe_rows(self, name: str, x: torch.Tensor) -> None:
+        self.progress.tick()
         if x.numel() == 0:
             return
         a = x.detach().abs().amax().float().cpu()
@@ -190,7 +200,9 @@ def _kv_attention_modules(model, kv_targets: set[str]) -> dict[str, tuple[str, s
 def calibrate(model, recipe, out: str | None = None, data: str | None = None, num_samples: int = 16,
               seq_len: int = 128, seed: int = 0, device_map: str | None = None, trust_remote_code: bool = False, *,
               random_tokens: bool = False, batch_size: int = 1, revision: str | None = None, tokenizer=None,
-              device: str | None = None, ctx=None, kv_cache: str | None = None) -> dict[str, torch.Tensor]:
+              device: str | None = None, ctx=None, kv_cache: str | None = None,
+              hang_timeout: float = DEFAULTS.hang_timeout,
+              dead_timeout: float = DEFAULTS.dead_timeout) -> dict[str, torch.Tensor]:
     """Max-calibrate the input amax of every static input quantizer of `recipe`; returns {quantizer: 0-d amax}
     on every rank, and rank 0 writes `out` (when given).
 
@@ -206,19 +218,25 @@ def calibrate(model, recipe, out: str | None = None, data: str | None = None, nu
     or the same batches; padded positions are never observed). `ctx`: an existing `DistContext`. `kv_cache`
     (`--kv-cache`): "fp8" also records the K/V amax of every attention layer, "none" does not, None: as the
     recipe says; the file is bound to the recipe with that setting (export with the same `--kv-cache`).
+    `hang_timeout` / `dead_timeout`: the heartbeat's, as for export (`DIST_EXPORT_FAULT` fires before a rank's
+    n-th batch here).
     """
     from ..runtime.dist import init_distributed
+    from ..runtime.faults import fault_from_env
 
     check_data_choice(data, random_tokens)  # before any process group or model load
     check_kv_cache_choice(kv_cache)
+    check_timeouts(hang_timeout, dead_timeout)
     own = ctx is None
-    ctx = ctx or init_distributed(device)
+    ctx = ctx or init_distributed(device, startup_timeout_s=dead_timeout)
     try:
-        amax, record, signature, recipe = _calibrate(ctx, model, recipe, data, num_samples, seq_len, seed,
-                                                     device_map, trust_remote_code, batch_size, revision, tokenizer,
-                                                     kv_cache)
-        if out is not None:
-            ctx.on_rank0("write calibration", save_calibration, out, amax, recipe, signature, data=record)
+        with monitored(ctx, hang_timeout, dead_timeout) as progress:
+            amax, record, signature, recipe = _calibrate(ctx, model, recipe, data, num_samples, seq_len, seed,
+                                                         device_map, trust_remote_code, batch_size, revision,
+                                                         tokenizer, kv_cache, progress=progress,
+                                                         fault=fault_from_env())
+            if out is not None:
+                ctx.on_rank0("write calibration", save_calibration, out, amax, recipe, signature, data=record)
         if ctx.is_rank0:
             log.info("calibrated %d input quantizers on %d samples (%s, %d rank%s)%s", len(amax), record["samples"],
                      record.get("kind"), ctx.world_size, "s" if ctx.world_size > 1 else "", f" -> {out}" if out else "")
@@ -228,17 +246,42 @@ def calibrate(model, recipe, out: str | None = None, data: str | None = None, nu
             ctx.close()
 
 
-def calibrate_for_export(ctx, model, recipe, path: str, options: dict) -> None:
+def calibrate_for_export(ctx, model, recipe, path: str, options: dict, hang_timeout: float = DEFAULTS.hang_timeout,
+                         dead_timeout: float = DEFAULTS.dead_timeout) -> None:
     """`export(..., calibration={...})`: calibrate on every rank of `ctx` (data-parallel) and write the result to
     `path` on every rank (each rank's own private file, the same bytes everywhere)."""
     o = calibration_options(options)
-    amax, record, signature, recipe = _calibrate(ctx, model, recipe, o["data"], o["num_samples"], o["seq_len"],
-                                                 o["seed"], None, o["trust_remote_code"], o["batch_size"],
-                                                 o["revision"], o["tokenizer"])
+    with monitored(ctx, hang_timeout, dead_timeout) as progress:
+        amax, record, signature, recipe = _calibrate(ctx, model, recipe, o["data"], o["num_samples"], o["seq_len"],
+                                                     o["seed"], None, o["trust_remote_code"], o["batch_size"],
+                                                     o["revision"], o["tokenizer"], progress=progress)
     save_calibration(path, amax, recipe, signature, data=record)
     if ctx.is_rank0:
         log.info("calibrated %d input quantizers on %d samples (%s, %d rank%s) for this export", len(amax),
                  record["samples"], record.get("kind"), ctx.world_size, "s" if ctx.world_size > 1 else "")
+
+
+@contextlib.contextmanager
+def monitored(ctx, hang_timeout: float, dead_timeout: float):
+    """The calibration's heartbeat on every rank (yields its `Progress`): peers dead or hung end the job in one
+    line ("calibration aborted: ...; nothing was written"); on rank 0 the job-wide bar, closed at the job's
+    totals once every rank is done. Inside a caller's own monitor, counts only."""
+    from ..runtime.monitor import start_monitor
+    from ..runtime.progress import Progress
+
+    if ctx.monitor is not None:
+        yield Progress()
+        return
+    progress = calibration_progress()
+    monitor = start_monitor(ctx, hang_after=hang_timeout, dead_after=dead_timeout, progress=progress,
+                            job="calibration", left="nothing was written")
+    try:
+        yield progress
+        progress.close(complete=True)
+        monitor.finish()
+    finally:
+        monitor.stop()
+        ctx.monitor = None
 
 
 CALIBRATION_DEFAULTS = {"data": None, "random_tokens": False, "num_samples": 16, "seq_len": 128, "seed": 0,
@@ -258,7 +301,7 @@ def calibration_options(options: dict) -> dict:
 
 
 def _calibrate(ctx, model, recipe, data, num_samples, seq_len, seed, device_map, trust_remote_code,
-               batch_size, revision, tokenizer, kv_cache=None):
+               batch_size, revision, tokenizer, kv_cache=None, *, progress=NO_PROGRESS, fault=None):
     """(amax on every rank, the data record, the model signature, the recipe with `kv_cache` applied)."""
     from ..recipe import Recipe, load_recipe, with_kv_cache
 
@@ -288,16 +331,22 @@ def _calibrate(ctx, model, recipe, data, num_samples, seq_len, seed, device_map,
         raise ValueError(f"recipe {recipe.name!r} quantizes the KV cache: its calibration loads the model with an "
                          f"observing attention; calibrate the saved folder instead of the in-memory model")
     observer = _KvObserver(None) if kv_targets else None
-    lm = model if live else ctx.local_step("load model", _load_model, model_dir, device_map, trust_remote_code,
-                                           ctx.device, observer)
+    with ctx.long_call():
+        lm = model if live else ctx.local_step("load model", _load_model, model_dir, device_map, trust_remote_code,
+                                               ctx.device, observer)
     if observer is not None:
         paths = _kv_attention_modules(lm, set(kv_targets))
         observer.names = {id(lm.get_submodule(p)): names for p, names in paths.items()}
-    chosen = ctx.agree("calibration data", lambda: calibration_samples(
-        model_dir, lm.config.vocab_size, data, num_samples, seq_len, seed, tokenizer, ctx.is_rank0), _samples_digest)
+    with ctx.long_call():
+        chosen = ctx.agree("calibration data", lambda: calibration_samples(
+            model_dir, lm.config.vocab_size, data, num_samples, seq_len, seed, tokenizer, ctx.is_rank0),
+            _samples_digest)
+    _set_totals(progress, chosen.samples, ctx.world_size, batch_size)
     mine = rank_slice(chosen.samples, ctx.rank, ctx.world_size)
     pad = _pad_id(tokenizer, lm)
-    local = ctx.local_step("calibrate", _observe, lm, targets, mine, batch_size, pad, observer)
+    before = None if fault is None else (lambda i: fault.maybe_fire(ctx.rank, f"calibration batch {i}"))
+    local = ctx.local_step("calibrate", _observe, lm, targets, mine, batch_size, pad, observer, progress=progress,
+                           before_batch=before)
     amax = _max_all_reduce(ctx, local, sorted([input_quantizer_name(m) for m in targets] + list(kv_targets)))
     _fill_unrouted_experts(targets, amax)
     missing = [m for m in targets if input_quantizer_name(m) not in amax]
@@ -345,10 +394,18 @@ def _pad_id(tokenizer, lm) -> int:
     return 0
 
 
-def _observe(lm, targets: list[str], samples: list[list[int]], batch_size: int, pad_id: int, observer=None) -> dict:
+def _set_totals(progress, samples: list[list[int]], world_size: int, batch_size: int) -> None:
+    """The job's totals: every rank's batches of its slice, every sample's tokens."""
+    batches_per_rank = [math.ceil(len(rank_slice(samples, r, world_size)) / batch_size) for r in range(world_size)]
+    progress.set_totals(sum(batches_per_rank), sum(len(ids) for ids in samples))
+
+
+def _observe(lm, targets: list[str], samples: list[list[int]], batch_size: int, pad_id: int, observer=None, *,
+             progress=NO_PROGRESS, before_batch=None) -> dict:
     """This rank's max|x| per input quantizer (and K/V amax, with `observer`) over its samples (hooks on the model,
-    removed afterwards)."""
-    rec = _AmaxRecorder()
+    removed afterwards); `progress` advances by each batch and its tokens (padding excluded); `before_batch(i)`
+    (fault injection) runs before batch i."""
+    rec = _AmaxRecorder(progress)
     if observer is not None:
         observer.rec = rec
     plain, expert_modules = _memory_targets(lm, set(targets))
@@ -356,9 +413,12 @@ def _observe(lm, targets: list[str], samples: list[list[int]], batch_size: int, 
     device = next(lm.parameters()).device
     try:
         with torch.no_grad():
-            for ids, mask in batches(samples, batch_size, pad_id):
+            for i, (ids, mask) in enumerate(batches(samples, batch_size, pad_id)):
+                if before_batch is not None:
+                    before_batch(i)
                 rec.mask = mask if batch_size > 1 else None
                 lm(input_ids=ids.to(device), attention_mask=mask.to(device) if batch_size > 1 else None)
+                progress.advance(1, int(mask.sum()))
     finally:
         for h in handles:
             h.remove()

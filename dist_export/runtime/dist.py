@@ -67,7 +67,9 @@ class DistContext:
             except Exception as e:  # noqa: BLE001 - a peer vanished mid-collective: say which one
                 dead = self._dead_peers_after_break()
                 cause = "; ".join(dead) if dead else f"a peer left the job ({str(e).splitlines()[0][:160]})"
-                raise ExportError(f"export aborted: {cause}; no index was written, rerun with --resume") from e
+                job, left = (self.monitor.job, self.monitor.left) if self.monitor is not None else \
+                    ("export", "no index was written, rerun with --resume")
+                raise ExportError(f"{job} aborted: {cause}; {left}") from e
         return out
 
     def _dead_peers_after_break(self, within: float = 3.0) -> list[str]:
@@ -87,6 +89,11 @@ class DistContext:
         from contextlib import nullcontext
 
         return self.monitor.waiting() if self.monitor is not None else nullcontext()
+
+    def long_call(self):
+        """Around one long library call that reports no progress (a model load): peers do not count this rank as
+        hung meanwhile (they still see it die)."""
+        return self._waiting()
 
     def step(self, name: str, fn, *args, **kwargs) -> list:
         """Run `fn` on every rank; return every rank's result, or raise the same error on all ranks.

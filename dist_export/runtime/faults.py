@@ -1,11 +1,13 @@
 """Fault injection for tests and drills: make one rank fail in a chosen way at a chosen item.
 
 Set `DIST_EXPORT_FAULT="<kind>:<rank>:<n>"` (or pass `Fault(...)` to `export`): on rank <rank>, just before
-its n-th item (0-based) is quantized, the fault fires:
+its n-th item (0-based) is quantized (`calibrate`: before its n-th batch), the fault fires:
   raise   raise RuntimeError (a clean failure every rank reports)
   kill    SIGKILL this process (as the OOM killer would)
   hang    sleep forever in the main thread (heartbeats continue: a hung, not a dead, rank)
   delay   sleep 3 s once, then go on (a slow item: the progress bar and Ctrl-C tests watch a running job)
+  talk    after 2 s, write a log warning, a Python warning and a stderr line, wait 1.5 s and go on (output of
+          a rank beside rank 0's progress bar)
   enospc  raise OSError(ENOSPC) as a full disk would
   stop    SIGSTOP this process (a stopped, not a dead, rank: its pid stays)
 
@@ -20,7 +22,7 @@ import signal
 import time
 from dataclasses import dataclass
 
-KINDS = ("raise", "kill", "hang", "enospc", "delay", "stop")
+KINDS = ("raise", "kill", "hang", "enospc", "delay", "stop", "talk")
 START_POINTS = ("start", "join")
 
 
@@ -54,6 +56,9 @@ def _fire(kind: str, where: str, writing: str) -> None:
     if kind == "delay":
         time.sleep(3.0)
         return
+    if kind == "talk":
+        _talk(where)
+        return
     while True:  # hang
         time.sleep(3600)
 
@@ -63,6 +68,19 @@ def fire_startup_fault(point: str, rank: int) -> None:
     parts = os.environ.get("DIST_EXPORT_FAULT", "").split(":")
     if len(parts) == 3 and parts[2] == point and parts[1] == str(rank) and parts[0] in KINDS:
         _fire(parts[0], f"at start-up ({point})", f"at start-up ({point})")
+
+
+def _talk(where: str) -> None:
+    import logging
+    import sys
+    import warnings
+
+    rank = os.environ.get("RANK", "0")
+    time.sleep(2.0)
+    logging.getLogger(__name__).warning("injected log line from rank %s %s", rank, where)
+    warnings.warn(f"injected Python warning from rank {rank}", UserWarning, stacklevel=1)
+    print(f"[rank {rank}] injected stderr line {where}", file=sys.stderr, flush=True)
+    time.sleep(1.5)
 
 
 def fault_from_env() -> Fault | None:

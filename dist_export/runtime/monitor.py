@@ -33,8 +33,10 @@ INTERRUPT_GRACE = 3.0  # s a peer may be interrupted before this rank, that was 
 
 class Monitor:
     def __init__(self, ctx, store, interval: float = 1.0, dead_after: float = 20.0, hang_after: float = 45.0,
-                 on_fail=None, progress: Progress | None = None):
+                 on_fail=None, progress: Progress | None = None, job: str = "export",
+                 left: str = "no index was written, rerun with --resume"):
         self.ctx, self.store = ctx, store
+        self.job, self.left = job, left  # the abort line: "<job> aborted: <why>; <left>"
         self.interval, self.dead_after, self.hang_after = interval, dead_after, hang_after
         self.on_fail = on_fail
         self.progress = Progress() if progress is None else progress
@@ -99,6 +101,8 @@ class Monitor:
 
     @contextlib.contextmanager
     def waiting(self):
+        """Blocked on peers (a collective), or inside one long library call that cannot report progress (a
+        model load): the peers do not count this rank as hung meanwhile; a dead process is still seen."""
         self._waiting += 1
         try:
             yield
@@ -231,7 +235,7 @@ class Monitor:
             self._fail(f"rank {peer} made no progress for {now - prog_t:.0f} s (hung)")
 
     def _fail(self, message: str, code: int = 1) -> None:
-        line = f"[rank {self.ctx.rank}] error: export aborted: {message}; no index was written, rerun with --resume"
+        line = f"[rank {self.ctx.rank}] error: {self.job} aborted: {message}; {self.left}"
         print(line, file=sys.stderr, flush=True)
         if self.on_fail is not None:
             with contextlib.suppress(Exception):

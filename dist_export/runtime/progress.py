@@ -8,7 +8,7 @@ the job-wide sums to `show`: a tqdm bar on a terminal (or in a notebook), with l
 (tqdm's logging redirect) so no line is glued to the bar; elsewhere (Slurm logs, CI) a progress line every
 `log_every` seconds. The bar appears once the plan's totals are known (`set_totals`) and is closed by `close`
 when the job is complete (the job-wide count, never rank 0's alone), before the closing report; it is never
-drawn again after that.
+drawn again after that. `calibrate` has one too (`calibration_progress`: tokens for the bar, batches for the count).
 """
 from __future__ import annotations
 
@@ -23,9 +23,13 @@ log = logging.getLogger(__name__)
 
 
 class Progress:
-    """Counters of this rank's work (thread-safe) and, on rank 0, the job's bar or progress lines."""
+    """Counters of this rank's work (thread-safe) and, on rank 0, the job's bar or progress lines.
 
-    def __init__(self, log_every: float | None = None):
+    `bytes` is what the bar measures (`unit`: bytes of an export, "tok" tokens of a calibration), `items` the
+    count shown beside it (`count`: "items", "batches"); `desc` names the bar."""
+
+    def __init__(self, log_every: float | None = None, desc: str = "export", unit: str = "B", count: str = "items"):
+        self.desc, self.unit, self.count = desc, unit, count
         self.items = self.bytes = self.steps = 0
         self.total_items = self.total_bytes = 0
         self._lock = threading.Lock()
@@ -63,14 +67,14 @@ class Progress:
             if self._bar_closed or not self.total_bytes:  # totals come with the plan; nothing to show before
                 return
             if self._bar is None:
-                self._bar = _new_bar(mode, self.total_bytes)
+                self._bar = _new_bar(mode, self.total_bytes, self.desc, self.unit)
                 if mode == "terminal":
                     from tqdm.contrib.logging import logging_redirect_tqdm
 
                     self._redirect = logging_redirect_tqdm()
                     self._redirect.__enter__()
             self._bar.n = min(done_bytes, self.total_bytes)
-            self._bar.set_postfix_str(f"items {done_items}/{self.total_items}", refresh=False)
+            self._bar.set_postfix_str(f"{self.count} {done_items}/{self.total_items}", refresh=False)
             self._bar.refresh()
 
     def close(self, complete: bool = False) -> None:
@@ -82,7 +86,7 @@ class Progress:
             if bar is not None:
                 if complete:
                     bar.n = self.total_bytes
-                    bar.set_postfix_str(f"items {self.total_items}/{self.total_items}", refresh=False)
+                    bar.set_postfix_str(f"{self.count} {self.total_items}/{self.total_items}", refresh=False)
                     bar.refresh()
                 bar.close()
             if self._redirect is not None:
@@ -98,9 +102,14 @@ class Progress:
         elapsed = now - self._t0
         rate = done_bytes / elapsed if elapsed > 0 else 0.0
         eta = (self.total_bytes - done_bytes) / rate if rate > 0 else float("inf")
-        log.info("progress: %.2f/%.2f GB (%.0f%%), %d/%d items, %.2f GB/s, ETA %.0f s", done_bytes / 1e9,
-                 self.total_bytes / 1e9, 100.0 * done_bytes / self.total_bytes, done_items, self.total_items,
-                 rate / 1e9, eta)
+        percent = 100.0 * done_bytes / self.total_bytes
+        if self.unit == "B":
+            log.info("progress: %.2f/%.2f GB (%.0f%%), %d/%d %s, %.2f GB/s, ETA %.0f s", done_bytes / 1e9,
+                     self.total_bytes / 1e9, percent, done_items, self.total_items, self.count, rate / 1e9, eta)
+        else:
+            log.info("%s progress: %d/%d %s, %d/%d %s (%.0f%%), %.0f %s/s, ETA %.0f s", self.desc, done_items,
+                     self.total_items, self.count, done_bytes, self.total_bytes, self.unit, percent, rate, self.unit,
+                     eta)
 
 
 class _NoProgress(Progress):
@@ -135,10 +144,15 @@ def bar_mode() -> str | None:
     return None
 
 
-def _new_bar(mode: str, total: int):
+def _new_bar(mode: str, total: int, desc: str, unit: str):
     if mode == "notebook":
         from tqdm.auto import tqdm
     else:
         from tqdm import tqdm
-    return tqdm(total=total, unit="B", unit_scale=True, desc="export", file=sys.stderr, dynamic_ncols=True,
+    return tqdm(total=total, unit=unit, unit_scale=True, desc=desc, file=sys.stderr, dynamic_ncols=True,
                 smoothing=0.1, mininterval=0.5)
+
+
+def calibration_progress() -> Progress:
+    """The calibration's counters: the bar measures tokens (padding excluded), the count is batches."""
+    return Progress(desc="calibrate", unit="tok", count="batches")
