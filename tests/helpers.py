@@ -80,5 +80,6 @@ def cli_in_process(capsys, *argv) -> tuple[int, str, str]:
         for h in handlers:
             root.addHandler(h)
         root.setLevel(level)
+        logging.captureWarnings(False)  # setup_logging routes warnings through logging: not for the test process
     out, err = capsys.readouterr()
     return rc, out, err

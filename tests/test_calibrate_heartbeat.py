@@ -9,9 +9,10 @@ import os
 import re
 import time
 
+import pytest
 import torch
 
-from helpers import model_dir, run_cli
+from helpers import cli_in_process, model_dir, run_cli
 from multirank import run_ranks
 
 HANG_S = 1.5  # the heartbeat's hang timeout in these runs (it looks every 1 s)
@@ -92,3 +93,16 @@ def test_progress_counts_batches_and_tokens():
     _observe(model, targets, samples, 3, 0, progress=progress)
     assert (progress.items, progress.bytes) == (2, 11)  # batches of 3 and 1 samples, 3+5+1+2 real tokens
     assert progress.steps >= 2 * len(targets) + 2  # every observed input, every batch
+
+
+@pytest.mark.parametrize("option, value", [("--hang-timeout", "nan"), ("--dead-timeout", "inf"),
+                                           ("--hang-timeout", "0")])
+def test_calibrate_timeouts_must_be_positive_and_finite(tmp_path, capsys, option, value):
+    """As for export (docs/bad-inputs.md row 57): one line, before any model load, nothing written."""
+    out = tmp_path / "c.safetensors"
+    rc, _, err = cli_in_process(capsys, "calibrate", "--model", "synthetic:llama-tiny", "--recipe", "fp8",
+                                "--random-tokens", "--out", out, option, value)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 1 and lines == [f"[rank 0] error: {option[2:].replace('-', '_')} must be a positive, finite number "
+                                 f"of seconds, got {float(value)!r}"], err
+    assert not os.listdir(tmp_path)
