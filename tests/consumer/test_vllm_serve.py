@@ -181,7 +181,8 @@ def test_vllm_serves_vllm_fq(recipe, tmp_path, synthetic_cache):
     plain_ref = _reference(src, None, None, dtype)
     d_quant = (served - quant_ref).abs().max().item()
     d_plain = (served - plain_ref).abs().max().item()
-    print(f"MEASURED {recipe} ({dtype}): enabled input quantizers {len(inputs)}, max|logprob - quantized ref| {d_quant:.4g}, "
+    print(f"MEASURED {recipe} ({dtype}): enabled input quantizers {len(inputs)}, max|logprob - quantized ref| "
+          f"{d_quant:.4g}, "
           f"max|logprob - unquantized| {d_plain:.4g}, greedy {tokens}")
     assert d_quant < d_plain, (d_quant, d_plain)
 
