@@ -438,3 +438,29 @@ def test_float32_weights_at_the_ends_of_the_range(fmt, gran, bs):
         for x, y in zip(got, want):
             if y is not None:
                 assert_same(x, y, f"{fmt} search")
+
+
+@pytest.mark.parametrize("ratios", ["wide", "shuffled", "default"])
+def test_nvfp4_search_per_code_and_per_candidate_paths(ratios):
+    """The NVFP4 search folds a block once per E4M3 code its candidates fall on; ratios spanning more codes than
+    its slots (wide) or not descending (shuffled) take the loop over every candidate. Both against the torch
+    pieces of the reference (per-candidate errors, first minimum), ties included (few distinct values)."""
+    from dist_export.numerics import QuantSpec, compute_amax
+    from dist_export.numerics.kernels.search import search_nvfp4
+    from dist_export.numerics.mse import _blocks, _fold_candidates, candidate_ratios
+    from dist_export.numerics.nvfp4 import global_scale
+    from dist_export.numerics.pairwise import pairwise_sum
+
+    g = torch.Generator().manual_seed(12)
+    r = {"wide": torch.linspace(1.0, 0.05, 24), "default": candidate_ratios(24, "cpu"),
+         "shuffled": candidate_ratios(24, "cpu")[torch.randperm(24, generator=g)]}[ratios]
+    w = torch.cat([torch.randn(6, 48, generator=g) * 0.02,
+                   torch.randint(-3, 4, (6, 48), generator=g).float() * 0.5]).to(torch.bfloat16)
+    spec = QuantSpec("nvfp4", "group", 16, "mse", 24)
+    amax = compute_amax(w, spec)
+    xb, _ = _blocks(w.float(), spec)
+    cand = xb.abs().amax(dim=-1).unsqueeze(0) * r.view(-1, 1, 1)
+    err = pairwise_sum((_fold_candidates(xb, cand, spec, amax) - xb.unsqueeze(0)).double().square())
+    want = cand.gather(0, torch.argmin(err, dim=0, keepdim=True)).squeeze(0)
+    got = search_nvfp4(w.to(DEV), global_scale(amax).to(DEV), r.to(DEV))
+    assert_same(got, want, f"{ratios} ratios")
