@@ -1,8 +1,9 @@
 """GPU kernels (Triton) for the numerics: stage 2 (execute), every rank, on the rank's CUDA device.
 
 The pure-torch functions in `dist_export.numerics` stay the definition and the CPU path; these kernels compute
-the same functions with the same float32 element arithmetic (true division through `div_rn`, no fused
-multiply-add, E4M3/E2M1 rounding written out in integer and float operations) and so give the same bits.
+the same functions with the same float32 element arithmetic (IEEE divisions: `div_rn`, or `div_by` for one
+divisor per block; no implicit fused multiply-add; E4M3/E2M1 rounding written out in integer and float
+operations) and so give the same bits.
 Each kernel reads a weight block once and keeps everything else (candidate scales, errors) in registers.
 
 The registry dispatches to them for CUDA tensors only (`enabled`); CPU tensors always take the torch path, also

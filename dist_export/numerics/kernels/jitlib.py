@@ -1,8 +1,9 @@
 """Device functions shared by the kernels (float32 element arithmetic exactly as the torch reference does it).
 
-Called from stage 2 kernels on every rank. Every float32 division goes through `div_rn` (IEEE round to
-nearest: Triton's `/` is an approximate division on the GPU), and the kernels are launched with
-`enable_fp_fusion=False` so no multiply-add is contracted into an FMA.
+Called from stage 2 kernels on every rank. Every float32 division is IEEE round to nearest (Triton's `/` is
+an approximate division on the GPU): `div_rn`, or `div_by` for many elements over one divisor (its reciprocal
+once, then explicit fused multiply-adds giving the same bits), and the kernels are launched with
+`enable_fp_fusion=False` so no other multiply-add is contracted into an FMA.
 """
 from __future__ import annotations
 
