@@ -115,7 +115,8 @@ class ExportPlan:
     world_size: int
     format: str
     nnodes: int = 1
-    warnings: tuple[str, ...] = ()  # recipe rules that match nothing, a recipe that quantizes nothing (rank 0 logs)
+    warnings: tuple[str, ...] = ()  # recipe rules that match nothing, a recipe that quantizes nothing, the
+    # format's check_items lines: job-wide, so rank 0 logs them once
 
     @property
     def single_file(self) -> bool:
@@ -390,7 +391,7 @@ def build_plan(tensors: dict[str, TensorMeta], recipe: Recipe, output_format, wo
     if recipe.kv_cache is not None and not output_format.carries_kv_cache:
         raise ValueError(f"--format {output_format.name} cannot carry the recipe's kv_cache: {recipe.kv_cache} "
                          f"scales; use --format vllm-fq, modelopt or compressed-tensors, or drop kv_cache (--kv-cache none)")
-    output_format.check_items(items, recipe)
+    format_warnings = tuple(output_format.check_items(items, recipe) or ())
     groups = plan_groups(items, recipe.share_weight_amax)
     member_of = {m: g for g, ms in groups.items() for m in ms}
     items = [replace(i, group=member_of.get(i.name)) for i in items]
@@ -412,7 +413,7 @@ def build_plan(tensors: dict[str, TensorMeta], recipe: Recipe, output_format, wo
         for k, s in enumerate(shard_lists)
     )
     return ExportPlan({i.name: i for i in items}, shards, groups, tuple(excluded), world_size, output_format.name,
-                      nnodes, recipe_warnings(recipe, items, excluded))
+                      nnodes, recipe_warnings(recipe, items, excluded) + format_warnings)
 
 
 def recipe_warnings(recipe: Recipe, items: list[Item], excluded: list[tuple[str, str]]) -> tuple[str, ...]:

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from helpers import REPO, folder_hashes, model_dir, run_torchrun
+from helpers import REPO, folder_hashes, model_dir, run_cli, run_torchrun
 from multirank import run_ranks
 
 CASES = [("synthetic:llama-tiny", "int4-w4a16"), ("synthetic:llama-tiny", "fp8-block"),
@@ -114,6 +114,23 @@ def _export_single_shard(ctx, src, out):
     from dist_export.api import export
 
     return export(src, out, recipe="int4-w4a16", ctx=ctx)["ranks"][ctx.rank]["items"]
+
+
+@pytest.mark.parametrize("fmt, job_wide", [
+    ("vllm-fq", "vllm-fq: serve this export on a GPU"),  # vllm_fq.check_items
+    ("fp8-block", "quantized weights have a dimension that is not a multiple of 128"),  # fp8_block.check_items
+])
+def test_job_wide_warnings_once_rank_warnings_per_rank(fmt, job_wide, tmp_path):
+    """`--nproc-per-node 2`: a plan-time warning about the whole job (every rank plans the same items) is one
+    line, from rank 0; a warning one rank raises about itself (the injected log line of rank 1) still shows."""
+    proc = run_cli("export", "--nproc-per-node", "2", "--model", model_dir("synthetic:llama-tiny"), "--recipe",
+                   "fp8-block", "--format", fmt, "--out", str(tmp_path / "out"), "--max-shard-size", SHARD,
+                   env={"DIST_EXPORT_FAULT": "talk:1:1"})
+    lines = proc.stderr.splitlines()
+    job = [line for line in lines if job_wide in line]
+    assert len(job) == 1 and "[rank 0] WARNING" in job[0], "\n".join(job) or proc.stderr[-3000:]
+    own = [line for line in lines if "injected log line from rank 1" in line]
+    assert len(own) == 1 and "[rank 1] WARNING" in own[0], proc.stderr[-3000:]
 
 
 def test_torchrun_standalone_matches_single_process(tmp_path):

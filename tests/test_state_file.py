@@ -336,7 +336,7 @@ def test_vllm_fq_warns_where_cpu_worker_cannot_run(tmp_path, synthetic_cache, ca
     from dist_export.api import export
     from dist_export.sources.synthetic import ensure_synthetic
 
-    with caplog.at_level(logging.WARNING, logger="dist_export.output_formats.vllm_fq"):
+    with caplog.at_level(logging.WARNING, logger="dist_export.api"):
         export(ensure_synthetic(MODEL), str(tmp_path / "out"), recipe="fp8-block", format="vllm-fq")
     lines = [r.getMessage() for r in caplog.records if "serve this export on a GPU" in r.getMessage()]
     assert len(lines) == 1 and "scale_bits" in lines[0] and "groups of 128" in lines[0], lines

@@ -348,7 +348,7 @@ def _calibrate(ctx, model, recipe, data, num_samples, seq_len, seed, device_map,
     local = ctx.local_step("calibrate", _observe, lm, targets, mine, batch_size, pad, observer, progress=progress,
                            before_batch=before)
     amax = _max_all_reduce(ctx, local, sorted([input_quantizer_name(m) for m in targets] + list(kv_targets)))
-    _fill_unrouted_experts(targets, amax)
+    _fill_unrouted_experts(targets, amax, announce=ctx.is_rank0)  # reduced amax: the same on every rank
     missing = [m for m in targets if input_quantizer_name(m) not in amax]
     if missing:
         raise RuntimeError(f"calibration saw no input for {len(missing)} modules, e.g. {missing[0]!r}; "
@@ -471,7 +471,7 @@ def _memory_targets(model, targets: set[str]):
     return plain, experts
 
 
-def _fill_unrouted_experts(targets: list[str], amax: dict[str, torch.Tensor]) -> None:
+def _fill_unrouted_experts(targets: list[str], amax: dict[str, torch.Tensor], announce: bool = True) -> None:
     by_layer: dict[tuple[str, str], list[str]] = {}
     for m in targets:
         hit = _EXPERT.match(m)
@@ -484,5 +484,6 @@ def _fill_unrouted_experts(targets: list[str], amax: dict[str, torch.Tensor]) ->
             fill = torch.stack(seen).amax()
             for n in unseen:
                 amax[n] = fill.clone()
-            log.warning("%s.*.%s: %d experts got no calibration tokens; their input amax is the layer max %.4g",
-                        prefix, proj, len(unseen), float(fill))
+            if announce:
+                log.warning("%s.*.%s: %d experts got no calibration tokens; their input amax is the layer max %.4g",
+                            prefix, proj, len(unseen), float(fill))

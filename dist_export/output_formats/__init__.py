@@ -25,8 +25,10 @@ class OutputFormat:
     file_names: tuple[str, ...] = ()  # every name `extra_files` may write (basenames in the export folder)
     carries_kv_cache = False  # whether the layout stores KV-cache scales (recipe.kv_cache); planning refuses else
 
-    def check_items(self, items: list[Item], recipe) -> None:
-        """Refuse (ValueError) any quantizer this format cannot describe, before any I/O."""
+    def check_items(self, items: list[Item], recipe) -> list[str] | None:
+        """Refuse (ValueError) any quantizer this format cannot describe, before any I/O. Returns warning lines
+        (legal but likely wrong for this format): they join the plan's warnings, logged once by rank 0, since
+        every rank plans the same items."""
 
     def outputs(self, item: Item) -> list[OutSpec]:
         return [OutSpec(item.name, item.meta.dtype, item.meta.shape)]

@@ -8,14 +8,12 @@ Every rank at plan and execute time; rank 0 at commit (config).
 """
 from __future__ import annotations
 
-import logging
 import re
 
 from ..numerics import quantize
 from ..plan import OutSpec
 from . import OutputFormat, positive_finite, refuse_expert_stacks, register_output_format, unquantized_linear_modules
 
-log = logging.getLogger(__name__)
 BLOCK = 128
 TP_CANDIDATES = (1, 2, 4, 8, 16)
 ROW_PARALLEL = re.compile(r"\.(o_proj|down_proj|w2|out_proj)$")
@@ -48,9 +46,10 @@ class NativeFp8Block(OutputFormat):
             if out % BLOCK or inp % BLOCK:
                 ragged.append(f"{item.module} {list(item.meta.shape)}")
         if ragged:
-            log.warning("%d quantized weights have a dimension that is not a multiple of %d (e.g. %s); they are "
-                        "written with a ceil scale grid, which vLLM reads, but transformers dequantizes such "
-                        "tensors incorrectly", len(ragged), BLOCK, ", ".join(ragged[:3]))
+            return [f"{len(ragged)} quantized weights have a dimension that is not a multiple of {BLOCK} (e.g. "
+                    f"{', '.join(ragged[:3])}); they are written with a ceil scale grid, which vLLM reads, but "
+                    f"transformers dequantizes such tensors incorrectly"]
+        return []
 
     def outputs(self, item):
         if not item.quantized:

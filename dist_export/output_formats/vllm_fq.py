@@ -5,7 +5,6 @@ Every rank at plan and execute time; rank 0 at commit (the state file).
 from __future__ import annotations
 
 import io
-import logging
 import os
 
 import torch
@@ -15,7 +14,6 @@ from ..numerics import fake_quant
 from .state import build_vllm_fq_state, cpu_unsupported_reason, state_from_quantizers
 from . import OutputFormat, register_output_format
 
-log = logging.getLogger(__name__)
 
 
 def serving_warnings(items) -> list[str]:
@@ -39,8 +37,7 @@ class VllmFakeQuant(OutputFormat):
                 "activation quant)")
 
     def check_items(self, items, recipe):
-        for line in serving_warnings(items):
-            log.warning("%s", line)
+        return serving_warnings(items)
 
     def produce(self, item, w, amax, block_amax, input_amax):
         if not item.quantized:
