@@ -69,3 +69,44 @@ def test_make_model_on_cuda_without_a_gpu_is_one_line_and_writes_nothing(capsys,
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["[rank 0] error: make-model --device cuda: no CUDA device is visible; use --device cpu"]
     assert not out.exists()
+
+
+def _readme_table(header: str) -> list[list[str]]:
+    """The rows of the README table whose header line starts with `header`, cells stripped."""
+    import os
+
+    from helpers import REPO
+
+    lines = open(os.path.join(REPO, "README.md")).read().splitlines()
+    start = next(k for k, line in enumerate(lines) if line.startswith(header))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows
+
+
+def _names(cell: str) -> tuple[str, ...]:
+    return tuple(n.strip().strip("`") for n in cell.split(",") if n.strip() not in ("-", ""))
+
+
+def test_readme_recipe_table_matches_the_code():
+    """README's recipe table lists every packaged recipe once, with exactly the ModelOpt and llm-compressor names
+    `--recipe` accepts for it (recipe_names.EQUIVALENTS); its refused-names table names every near miss with
+    the recipe the error points to."""
+    from dist_export.recipe_names import NEAR_MISSES, equivalents_of
+
+    rows = _readme_table("| recipe | weights | activations | ModelOpt name | llm-compressor name |")
+    recipes = [r[0].strip("`") for r in rows]
+    assert sorted(recipes) == sorted(available_recipes()), recipes
+    for r in rows:
+        eq = equivalents_of(r[0].strip("`"))
+        assert (_names(r[3]), _names(r[4])) == (eq["modelopt"], eq["llm-compressor"]), r
+    refused = {}
+    for r in _readme_table("| refused name | tool | closest recipe here |"):
+        for name in _names(r[0]):
+            refused[name] = _names(r[2])
+    assert set(refused) == set(NEAR_MISSES), set(refused) ^ set(NEAR_MISSES)
+    for name, (ours, _) in NEAR_MISSES.items():
+        assert ours in refused[name], (name, ours, refused[name])

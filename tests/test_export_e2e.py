@@ -96,10 +96,13 @@ def test_fused_experts_quantized_even_if_never_routed(tmp_path, calib_files):
 
 
 def test_default_command_runs(tmp_path):
-    """The README's first command: the built-in default model and recipe, nothing downloaded."""
+    """The README's first command: the built-in default model and recipe, nothing downloaded; the demo model is
+    announced once (issue 18: forgetting --model used to export a random model without a word)."""
     from helpers import run_cli
 
     proc = run_cli("export", "--out", str(tmp_path / "out"))
+    demo = [line for line in proc.stderr.splitlines() if "no --model given" in line]
+    assert len(demo) == 1 and "DEMO model synthetic:llama-tiny" in demo[0], proc.stderr[-2000:]
     assert "verify: " in proc.stderr and "no defects" in proc.stderr
     assert os.path.isfile(tmp_path / "out" / "model.safetensors")
 
