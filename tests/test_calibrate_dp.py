@@ -159,3 +159,18 @@ def test_calib_and_calibration_exclude_each_other():
         export("synthetic:llama-tiny", "unused", recipe="fp8", calib="c.safetensors", calibration={})
     with pytest.raises(TypeError, match="unknown key"):
         export("synthetic:llama-tiny", "unused", recipe="fp8", calibration={"samples": 4})
+
+
+def test_unrouted_experts_warned_once_by_rank_0_as_one_rank_would(tmp_path):
+    """Two 1-token samples reach few experts: the 'experts got no calibration tokens' lines come from the
+    all-reduced amax, so at 2 ranks they are rank 0's only and say what one process on both samples says."""
+    args = ["calibrate", "--model", model_dir("synthetic:qwen3-moe-tiny"), "--recipe", "nvfp4", "--random-tokens",
+            "--num-samples", "2", "--seq-len", "1"]
+
+    def unrouted(proc):
+        return [ln.split("] WARNING ", 1) for ln in proc.stderr.splitlines() if "got no calibration tokens" in ln]
+
+    one = unrouted(run_cli(*args, "--out", str(tmp_path / "one.safetensors")))
+    two = unrouted(run_cli(*args, "--nproc-per-node", "2", "--out", str(tmp_path / "two.safetensors")))
+    assert one and [msg for _, msg in two] == [msg for _, msg in one], (one, two)
+    assert all(prefix.endswith("[rank 0") for prefix, _ in two), two
