@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import importlib
 import logging
 import os
 import sys
@@ -425,9 +426,16 @@ def _interrupt_once() -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise KeyboardInterrupt
 
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is \
-            signal.default_int_handler:
+    current = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is threading.main_thread() and (
+            current is signal.default_int_handler or getattr(current, "loading", False)):
         signal.signal(signal.SIGINT, once)
+
+
+# The modules each command loads (torch and friends: seconds), imported while Ctrl-C still ends the process at
+# once (__main__), so a KeyboardInterrupt is never raised inside an import.
+HEAVY = {"export": ".api", "plan": ".api", "calibrate": ".calibration.run", "verify": ".verify",
+         "make-model": ".sources.synthetic", "recipes": ".recipe"}
 
 
 def main(argv=None) -> int:
@@ -440,12 +448,13 @@ def main(argv=None) -> int:
 
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     setup_logging(rank, args.verbose)
-    _interrupt_once()
     try:
         if getattr(args, "nproc_per_node", 1) != 1:
             from .runtime.launch import launch_local, strip_option
 
             return launch_local(strip_option(argv, "--nproc-per-node"), args.nproc_per_node)
+        importlib.import_module(HEAVY[args.command], __package__)
+        _interrupt_once()
         return COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
         msg = _one_line(e, args)

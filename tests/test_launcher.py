@@ -373,3 +373,23 @@ def test_nproc_per_node_in_an_allocation_without_srun(reference, tmp_path, env):
     out = tmp_path / "n2"
     _export(out, "--nproc-per-node", "2", env=env)
     assert folder_hashes(out) == reference
+
+
+@pytest.mark.parametrize("delay", [0.1, 0.3, 0.6, 1.0, 1.5])
+def test_ctrl_c_at_any_moment_of_start_up_is_one_line(tmp_path, delay):
+    """Ctrl-C `delay` s after `export --nproc-per-node 2` starts (interpreters starting, torch loading, or the
+    rendezvous): exit 130, one line, no traceback. A KeyboardInterrupt raised inside an import used to end in a
+    traceback (or numpy's 'cannot load module more than once' and exit 1), and a rank whose interpreter had no
+    handler yet was killed by the SIGINT itself."""
+    import signal
+
+    out = tmp_path / "out"
+    proc = _job(out, "", "--dead-timeout", "120")
+    time.sleep(delay)
+    os.killpg(proc.pid, signal.SIGINT)
+    err = _ended(proc, timeout=30)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert proc.returncode == 130 and len(lines) == 1 and "interrupted" in lines[0], (proc.returncode, err[-3000:])
+    assert "Traceback" not in err
+    found = os.listdir(out) if out.exists() else []
+    assert not [f for f in found if f.endswith(".tmp")] and "model.safetensors.index.json" not in found, found

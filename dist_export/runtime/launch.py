@@ -13,6 +13,9 @@ parent are passed on to every rank; after Ctrl-C that every rank obeyed (exit 13
 own: rank 0's says what is left and how to resume. A rank that is stopped (SIGSTOP, state T) when another has
 failed cannot say anything: it is killed at once instead of after the grace period.
 
+Ranks start with SIGINT blocked (inherited through exec) until their __main__ has a handler, and after a Ctrl-C
+the parent sends SIGINT again every second while a rank is left (later ones are ignored), so a Ctrl-C at any
+moment of start-up is one line, not a rank killed half-way or a traceback from inside an import.
 A SIGKILL of the parent cannot be forwarded: each rank asks the kernel for SIGTERM when its parent dies
 (`die_with_launcher`, prctl PR_SET_PDEATHSIG on Linux), and its SIGTERM handling removes its temporaries.
 """
@@ -116,7 +119,7 @@ def launch_local(argv: list[str], nproc: int, grace_s: float = 30.0, poll_s: flo
     try:
         for rank in range(nproc):
             env = {**os.environ, **rank_env(rank, nproc, rendezvous)}
-            procs.append(subprocess.Popen([sys.executable, "-m", "dist_export", *argv], env=env))
+            procs.append(_start_rank(argv, env))
         return _wait(procs, grace_s, poll_s, interrupted)
     finally:
         for p in procs:  # never leave a rank behind, whatever happened to the parent
@@ -126,6 +129,17 @@ def launch_local(argv: list[str], nproc: int, grace_s: float = 30.0, poll_s: flo
         for sig, handler in forwarded.items():
             signal.signal(sig, handler)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _start_rank(argv: list[str], env: dict) -> subprocess.Popen:
+    """One rank, started with SIGINT blocked (the mask is inherited through fork and exec): a Ctrl-C while its
+    interpreter starts would kill it before any handler exists; its __main__ installs one, then unblocks, and a
+    held SIGINT arrives. Here it is held too, and delivered to `forward` when the mask is restored."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        return subprocess.Popen([sys.executable, "-m", "dist_export", *argv], env=env)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _first_failure(codes: list[int | None]) -> tuple[int, int] | None:
@@ -149,7 +163,13 @@ def _kill_stopped(procs: list[subprocess.Popen], failed: int) -> None:
 
 def _wait(procs: list[subprocess.Popen], grace_s: float, poll_s: float, interrupted=()) -> int:
     first, deadline, stops = None, None, (signal.SIGTERM, signal.SIGKILL)
+    resent = time.monotonic()
     while [p.poll() for p in procs].count(None):  # poll every rank each round (no short-circuit)
+        if signal.SIGINT in interrupted and time.monotonic() - resent > 1.0:  # again, for any rank that
+            resent = time.monotonic()                                          # missed it: later ones are ignored
+            for p in procs:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGINT)
         if first is None:
             first = _first_failure([p.returncode for p in procs])
             deadline = time.monotonic() + grace_s if first else None
