@@ -210,14 +210,14 @@ def test_mse_search_bit_exact(fmt, gran, bs, kind):
 def _candidate_errors(w, spec, amax):
     """Per-candidate errors [K, rows, blocks] by the torch reference's own pieces (fixed-order sums)."""
     from dist_export.numerics.blocks import reduce_abs_max
-    from dist_export.numerics.mse import _blocks, _fold_candidates, candidate_ratios
+    from dist_export.numerics.mse import search_blocks, fold_candidates, candidate_ratios
     from dist_export.numerics.pairwise import pairwise_sum
 
     x = w.float()
-    xb, bs = _blocks(x, spec)
+    xb, bs = search_blocks(x, spec)
     base = reduce_abs_max(x, "group", bs) if spec.fmt == "nvfp4" else amax.float()
     cand = base.unsqueeze(0) * candidate_ratios(spec.mse_candidates, x.device).view(-1, 1, 1)
-    return cand, pairwise_sum((_fold_candidates(xb, cand, spec, amax) - xb.unsqueeze(0)).double().square())
+    return cand, pairwise_sum((fold_candidates(xb, cand, spec, amax) - xb.unsqueeze(0)).double().square())
 
 
 @pytest.mark.parametrize("fmt,bs", [("nvfp4", 16), ("int4", 16)])
@@ -447,7 +447,7 @@ def test_nvfp4_search_per_code_and_per_candidate_paths(ratios):
     pieces of the reference (per-candidate errors, first minimum), ties included (few distinct values)."""
     from dist_export.numerics import QuantSpec, compute_amax
     from dist_export.numerics.kernels.search import search_nvfp4
-    from dist_export.numerics.mse import _blocks, _fold_candidates, candidate_ratios
+    from dist_export.numerics.mse import search_blocks, fold_candidates, candidate_ratios
     from dist_export.numerics.nvfp4 import global_scale
     from dist_export.numerics.pairwise import pairwise_sum
 
@@ -458,9 +458,9 @@ def test_nvfp4_search_per_code_and_per_candidate_paths(ratios):
                    torch.randint(-3, 4, (6, 48), generator=g).float() * 0.5]).to(torch.bfloat16)
     spec = QuantSpec("nvfp4", "group", 16, "mse", 24)
     amax = compute_amax(w, spec)
-    xb, _ = _blocks(w.float(), spec)
+    xb, _ = search_blocks(w.float(), spec)
     cand = xb.abs().amax(dim=-1).unsqueeze(0) * r.view(-1, 1, 1)
-    err = pairwise_sum((_fold_candidates(xb, cand, spec, amax) - xb.unsqueeze(0)).double().square())
+    err = pairwise_sum((fold_candidates(xb, cand, spec, amax) - xb.unsqueeze(0)).double().square())
     want = cand.gather(0, torch.argmin(err, dim=0, keepdim=True)).squeeze(0)
     got = search_nvfp4(w.to(DEV), global_scale(amax).to(DEV), r.to(DEV))
     assert_same(got, want, f"{ratios} ratios")

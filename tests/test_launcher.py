@@ -202,13 +202,13 @@ def test_nproc_per_node_below_one_refused(n, tmp_path):
 def test_rank_ignoring_sigterm_is_killed_after_grace():
     """After a rank fails, a peer that neither exits nor obeys SIGTERM is killed 5 s after the grace period;
     the job's exit code is the first failure's."""
-    from dist_export.runtime.launch import _wait
+    from dist_export.runtime.launch import wait_for_ranks
 
     failing = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"])
     stubborn = subprocess.Popen([sys.executable, "-c", "import signal, time; "
                                  "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)"])
     t0 = time.monotonic()
-    assert _wait([failing, stubborn], grace_s=1.0, poll_s=0.05) == 3
+    assert wait_for_ranks([failing, stubborn], grace_s=1.0, poll_s=0.05) == 3
     assert stubborn.returncode == -9 and time.monotonic() - t0 < 30
 
 

@@ -45,7 +45,7 @@ def candidate_ratios(k: int, device) -> torch.Tensor:
     return torch.ones_like(steps) - (steps * 0.5) / torch.full_like(steps, float(k))
 
 
-def _blocks(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, int]:
+def search_blocks(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, int]:
     """x [out, in] -> [out, nblocks, bs] (zero-padded) and bs."""
     if spec.granularity == "group":
         bs = spec.block_size
@@ -55,7 +55,7 @@ def _blocks(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, int]:
     return xp.reshape(x.shape[0], xp.shape[-1] // bs, bs), bs
 
 
-def _fold_candidates(xb: torch.Tensor, cand: torch.Tensor, spec: QuantSpec, amax: torch.Tensor) -> torch.Tensor:
+def fold_candidates(xb: torch.Tensor, cand: torch.Tensor, spec: QuantSpec, amax: torch.Tensor) -> torch.Tensor:
     """Fold blocks xb [r, nb, bs] with candidate amax cand [K, r, nb] -> [K, r, nb, bs] (fp32): the format's own
     elementwise fold (`NumericFormat.search_fold`; `amax` is the amax the search was given)."""
     return get_format(spec.fmt).search_fold(xb, cand, spec, amax)
@@ -74,7 +74,7 @@ def search_block_amax(w: torch.Tensor, spec: QuantSpec, amax: torch.Tensor, tick
         if tick is not None:
             tick()
         return found
-    xb, bs = _blocks(x, spec)
+    xb, bs = search_blocks(x, spec)
     base = reduce_abs_max(x, "group", bs) if fmt.tensor_amax or spec.granularity != "group" else amax.float()
     amax_here = amax.to(x.device)
     ratios = candidate_ratios(spec.mse_candidates, x.device).view(-1, 1, 1)
@@ -84,7 +84,7 @@ def search_block_amax(w: torch.Tensor, spec: QuantSpec, amax: torch.Tensor, tick
     for r0 in range(0, x.shape[0], rows):
         blk, b = xb[r0:r0 + rows], base[r0:r0 + rows]
         cand = b.unsqueeze(0) * ratios  # [K, r, nb]
-        err = pairwise_sum((_fold_candidates(blk, cand, spec, amax_here) - blk.unsqueeze(0)).double().square())
+        err = pairwise_sum((fold_candidates(blk, cand, spec, amax_here) - blk.unsqueeze(0)).double().square())
         best = torch.argmin(err, dim=0, keepdim=True)  # first minimum on ties
         chosen[r0:r0 + rows] = torch.gather(cand, 0, best).squeeze(0)
         if tick is not None:

@@ -120,7 +120,7 @@ def launch_local(argv: list[str], nproc: int, grace_s: float = 30.0, poll_s: flo
         for rank in range(nproc):
             env = {**os.environ, **rank_env(rank, nproc, rendezvous)}
             procs.append(_start_rank(argv, env))
-        return _wait(procs, grace_s, poll_s, interrupted)
+        return wait_for_ranks(procs, grace_s, poll_s, interrupted)
     finally:
         for p in procs:  # never leave a rank behind, whatever happened to the parent
             if p.poll() is None:
@@ -161,7 +161,7 @@ def _kill_stopped(procs: list[subprocess.Popen], failed: int) -> None:
             p.wait()
 
 
-def _wait(procs: list[subprocess.Popen], grace_s: float, poll_s: float, interrupted=()) -> int:
+def wait_for_ranks(procs: list[subprocess.Popen], grace_s: float, poll_s: float, interrupted=()) -> int:
     first, deadline, stops = None, None, (signal.SIGTERM, signal.SIGKILL)
     resent = time.monotonic()
     while [p.poll() for p in procs].count(None):  # poll every rank each round (no short-circuit)
