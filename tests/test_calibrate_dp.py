@@ -60,14 +60,14 @@ def test_each_rank_observes_only_its_slice(moe):
 
     src, data = moe
     seen = []
-    real = run._observe
-    run._observe = lambda lm, targets, samples, *a, **kw: seen.append(samples) or real(lm, targets, samples, *a, **kw)
+    real = run.observe_samples
+    run.observe_samples = lambda lm, targets, samples, *a, **kw: seen.append(samples) or real(lm, targets, samples, *a, **kw)
     try:
         full = run.calibrate(src, "fp8", data=data, num_samples=7, seq_len=32)
         rank1 = run.calibrate(src, "fp8", data=data, num_samples=7, seq_len=32,
                               ctx=_FakeRank(DistContext(), rank=1, world_size=2))
     finally:
-        run._observe = real
+        run.observe_samples = real
     assert seen[1] == rank_slice(seen[0], 1, 2) and len(seen[1]) == 3
     assert any(not torch.equal(full[k], rank1[k]) for k in full)
     # (experts no token of the slice reached get the layer max: filled after the reduce in a real job, which is

@@ -82,7 +82,7 @@ def test_progress_counts_batches_and_tokens():
     """What the bar is fed: one item per batch, the unpadded tokens as its measure, a step per observed input."""
     import transformers
 
-    from dist_export.calibration.run import _observe
+    from dist_export.calibration.run import observe_samples
     from dist_export.runtime.progress import calibration_progress
 
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir("synthetic:llama-tiny"),
@@ -90,7 +90,7 @@ def test_progress_counts_batches_and_tokens():
     targets = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
     samples = [[1, 2, 3], [4, 5, 6, 7, 8], [9], [10, 11]]
     progress = calibration_progress()
-    _observe(model, targets, samples, 3, 0, progress=progress)
+    observe_samples(model, targets, samples, 3, 0, progress=progress)
     assert (progress.items, progress.bytes) == (2, 11)  # batches of 3 and 1 samples, 3+5+1+2 real tokens
     assert progress.steps >= 2 * len(targets) + 2  # every observed input, every batch
 

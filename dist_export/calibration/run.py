@@ -345,7 +345,7 @@ def _calibrate(ctx, model, recipe, data, num_samples, seq_len, seed, device_map,
     mine = rank_slice(chosen.samples, ctx.rank, ctx.world_size)
     pad = _pad_id(tokenizer, lm)
     before = None if fault is None else (lambda i: fault.maybe_fire(ctx.rank, f"calibration batch {i}"))
-    local = ctx.local_step("calibrate", _observe, lm, targets, mine, batch_size, pad, observer, progress=progress,
+    local = ctx.local_step("calibrate", observe_samples, lm, targets, mine, batch_size, pad, observer, progress=progress,
                            before_batch=before)
     amax = _max_all_reduce(ctx, local, sorted([input_quantizer_name(m) for m in targets] + list(kv_targets)))
     _fill_unrouted_experts(targets, amax, announce=ctx.is_rank0)  # reduced amax: the same on every rank
@@ -400,7 +400,7 @@ def _set_totals(progress, samples: list[list[int]], world_size: int, batch_size:
     progress.set_totals(sum(batches_per_rank), sum(len(ids) for ids in samples))
 
 
-def _observe(lm, targets: list[str], samples: list[list[int]], batch_size: int, pad_id: int, observer=None, *,
+def observe_samples(lm, targets: list[str], samples: list[list[int]], batch_size: int, pad_id: int, observer=None, *,
              progress=NO_PROGRESS, before_batch=None) -> dict:
     """This rank's max|x| per input quantizer (and K/V amax, with `observer`) over its samples (hooks on the model,
     removed afterwards); `progress` advances by each batch and its tokens (padding excluded); `before_batch(i)`
