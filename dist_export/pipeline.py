@@ -125,8 +125,8 @@ def run_pipeline(ctx, plan, source, output_format, out_dir, calib, groups, manif
                     tensor = source.read(meta, out=in_ring.buffers[idx])
                 else:
                     tensor = source.read(meta)
-                if not allow_nonfinite and not plan.items[name].quantized:
-                    check_finite_copy(tensor, name)
+                if not allow_nonfinite and not plan.items[name].quantized and not isinstance(tensor, EncodedTensor):
+                    check_finite_copy(tensor, name)  # (an encoded source weight is decoded on the device, unchecked)
                 crcs.setdefault(shard.filename, {})[name] = tensor_crc(tensor)  # binds a resume to these bytes
                 _retry(lambda t, job=(shard, name, tensor, idx): read_q.put(job, timeout=t), stop.is_set)
                 result.bytes_read += meta.nbytes
