@@ -151,7 +151,7 @@ def _first_failure(codes: list[int | None]) -> tuple[int, int] | None:
 
 def _kill_stopped(procs: list[subprocess.Popen], failed: int) -> None:
     """After a failure, a stopped rank (SIGSTOP, Ctrl-Z) can neither report nor obey SIGTERM: kill it now."""
-    from .monitor import process_state
+    from .processes import process_state
 
     for r, p in enumerate(procs):
         if p.poll() is None and process_state(p.pid) in ("T", "t"):

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import signal
 import socket
 import sys
 import threading
 import time
 
+from .processes import SignalWakeup, process_state
 from .progress import Progress
 
 WORKING, WAITING, FINISHED, INTERRUPTED = 0, 1, 2, 3
@@ -45,8 +45,7 @@ class Monitor:
         self._beat = 0
         self.interrupted = False
         self._old_sigint = None
-        self._old_sigterm = None
-        self._wakeup: tuple[int, int] | None = None  # (read, write) ends of the signal wakeup pipe
+        self._wakeup: SignalWakeup | None = None
         self._terminating = threading.Lock()
         self._peer_interrupted: dict[int, float] = {}
         self._stop = threading.Event()
@@ -66,18 +65,9 @@ class Monitor:
     def _catch_sigterm(self) -> None:
         """A launcher (torchrun, srun, ours) stops the other ranks with SIGTERM when one fails: this rank then
         names the dead peer, removes its temporary files and exits, instead of dying silently. The signal also
-        wakes the monitor thread through a wakeup pipe, so it is handled while the main thread is blocked inside
-        a C call (a collective) where a Python handler would not run."""
-        r, w = os.pipe()
-        os.set_blocking(r, False)
-        os.set_blocking(w, False)
-        try:
-            signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-        except ValueError:  # not the main thread of the main interpreter
-            os.close(r), os.close(w)
-            return
-        self._wakeup = (r, w)
-        self._old_sigterm = signal.signal(signal.SIGTERM, lambda signum, frame: self._terminated())
+        wakes the monitor thread (`SignalWakeup`), so it is handled while the main thread is blocked inside a C
+        call (a collective) where a Python handler would not run."""
+        self._wakeup = SignalWakeup.open({signal.SIGTERM: lambda signum, frame: self._terminated()})
 
     def _terminated(self) -> None:
         if not self._terminating.acquire(blocking=False):
@@ -113,16 +103,12 @@ class Monitor:
     def stop(self) -> None:
         self._stop.set()
         if self._wakeup is not None:  # wake the thread from its select now, not after up to `interval` s (a
-            with contextlib.suppress(OSError):  # launcher's SIGTERM may end this rank before it prints its line)
-                os.write(self._wakeup[1], b"\0")
+            self._wakeup.poke()  # launcher's SIGTERM may end this rank before it prints its line)
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
         self.progress.close()
         if self._wakeup is not None and threading.current_thread() is threading.main_thread():
-            signal.set_wakeup_fd(-1)
-            signal.signal(signal.SIGTERM, self._old_sigterm)
-            for fd in self._wakeup:
-                os.close(fd)
+            self._wakeup.close()
             self._wakeup = None
         if self._old_sigint is not None:
             # after an interrupt, later SIGINTs (the launcher forwards the terminal's) stay ignored until exit
@@ -155,10 +141,8 @@ class Monitor:
         wakeup = self._wakeup
         if wakeup is None:
             return self._stop.wait(self.interval)
-        with contextlib.suppress(OSError, ValueError):
-            ready, _, _ = select.select([wakeup[0]], [], [], self.interval)
-            if ready and signal.SIGTERM in os.read(wakeup[0], 64) and not self._stop.is_set():
-                self._terminated()
+        if signal.SIGTERM in wakeup.wait(self.interval) and not self._stop.is_set():
+            self._terminated()
         return self._stop.is_set()
 
     def _run(self) -> None:
@@ -261,23 +245,6 @@ def _local_process_gone(rec) -> bool:
 
 def _alive(pid: int) -> bool:
     return process_state(pid) is not None
-
-
-def process_state(pid: int) -> str | None:
-    """None when the process is gone (or a zombie), else its state letter from /proc (R, S, D, T stopped, t traced),
-    '?' where /proc cannot tell."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        return "?"
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            state = next((line.split()[1] for line in f if line.startswith("State:")), "?")
-    except OSError:
-        return None
-    return None if state in ("Z", "X") else state
 
 
 def start_monitor(ctx, **kwargs) -> Monitor:

@@ -15,10 +15,8 @@ and its first-heartbeat check ("never reported") is bounded by the same timeout.
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
-import select
 import signal
 import socket
 import sys
@@ -26,7 +24,7 @@ import threading
 import time
 
 from .launch import launcher_gone
-from .monitor import process_state
+from .processes import SignalWakeup, process_state
 
 KEY = "dist_export_startup"
 
@@ -39,9 +37,7 @@ class StartupWatch:
         self.store = None
         self._done = threading.Event()
         self._failing = threading.Lock()
-        self._wakeup: tuple[int, int] | None = None
-        self._old: dict = {}
-        self._old_fd = -1
+        self._wakeup: SignalWakeup | None = None
         self._threads: list[threading.Thread] = []
 
     def __enter__(self) -> "StartupWatch":
@@ -56,11 +52,7 @@ class StartupWatch:
             t.join(timeout=1.0)
         if self._wakeup is not None:
             self._handle_signals(0)  # one that came in just now
-            signal.set_wakeup_fd(self._old_fd)
-            for sig, handler in self._old.items():
-                signal.signal(sig, handler)
-            for fd in self._wakeup:
-                os.close(fd)
+            self._wakeup.close()
 
     def joined(self, store) -> None:
         """This rank reached the rendezvous: check in, and watch the peers' check-ins from now on."""
@@ -126,15 +118,13 @@ class StartupWatch:
         if self._wakeup is None:
             self._done.wait(timeout)
             return
-        with contextlib.suppress(OSError, ValueError):
-            ready, _, _ = select.select([self._wakeup[0]], [], [], timeout)
-            got = os.read(self._wakeup[0], 64) if ready else b""
-            if signal.SIGINT in got:
-                self._interrupted()
-            elif signal.SIGTERM in got:
-                gone = launcher_gone()
-                self._fail("terminated by SIGTERM" + (f": {gone}" if gone else " (a launcher stopping the job)"),
-                           code=128 + signal.SIGTERM)
+        got = self._wakeup.wait(timeout)
+        if signal.SIGINT in got:
+            self._interrupted()
+        elif signal.SIGTERM in got:
+            gone = launcher_gone()
+            self._fail("terminated by SIGTERM" + (f": {gone}" if gone else " (a launcher stopping the job)"),
+                       code=128 + signal.SIGTERM)
 
     def _interrupted(self) -> None:
         if self._failing.acquire(blocking=False):
@@ -151,19 +141,8 @@ class StartupWatch:
         os._exit(code)
 
     def _catch_signals(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        r, w = os.pipe()
-        os.set_blocking(r, False)
-        os.set_blocking(w, False)
-        try:
-            self._old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-        except ValueError:
-            os.close(r), os.close(w)
-            return
-        self._wakeup = (r, w)
-        for sig in (signal.SIGINT, signal.SIGTERM):  # the watcher acts on the wakeup byte; the handler only lets
-            self._old[sig] = signal.signal(sig, lambda signum, frame: None)  # the main thread go on waiting
+        # the watcher acts on the wakeup byte; the handlers only let the main thread go on waiting
+        self._wakeup = SignalWakeup.open({sig: lambda signum, frame: None for sig in (signal.SIGINT, signal.SIGTERM)})
 
     def _key(self, rank: int) -> str:
         return f"{KEY}/{self.attempt}/{rank}"
