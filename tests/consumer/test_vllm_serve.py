@@ -87,7 +87,8 @@ def _serve(out: str, dtype: str = "bfloat16") -> tuple[dict, torch.Tensor, list[
 
     fakequant_worker.quant_config["modelopt_state_path"] = os.path.join(out, "vllm_fq_modelopt_state.pth")
     llm = LLM(model=out, dtype=dtype, worker_cls="vllm_cpu_worker.CPUFakeQuantWorker", max_model_len=64,
-              max_num_seqs=1, max_logprobs=-1, enforce_eager=True, seed=0, gpu_memory_utilization=0.1)
+              max_num_seqs=1, max_logprobs=-1, enforce_eager=True, seed=0, gpu_memory_utilization=0.1,
+              kv_cache_memory_bytes=8 << 20)  # a fixed 8 MiB: a share of the node's memory can be negative when busy
     try:
         quantizers = llm.collective_rpc(_engine_quantizers)[0]
         vocab = llm.llm_engine.model_config.get_vocab_size()
