@@ -314,8 +314,12 @@ def test_sigkill_of_the_launcher_takes_its_ranks(tmp_path, fault):
     removes its temporaries; nothing is published."""
     import signal
 
-    out = tmp_path / "out"
-    proc = _job(out, fault, "--dead-timeout", "120", "--hang-timeout", "120")
+    out, tmp = tmp_path / "out", tmp_path / "tmp"
+    tmp.mkdir()
+    decoy = tmp / "dist-export-rdzv-other-job"  # another job's rendezvous folder: never ours to remove
+    decoy.mkdir()
+    (decoy / "store").write_bytes(b"x")
+    proc = _job(out, fault, "--dead-timeout", "120", "--hang-timeout", "120", env={"TMPDIR": str(tmp)})
     if fault.endswith(":start"):
         _rendezvous_reached(proc)
     else:
@@ -337,6 +341,61 @@ def test_sigkill_of_the_launcher_takes_its_ranks(tmp_path, fault):
     assert "Traceback" not in err, err[-3000:]
     found = sorted(p.name for p in out.iterdir()) if out.exists() else []
     assert not [f for f in found if f.endswith(".tmp")] and "model.safetensors.index.json" not in found, found
+    # the dead launcher's rendezvous folder is removed by its ranks; the other job's is untouched
+    assert sorted(p.name for p in tmp.iterdir() if p.name.startswith("dist-export-rdzv-")) == [decoy.name]
+    assert (decoy / "store").read_bytes() == b"x"
+
+
+def _loaded_torch(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return "libtorch" in f.read()
+    except OSError:
+        return False
+
+
+def test_sigkill_of_torchrun_takes_its_workers(tmp_path):
+    """SIGKILL of torchrun while rank 1 stalls before the rendezvous (rank 0 waits in it, --dead-timeout 120):
+    the workers asked for SIGTERM on their parent's death (TORCHELASTIC_* set), so every worker is gone within
+    seconds, each with one line, and nothing is written. They used to run on until the start-up deadline."""
+    import signal
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+           "dist_export", "export", "--model", model_dir(MODEL), "--recipe", RECIPE, "--max-shard-size", SHARD,
+           "--out", str(out), "--dead-timeout", "120"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DIST_EXPORT_FAULT": "hang:1:start"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        workers: list[int] = []
+        while time.monotonic() < deadline and not (len(workers) == 2 and all(map(_loaded_torch, workers))):
+            workers = _children(proc.pid) if proc.poll() is None else []
+            time.sleep(0.2)
+        assert len(workers) == 2 and all(map(_loaded_torch, workers)), workers
+        time.sleep(2.0)  # rank 0 reaches the rendezvous, rank 1 stalls before it
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        t0 = time.monotonic()
+        while [w for w in workers if _alive(w)] and time.monotonic() - t0 < 10:
+            time.sleep(0.1)
+        assert not [w for w in workers if _alive(w)], "a worker outlived torchrun"
+        err = proc.stderr.read()
+    finally:
+        if _group_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+    for rank in (0, 1):
+        assert re.search(rf"\[rank {rank}\] error: start-up aborted: terminated by SIGTERM: the launcher \(pid "
+                         rf"{proc.pid}\) is gone; nothing was written", err), err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert not out.exists()
+
+
+def _alive(pid: int) -> bool:
+    from dist_export.runtime.processes import process_state
+
+    return process_state(pid) is not None
 
 
 BATCH_STEP = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}  # sbatch script

@@ -17,7 +17,9 @@ Ranks start with SIGINT blocked (inherited through exec) until their __main__ ha
 the parent sends SIGINT again every second while a rank is left (later ones are ignored), so a Ctrl-C at any
 moment of start-up is one line, not a rank killed half-way or a traceback from inside an import.
 A SIGKILL of the parent cannot be forwarded: each rank asks the kernel for SIGTERM when its parent dies
-(`die_with_launcher`, prctl PR_SET_PDEATHSIG on Linux), and its SIGTERM handling removes its temporaries.
+(`die_with_launcher`, prctl PR_SET_PDEATHSIG on Linux), and its SIGTERM handling removes its temporaries and the
+dead launcher's rendezvous folder (`remove_launcher_rendezvous`: only that exact folder, never through a link).
+Ranks started by torchrun (TORCHELASTIC_* variables) ask for the same signal, their parent being torchrun's agent.
 """
 from __future__ import annotations
 
@@ -32,7 +34,10 @@ import time
 RENDEZVOUS_ENV = "DIST_EXPORT_RENDEZVOUS"  # init_method for the children, e.g. file:///tmp/x/store
 LAUNCHER_PID_ENV = "DIST_EXPORT_LAUNCHER_PID"  # the parent's pid, read (and removed) by die_with_launcher
 PR_SET_PDEATHSIG = 1
+SETTLE_S = 0.5  # how long a rank that got SIGTERM looks for its launcher's death (`launcher_gone`)
+RENDEZVOUS_PREFIX = "dist-export-rdzv-"  # launch_local's private folder in the temporary folder
 _launcher_pid: int | None = None  # this rank's launcher, once die_with_launcher ran
+_rendezvous_dir: str | None = None  # that launcher's rendezvous folder (ours only, not torchrun's)
 
 
 def srun_task(env=os.environ) -> bool:
@@ -42,27 +47,62 @@ def srun_task(env=os.environ) -> bool:
 
 
 def die_with_launcher() -> None:
-    """In a rank started by `launch_local`: have the kernel send SIGTERM when the launcher dies (even by SIGKILL),
-    so no rank goes on without it; a launcher already gone before the request is one line and exit 143."""
-    global _launcher_pid
+    """In a rank started by `launch_local` or torchrun: have the kernel send SIGTERM when the launcher dies (even
+    by SIGKILL), so no rank goes on without it. Race-free: the parent is recorded before the request and checked
+    after it, so a launcher gone in between is one line and exit 143 (its rendezvous folder removed)."""
+    global _launcher_pid, _rendezvous_dir
     pid = os.environ.pop(LAUNCHER_PID_ENV, None)
-    if not pid or not sys.platform.startswith("linux"):
+    torchrun = any(k.startswith("TORCHELASTIC_") for k in os.environ)
+    if not (pid or torchrun) or not sys.platform.startswith("linux"):
         return
     import ctypes
 
-    _launcher_pid = int(pid)
+    parent = os.getppid()  # before the request: a parent that dies after it is signalled, one before is seen below
+    _launcher_pid = int(pid) if pid else parent
+    if pid:
+        _rendezvous_dir = os.path.dirname(os.environ.get(RENDEZVOUS_ENV, "").removeprefix("file://")) or None
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     if os.getppid() != _launcher_pid:
         print(f"[rank {os.environ.get('RANK', '?')}] error: {launcher_gone()}; this rank stops too",
               file=sys.stderr, flush=True)
+        remove_launcher_rendezvous()
         os._exit(128 + signal.SIGTERM)
 
 
-def launcher_gone() -> str | None:
-    """'the launcher (pid N) is gone' when this rank's launcher has died (its parent changed), else None."""
-    if _launcher_pid is not None and os.getppid() != _launcher_pid:
-        return f"the launcher (pid {_launcher_pid}) is gone"
-    return None
+def remove_launcher_rendezvous() -> None:
+    """Once this rank's launcher is gone (a SIGKILL: its own clean-up never ran), remove its rendezvous folder: only
+    when it is exactly `<tmp>/dist-export-rdzv-*` of this rank's temporary folder, a real folder (not a link) that
+    this user owns; a peer removing it first is fine."""
+    import shutil
+    import stat
+    import tempfile
+
+    folder = _rendezvous_dir
+    if folder is None or launcher_gone() is None:
+        return
+    name = os.path.basename(folder)
+    if not name.startswith(RENDEZVOUS_PREFIX) or os.path.dirname(folder) != tempfile.gettempdir():
+        return
+    try:
+        st = os.lstat(folder)
+    except OSError:
+        return
+    if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
+        shutil.rmtree(folder, ignore_errors=True)  # never follows a link inside (fd-based on Linux)
+
+
+def launcher_gone(settle_s: float = 0.0) -> str | None:
+    """'the launcher (pid N) is gone' when this rank's launcher has died (its parent changed), else None. On a
+    SIGTERM, `settle_s`: the kernel reparents a process thread by thread and signals it after the first, so a
+    thread other than that one may still see the dead parent for a moment; look again until then."""
+    if _launcher_pid is None:
+        return None
+    deadline = time.monotonic() + settle_s
+    while os.getppid() == _launcher_pid:
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.01)
+    return f"the launcher (pid {_launcher_pid}) is gone"
 
 
 def strip_option(argv: list[str], option: str) -> list[str]:
@@ -102,7 +142,7 @@ def launch_local(argv: list[str], nproc: int, grace_s: float = 30.0, poll_s: flo
     if "RANK" in os.environ or srun_task():
         raise ValueError("--nproc-per-node starts its own ranks; do not combine it with torchrun or srun "
                          "(they already set the ranks)")
-    tmp = tempfile.mkdtemp(prefix="dist-export-rdzv-")
+    tmp = tempfile.mkdtemp(prefix=RENDEZVOUS_PREFIX)
     rendezvous = "file://" + os.path.join(tmp, "store")
     procs: list[subprocess.Popen] = []
     forwarded = {}

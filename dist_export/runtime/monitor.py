@@ -72,12 +72,13 @@ class Monitor:
     def _terminated(self) -> None:
         if not self._terminating.acquire(blocking=False):
             return  # the other thread is already exiting
-        from .launch import launcher_gone
+        from .launch import SETTLE_S, launcher_gone, remove_launcher_rendezvous
 
-        gone = launcher_gone()  # SIGKILL of our launcher: the kernel's parent-death signal
-        dead = "; ".join(self.dead_peers())
+        gone = launcher_gone(settle_s=SETTLE_S)  # SIGKILL of our launcher or torchrun: the kernel's parent-death signal
+        dead = "" if gone else "; ".join(self.dead_peers())  # with the launcher gone, its store may be too
         why = f": {gone}" if gone else " (a launcher stops every rank once one fails)"
-        self._fail("terminated by SIGTERM" + why + (f"; {dead}" if dead else ""), code=128 + signal.SIGTERM)
+        self._fail("terminated by SIGTERM" + why + (f"; {dead}" if dead else ""), code=128 + signal.SIGTERM,
+                   clean=remove_launcher_rendezvous if gone else None)
 
     def _on_sigint(self, signum, frame) -> None:
         """The first Ctrl-C: tell the peers, stop watching them, unwind the main thread; ignore any later one."""
@@ -154,6 +155,9 @@ class Monitor:
             except Exception as e:  # noqa: BLE001 - the store lives on a peer: losing it means a peer died
                 if self._stop.is_set():
                     return
+                if _launcher_gone():  # the cause (and a peer may have removed its rendezvous folder already)
+                    self._terminated()
+                    return
                 self._fail(f"lost contact with the job's key-value store ({type(e).__name__}: {e}); a peer has died")
                 return
             now = time.monotonic()
@@ -218,12 +222,13 @@ class Monitor:
         elif now - prog_t > self.hang_after:
             self._fail(f"rank {peer} made no progress for {now - prog_t:.0f} s (hung)")
 
-    def _fail(self, message: str, code: int = 1) -> None:
+    def _fail(self, message: str, code: int = 1, clean=None) -> None:
         line = f"[rank {self.ctx.rank}] error: {self.job} aborted: {message}; {self.left}"
         print(line, file=sys.stderr, flush=True)
-        if self.on_fail is not None:
-            with contextlib.suppress(Exception):
-                self.on_fail()
+        for fn in (self.on_fail, clean):
+            if fn is not None:
+                with contextlib.suppress(Exception):
+                    fn()
         os._exit(code)  # the main thread may be blocked in a collective that will never return
 
     def _totals(self, records) -> tuple[int, int]:
@@ -241,6 +246,12 @@ def _parse(record: str) -> list:
 def _local_process_gone(rec) -> bool:
     """The peer runs on this host (its record names it) and its process no longer exists (or is a zombie)."""
     return len(rec) >= 7 and rec[5] == socket.gethostname() and not _alive(int(rec[6]))
+
+
+def _launcher_gone() -> bool:
+    from .launch import launcher_gone
+
+    return launcher_gone() is not None
 
 
 def _alive(pid: int) -> bool:

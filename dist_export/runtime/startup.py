@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 
-from .launch import launcher_gone
+from .launch import SETTLE_S, launcher_gone, remove_launcher_rendezvous
 from .processes import SignalWakeup, process_state
 
 KEY = "dist_export_startup"
@@ -80,6 +80,9 @@ class StartupWatch:
             try:
                 self._read_check_ins()
             except Exception as e:  # noqa: BLE001 - the store's host (rank 0 or the launcher) is gone
+                if launcher_gone():  # its death is the cause (a peer may have removed its rendezvous folder)
+                    self._launcher_died()
+                    return
                 self._fail(f"lost contact with the rendezvous store ({type(e).__name__}: {str(e)[:120]}); "
                            f"the rank or launcher that hosts it has died")
                 return
@@ -122,9 +125,15 @@ class StartupWatch:
         if signal.SIGINT in got:
             self._interrupted()
         elif signal.SIGTERM in got:
-            gone = launcher_gone()
-            self._fail("terminated by SIGTERM" + (f": {gone}" if gone else " (a launcher stopping the job)"),
-                       code=128 + signal.SIGTERM)
+            if launcher_gone(settle_s=SETTLE_S):
+                self._launcher_died()
+            else:
+                self._fail("terminated by SIGTERM (a launcher stopping the job)", code=128 + signal.SIGTERM)
+
+    def _launcher_died(self) -> None:
+        """The kernel's parent-death signal (or a store lost with the launcher): one line, its rendezvous removed."""
+        self._fail(f"terminated by SIGTERM: {launcher_gone()}", code=128 + signal.SIGTERM,
+                   clean=remove_launcher_rendezvous)
 
     def _interrupted(self) -> None:
         if self._failing.acquire(blocking=False):
@@ -133,11 +142,13 @@ class StartupWatch:
                       file=sys.stderr, flush=True)
             os._exit(130)
 
-    def _fail(self, message: str, code: int = 1) -> None:
+    def _fail(self, message: str, code: int = 1, clean=None) -> None:
         if self._done.is_set() and code == 1 or not self._failing.acquire(blocking=False):
             return  # the group formed meanwhile, or the other thread is already exiting
         print(f"[rank {self.rank}] error: start-up aborted: {message}; nothing was written: rerun the command",
               file=sys.stderr, flush=True)
+        if clean is not None:
+            clean()
         os._exit(code)
 
     def _catch_signals(self) -> None:
