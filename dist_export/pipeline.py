@@ -126,7 +126,7 @@ def run_pipeline(ctx, plan, source, output_format, out_dir, calib, groups, manif
                 else:
                     tensor = source.read(meta)
                 if not allow_nonfinite and not plan.items[name].quantized and not isinstance(tensor, EncodedTensor):
-                    check_finite_copy(tensor, name)  # (an encoded source weight is decoded on the device, unchecked)
+                    check_finite_copy(tensor, name)  # (an encoded source weight: checked once decoded, _item_jobs)
                 crcs.setdefault(shard.filename, {})[name] = tensor_crc(tensor)  # binds a resume to these bytes
                 _retry(lambda t, job=(shard, name, tensor, idx): read_q.put(job, timeout=t), stop.is_set)
                 result.bytes_read += meta.nbytes
@@ -191,7 +191,7 @@ def run_pipeline(ctx, plan, source, output_format, out_dir, calib, groups, manif
         # a failed writer never returns its buffers: its error is raised instead of waiting
         acquire_out = lambda: _retry(out_ring.acquire, _raising(threads))  # noqa: E731
         for out in _item_jobs(ctx, arrival, in_ring, out_ring, acquire_out, copy_stream, output_format, calib,
-                              groups.known, progress):
+                              groups.known, progress, check_decoded=not allow_nonfinite):
             _put_checked(write_q, out, threads)
         result.items += 1
         progress.advance(1, sum(t.nbytes for t in item_outputs(output_format, arrival.item)))
@@ -283,11 +283,12 @@ class _Arrival:
     """An item taken from the reader: its tensor is on the device (quantized items, uploaded at once so the
     host buffer goes back to the reader) or on the host (copied items; `in_idx` holds its ring buffer)."""
 
-    __slots__ = ("shard", "item", "tensor", "in_idx", "checks")
+    __slots__ = ("shard", "item", "tensor", "in_idx", "checks", "decoded")
 
-    def __init__(self, shard, item, tensor, in_idx):
+    def __init__(self, shard, item, tensor, in_idx, decoded: bool = False):
         self.shard, self.item, self.tensor, self.in_idx = shard, item, tensor, in_idx
         self.checks: list = []  # deferred NaN/inf counts (name, device tensor) of this item
+        self.decoded = decoded  # an encoded source weight, decoded here (the reader could not check it)
 
 
 def _upload(ctx, cpu_tensor, in_idx, in_ring, upload_stream) -> torch.Tensor:
@@ -317,7 +318,8 @@ def _arrive(ctx, shard, item, cpu_tensor, in_idx, in_ring, upload_stream, must_w
     once the copy is done); a copied item that must wait behind others leaves the ring too (a private copy), so
     the reader never starves."""
     if item.quantized or isinstance(cpu_tensor, EncodedTensor):
-        return _Arrival(shard, item, _upload(ctx, cpu_tensor, in_idx, in_ring, upload_stream), None)
+        return _Arrival(shard, item, _upload(ctx, cpu_tensor, in_idx, in_ring, upload_stream), None,
+                        decoded=isinstance(cpu_tensor, EncodedTensor))
     if must_wait and in_idx is not None:
         private = cpu_tensor.clone()
         in_ring.release(in_idx)
@@ -326,10 +328,15 @@ def _arrive(ctx, shard, item, cpu_tensor, in_idx, in_ring, upload_stream, must_w
 
 
 def _item_jobs(ctx, arrival: _Arrival, in_ring, out_ring, acquire_out, copy_stream, output_format, calib,
-               group_amax, progress=NO_PROGRESS):
+               group_amax, progress=NO_PROGRESS, check_decoded: bool = True):
     """Jobs for the writer: copies go straight through; quantized items run on the device and come back
-    through pinned buffers on the copy stream (the main thread goes on with the next item meanwhile)."""
+    through pinned buffers on the copy stream (the main thread goes on with the next item meanwhile). A copied
+    item decoded from an encoded source weight is checked for NaN/inf here (`check_decoded`: no
+    --allow-nonfinite), at once on the host, deferred on a GPU."""
     item, in_idx = arrival.item, arrival.in_idx
+    if check_decoded and arrival.decoded and not item.quantized:
+        with deferred_finite_checks(arrival.checks):
+            check_finite_copy(arrival.tensor, item.name)
     if not item.quantized and arrival.tensor.device.type == "cpu":
         release = (lambda: in_ring.release(in_idx)) if in_idx is not None else None
         return [_Job(item.name, arrival.tensor, release=release)]

@@ -328,6 +328,40 @@ def test_nonfinite_copied_tensor_refused(tmp_path, capsys, name, value, counts):
                "--allow-nonfinite", mutate=_poison(name, value))
 
 
+EXCLUDED_FP8 = "model.layers.0.self_attn.q_a_proj.weight"  # stored FP8-block, excluded: decoded, then copied
+
+
+def test_nonfinite_excluded_weight_of_a_quantized_source_refused(tmp_path, capsys):
+    """An excluded weight of an FP8-block source is decoded on the device, not by the reader, and was copied
+    unchecked: a NaN block scale put 'NaN' into the export. Now the decoded tensor is checked (one line, nothing
+    published, nothing outside --out touched); --allow-nonfinite copies it as the source reader decodes it."""
+    import torch
+    from safetensors.torch import load_file
+
+    from dist_export.sources.checkpoint import SourceCheckpoint
+    from dist_export.sources.synthetic import make_model
+
+    src = make_model("deepseek-v3", "tiny", str(tmp_path / "src"), source_format="fp8-block")
+    _poison(EXCLUDED_FP8 + "_scale_inv", float("nan"), at=0)(src)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\nrules:\n  - match: ['*']\n    weight: {format: int8, granularity: channel}\n"
+                      "exclude: ['model.layers.0.*']\n")
+    source = SourceCheckpoint(src)
+    want = source.read(source.tensors[EXCLUDED_FP8]).to("cpu")  # the source reader's own decoding
+    n_nan = int(torch.isnan(want).sum())
+    assert n_nan > 0 and not torch.isinf(want).any()
+    before = outside(tmp_path)
+    rc, err = export(capsys, tmp_path / "out", model=src, recipe=str(recipe))
+    assert_refused_untouched(tmp_path, rc, err, before, f"copied tensor {EXCLUDED_FP8!r} has {n_nan} NaN and 0 inf",
+                             "--allow-nonfinite")
+    rc, err = export(capsys, tmp_path / "out", "--allow-nonfinite", "--overwrite", model=src, recipe=str(recipe))
+    assert rc == 0, err[-2000:]
+    got = load_file(str(tmp_path / "out" / SINGLE))[EXCLUDED_FP8]
+    assert got.dtype == want.dtype and torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.equal(got.nan_to_num(0), want.nan_to_num(0))
+    assert outside(tmp_path) == before
+
+
 def test_allow_nonfinite_copies_and_records_it(tmp_path, capsys, monkeypatch):
     """--allow-nonfinite: the NaN is copied as it is and the record's fingerprint says allow_nonfinite; a run cut
     short with the option is not resumed without it (refused as made from other inputs: shards checked and

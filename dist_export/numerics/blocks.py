@@ -30,6 +30,10 @@ def check_finite(w: torch.Tensor, name: str = "tensor") -> None:
         _refuse(name, int(torch.isnan(w).sum()), int(torch.isinf(w).sum()))
 
 
+class CopiedName(str):
+    """The name of a deferred check of a copied (not quantized) tensor: refused with `check_finite_copy`'s line."""
+
+
 COPY_CHECKED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -38,14 +42,22 @@ def check_finite_copy(t: torch.Tensor, name: str) -> None:
 
     aminmax propagates NaN and shows +-inf, so one pass of min/max decides (0.38 s per GiB of bf16 on one core,
     measured; isfinite().all() took 9.7 s there: it builds a bool tensor first). FP8 and integer tensors are not
-    checked. `--allow-nonfinite` skips the check."""
+    checked. `--allow-nonfinite` skips the check. An encoded source weight decoded on a GPU (main thread, inside
+    `deferred_finite_checks`) is counted on the device like a quantized one and refused with this message."""
     if t.dtype not in COPY_CHECKED_DTYPES or t.numel() == 0:
+        return
+    log = getattr(_DEFERRED, "log", None)
+    if log is not None and t.is_cuda:
+        log.append((CopiedName(name), torch.stack([torch.isnan(t).sum(), torch.isinf(t).sum()])))
         return
     lo, hi = torch.aminmax(t.reshape(-1))
     if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
-        raise ValueError(f"copied tensor {name!r} has {int(torch.isnan(t).sum())} NaN and "
-                         f"{int(torch.isinf(t).sum())} inf values; fix the source checkpoint, or pass "
-                         f"--allow-nonfinite to copy it as it is")
+        _refuse_copy(name, int(torch.isnan(t).sum()), int(torch.isinf(t).sum()))
+
+
+def _refuse_copy(name: str, n_nan: int, n_inf: int) -> None:
+    raise ValueError(f"copied tensor {name!r} has {n_nan} NaN and {n_inf} inf values; fix the source checkpoint, "
+                     f"or pass --allow-nonfinite to copy it as it is")
 
 
 def _refuse(name: str, n_nan: int, n_inf: int) -> None:
@@ -65,10 +77,11 @@ def deferred_finite_checks(log: list | None = None):
 
 
 def raise_if_nonfinite(names: list[str], counts: torch.Tensor) -> None:
-    """counts [n, 2] (NaN, inf) on the host, one row per name, as recorded by `deferred_finite_checks`."""
+    """counts [n, 2] (NaN, inf) on the host, one row per name, as recorded by `deferred_finite_checks` (a
+    `CopiedName` gets the copied-tensor refusal)."""
     for name, (n_nan, n_inf) in zip(names, counts.tolist()):
         if n_nan or n_inf:
-            _refuse(name, int(n_nan), int(n_inf))
+            (_refuse_copy if isinstance(name, CopiedName) else _refuse)(str(name), int(n_nan), int(n_inf))
 
 
 def pad_to(x: torch.Tensor, dim: int, multiple: int) -> torch.Tensor:
