@@ -276,6 +276,41 @@ def test_refused_second_export_leaves_the_running_one(tmp_path):
         a.wait()
 
 
+def test_lock_released_while_another_opens_it_stays_exclusive(tmp_path, monkeypatch):
+    """The release race: export A releases (unlinks the lock file, then closes it) just after B opened that file
+    and before B's flock. B then held an unlinked inode, and C, opening a new lock file, got the lock too: two
+    exports at once in one folder, where C's clean-up may remove B's temporaries. B must notice and lock the file
+    at the path; C is refused naming B; nothing but the lock file is in the folder."""
+    import fcntl
+
+    from dist_export.storage import outdir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    a, b, c = (outdir.OutputLock(str(out)) for _ in range(3))
+    a.acquire()
+    real = fcntl.flock
+    calls = []
+
+    def flock_after_release(fd, op):
+        if not calls:  # B's first try: A releases between B's open and B's flock
+            a.release()
+        calls.append(fd)
+        return real(fd, op)
+
+    monkeypatch.setattr(outdir.fcntl, "flock", flock_after_release)
+    b.acquire()
+    monkeypatch.setattr(outdir.fcntl, "flock", real)
+    with pytest.raises(ValueError, match=rf"another export is writing into .*\(pid {os.getpid()} on "):
+        c.acquire()
+    assert os.path.samestat(os.fstat(b.fd), os.lstat(out / ".dist_export.lock"))
+    assert sorted(os.listdir(out)) == [".dist_export.lock"]
+    b.release()
+    c.acquire()  # free again once B released
+    c.release()
+    assert os.listdir(out) == []
+
+
 # --------------------------------------------------------------------------------- 2. no link followed
 
 

@@ -45,23 +45,42 @@ class OutputLock:
         self.published = False  # the folder holds a finished export of ours (index or single file)
 
     def acquire(self) -> None:
+        """Hold the folder's lock. The lock is the file at `path` when it is flocked: a holder releasing
+        (unlink, then close) may let us lock the inode it just unlinked, which a third export would not see, so
+        after the flock the path must still name the locked file; else try again with the new one."""
+        while True:
+            fd = self._open()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown process"
+                os.close(fd)
+                raise ValueError(f"another export is writing into {os.path.dirname(self.path)} ({holder}); "
+                                 f"wait for it or choose another --out") from None
+            if self._names(fd):
+                break
+            os.close(fd)  # a released (unlinked) lock file: the folder's lock is the one at the path now
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        self.fd = fd
+
+    def _open(self) -> int:
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o644)
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o644)
         except OSError as e:
             if e.errno == errno.ELOOP:
                 raise ValueError(f"{self.path} is a link; dist_export never writes through a link: remove it or "
                                  f"choose another --out") from None
             raise
+
+    def _names(self, fd: int) -> bool:
+        """The lock path still names the open file `fd` (not unlinked or replaced since it was opened)."""
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown process"
-            os.close(fd)
-            raise ValueError(f"another export is writing into {os.path.dirname(self.path)} ({holder}); "
-                             f"wait for it or choose another --out") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
-        self.fd = fd
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(fd)
+        return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
     def release(self) -> None:
         if self.fd is not None:
