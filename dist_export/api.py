@@ -28,6 +28,7 @@ from .output_formats import format_file_names, get_output_format
 from .plan import ExportPlan, build_plan, rank_loads
 from .recipe import Recipe, load_recipe, recipe_args, with_kv_cache
 from .runtime.dist import DistContext, init_distributed
+from .runtime.faults import fire_point_fault
 from .runtime.monitor import start_monitor
 from .runtime.progress import Progress
 from .sources.checkpoint import SourceCheckpoint
@@ -273,6 +274,7 @@ def _export(ctx: DistContext, open_source, out_dir: str, opts: ExportOptions, fa
         # rank and publishes nothing); once every rank knows that outcome, no peer is watched any more and
         # rank 0 publishes: the index comes last.
         record = _record(inputs, results, manifest.fingerprint)
+        fire_point_fault("commit", ctx.rank)  # drills: a rank killed while rank 0 stages and verifies
         staged = ctx.on_rank0("commit", stage_export, plan, out_dir, inputs.opened.side_dir, source.load_config(),
                               rec, output_format, inputs.calib, record, staged_path,
                               lock.foreign if lock else frozenset(), opts.verify, progress.tick)

@@ -398,6 +398,38 @@ def _alive(pid: int) -> bool:
     return process_state(pid) is not None
 
 
+@pytest.mark.parametrize("killed", [1, 0])
+def test_rank_killed_at_the_commit_says_no_index_and_writes_none(tmp_path, capsys, killed):
+    """A rank SIGKILLed as it enters the commit step (rank 1 while rank 0 stages and verifies the export; rank 0
+    itself): the survivor's one line says no index was written, and none was: the index comes only after every
+    rank knows the commit's outcome. The job exits non-zero with nothing published, the source is unchanged,
+    and --resume finishes with every shard reused. A survivor used to say 'no index was written' although the
+    index had been written before the verify (issue 13)."""
+    from helpers import cli_in_process
+
+    src = model_dir(MODEL)
+    before = folder_hashes(src)
+    out = tmp_path / "out"
+    proc = _job(out, f"kill:{killed}:commit", "--dead-timeout", "60")
+    err = _ended(proc, timeout=120)
+    survivor = 1 - killed
+    assert proc.returncode == 137, (proc.returncode, err[-2000:])
+    lines = [ln for ln in err.splitlines() if ln.startswith(f"[rank {survivor}] error:")]
+    assert len(lines) == 1 and re.fullmatch(rf"\[rank {survivor}\] error: export aborted: rank {killed} died "
+                                            rf"\(process \d+ on \S+ is gone\); no index was written, rerun with "
+                                            rf"--resume", lines[0]), err[-2000:]
+    assert f"[launcher] error: rank {killed} killed by SIGKILL" in err, err[-2000:]
+    assert "Traceback" not in err, err[-3000:]
+    found = sorted(os.listdir(out))
+    assert "model.safetensors.index.json" not in found and "model.safetensors" not in found, found
+    assert not [f for f in found if f.endswith((".tmp", ".staged"))], found
+    assert folder_hashes(src) == before
+    rc, _, err = cli_in_process(capsys, "export", "--model", src, "--recipe", RECIPE, "--max-shard-size", SHARD,
+                                "--out", str(out), "--resume")
+    assert rc == 0 and "model.safetensors.index.json" in os.listdir(out), err[-2000:]
+    assert "writing it again" not in err and err.count("resume: reusing") > 0, err[-2000:]
+
+
 BATCH_STEP = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}  # sbatch script
 SALLOC_SHELL = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_NNODES": "1"}
 

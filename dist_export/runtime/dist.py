@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from .faults import fire_startup_fault
+from .faults import fire_point_fault
 from .launch import srun_task
 
 log = logging.getLogger(__name__)
@@ -266,11 +266,11 @@ def _form_group(layout: dict, timeout: datetime.timedelta, startup_timeout_s: fl
 
     rank, world = layout["rank"], layout["world_size"]
     with StartupWatch(rank, world, startup_timeout_s, layout["init_method"]) as watch:
-        fire_startup_fault("start", rank)
+        fire_point_fault("start", rank)
         store, rank, world = next(dist.rendezvous(layout["init_method"], rank, world, timeout=timeout))
         store.set_timeout(timeout)
         watch.joined(store)
-        fire_startup_fault("join", rank)
+        fire_point_fault("join", rank)
         dist.init_process_group("gloo", store=dist.PrefixStore("default_pg", store), rank=rank, world_size=world,
                                 timeout=timeout)
 

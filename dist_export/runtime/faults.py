@@ -13,6 +13,8 @@ its n-th item (0-based) is quantized (`calibrate`: before its n-th batch), the f
 
 Start-up faults fire before any item: `<kind>:<rank>:start` just before the rank reaches the rendezvous, and
 `<kind>:<rank>:join` after it checked in there, while its peers form the process group (`dist.init_distributed`).
+`<kind>:<rank>:commit` fires after every item was written, as the rank enters the commit step (rank 0 stages
+and verifies the export there while its peers wait: `api._export`).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import time
 from dataclasses import dataclass
 
 KINDS = ("raise", "kill", "hang", "enospc", "delay", "stop", "talk")
-START_POINTS = ("start", "join")
+POINTS = ("start", "join", "commit")  # named points (fire_point_fault), not items
 
 
 @dataclass
@@ -63,11 +65,12 @@ def _fire(kind: str, where: str, writing: str) -> None:
         time.sleep(3600)
 
 
-def fire_startup_fault(point: str, rank: int) -> None:
-    """DIST_EXPORT_FAULT=<kind>:<rank>:<point> with point `start` or `join`: fire it here on that rank."""
+def fire_point_fault(point: str, rank: int) -> None:
+    """DIST_EXPORT_FAULT=<kind>:<rank>:<point> with a point of POINTS: fire it here on that rank."""
     parts = os.environ.get("DIST_EXPORT_FAULT", "").split(":")
     if len(parts) == 3 and parts[2] == point and parts[1] == str(rank) and parts[0] in KINDS:
-        _fire(parts[0], f"at start-up ({point})", f"at start-up ({point})")
+        where = f"at start-up ({point})" if point in ("start", "join") else f"at {point}"
+        _fire(parts[0], where, where)
 
 
 def _talk(where: str) -> None:
@@ -85,7 +88,7 @@ def _talk(where: str) -> None:
 
 def fault_from_env() -> Fault | None:
     spec = os.environ.get("DIST_EXPORT_FAULT")
-    if not spec or spec.rsplit(":", 1)[-1] in START_POINTS:  # none, or a start-up fault (fire_startup_fault)
+    if not spec or spec.rsplit(":", 1)[-1] in POINTS:  # none, or a fault at a named point (fire_point_fault)
         return None
     try:
         kind, rank, at = spec.split(":")
