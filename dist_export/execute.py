@@ -56,14 +56,14 @@ def prepare_shards(ctx, plan: ExportPlan, out_dir: str, manifest: Manifest, sour
     """For each shard this rank creates: {"reused": record} (--resume: the file's header and tensors verified
     against its record and, with `source`, every source tensor it came from read again and its crc32 compared
     with the one recorded when the shard was written) or {"handle": SharedHandle} of its new temporary (part
-    records of earlier temporaries dropped first). The monitor ticks per shard and per item read, so a rank busy
-    checking many shards is never called hung (`progress`)."""
+    records of earlier temporaries dropped first). The monitor ticks per shard, per chunk of a shard hashed and
+    per item read, so a rank busy checking many or large shards is never called hung (`progress`)."""
     out = {}
     tick = progress.tick
     for shard in plan.shards:
         if shard.creator != ctx.rank:
             continue
-        info = manifest.reusable(shard.filename, staged_path(out_dir, plan, shard.filename))
+        info = manifest.reusable(shard.filename, staged_path(out_dir, plan, shard.filename), tick)
         tick()
         if info is not None and source is not None and not _same_source(plan, source, shard, info, tick):
             log.warning("resume: the source tensors of %s changed since it was written; writing it again",

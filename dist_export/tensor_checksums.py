@@ -15,8 +15,9 @@ import zlib
 CHUNK = 16 * 1024 * 1024
 
 
-def sha256_ranges(path: str, ranges: dict[str, tuple[int, int]], chunk: int = CHUNK) -> dict[str, str]:
-    """{tensor: sha256 of bytes [start, end) of `path`}; a range past the end of the file is an error."""
+def sha256_ranges(path: str, ranges: dict[str, tuple[int, int]], chunk: int = CHUNK, tick=None) -> dict[str, str]:
+    """{tensor: sha256 of bytes [start, end) of `path`}; a range past the end of the file is an error. `tick()`
+    after every chunk hashed: a rank checking a large shard (--resume, verify) shows progress to its peers."""
     size = os.path.getsize(path)
     out = {}
     fd = os.open(path, os.O_RDONLY)
@@ -33,6 +34,8 @@ def sha256_ranges(path: str, ranges: dict[str, tuple[int, int]], chunk: int = CH
                     raise ValueError(f"{os.path.basename(path)}: short read at byte {pos}")
                 h.update(data)
                 pos += len(data)
+                if tick is not None:
+                    tick()
             out[name] = h.hexdigest()
     finally:
         os.close(fd)
@@ -64,7 +67,7 @@ def combine_tensor_sums(planned: dict[str, list[str]], per_rank: list[dict[str, 
     return combined
 
 
-def file_sha256(path: str, chunk: int = 16 * 1024 * 1024) -> str:
+def file_sha256(path: str, chunk: int = 16 * 1024 * 1024, tick=None) -> str:
     h = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
         while True:
@@ -72,6 +75,8 @@ def file_sha256(path: str, chunk: int = 16 * 1024 * 1024) -> str:
             if not block:
                 return h.hexdigest()
             h.update(block)
+            if tick is not None:
+                tick()
 
 
 SOURCE_CRC_KEY = "source_crc32"  # shard record: {item: crc32 of the source bytes it was made from}

@@ -115,7 +115,7 @@ def _check_checksums(out_dir: str, record: dict, rep: Report, pending: dict, tic
         return os.path.join(out_dir, pending.get("single", f) if f == SINGLE_NAME else f)
 
     def check(f, info):
-        problem = check_shard(disk(f), info, f)
+        problem = check_shard(disk(f), info, f, tick=tick)
         tick()
         return problem
 

@@ -548,15 +548,12 @@ def test_resume_after_the_source_changed_in_place_rewrites(tmp_path, capsys):
     assert tree(out) == tree(ref)
 
 
-def test_resume_of_an_unchanged_source_reuses_and_ticks_while_checking(tmp_path, capsys):
-    """Checking reused shards is work (their files hashed, their source tensors read again): it ticks the
-    monitor per shard and per item, so a rank busy checking many reused shards is never declared hung."""
+def _killed_run_to_resume(tmp_path):
+    """(plan, out, manifest, source) of an export killed after some shards were finished, ready to resume."""
     from dist_export.api import resolve_model
-    from dist_export.execute import prepare_shards, reused_shards
     from dist_export.output_formats import get_output_format
     from dist_export.plan import build_plan
     from dist_export.recipe import load_recipe
-    from dist_export.runtime.dist import DistContext
     from dist_export.sources.checkpoint import SourceCheckpoint
     from dist_export.storage.manifest import Manifest
 
@@ -570,16 +567,72 @@ def test_resume_of_an_unchanged_source_reuses_and_ticks_while_checking(tmp_path,
         fingerprint = json.load(f)["fingerprint"]
     source = SourceCheckpoint(resolve_model(MODEL))
     plan = build_plan(source.tensors, load_recipe(RECIPE), get_output_format("vllm-fq"), 1, 40_000)
+    return plan, out, Manifest(out, fingerprint, resume=True), source
 
-    class Ticks:
-        n = 0
 
-        def tick(self):
-            self.n += 1
+class Ticks:
+    """A stand-in for the export's Progress: counts ticks and keeps their times."""
 
+    def __init__(self):
+        self.times = [time.monotonic()]
+
+    @property
+    def n(self) -> int:
+        return len(self.times) - 1
+
+    def tick(self):
+        self.times.append(time.monotonic())
+
+
+def test_resume_of_an_unchanged_source_reuses_and_ticks_while_checking(tmp_path, capsys):
+    """Checking reused shards is work (their files hashed, their source tensors read again): it ticks the
+    monitor per shard and per item, so a rank busy checking many reused shards is never declared hung."""
+    from dist_export.execute import prepare_shards, reused_shards
+    from dist_export.runtime.dist import DistContext
+
+    plan, out, manifest, source = _killed_run_to_resume(tmp_path)
     ticks = Ticks()
-    reused = reused_shards(prepare_shards(DistContext(), plan, out, Manifest(out, fingerprint, resume=True), source,
-                                          ticks))
+    reused = reused_shards(prepare_shards(DistContext(), plan, out, manifest, source, ticks))
     assert reused and set(reused) <= {s.filename for s in plan.shards}
     items = sum(len(s.items) for s in plan.shards if s.filename in reused)
     assert ticks.n >= len(plan.shards) + items, ticks.n
+
+
+SLOW_HASH_S = 0.3  # per chunk hashed, injected
+
+
+def test_resume_hashing_slowly_keeps_ticking(tmp_path, monkeypatch):
+    """An injected slow hash (0.3 s per chunk: a large shard on a slow disk) of reused shards holding several
+    tensors: the monitor is ticked after every chunk, so no gap between ticks reaches 1 s (a peer's --hang-timeout
+    of 1 s would never fire). It used to tick once per shard file, after hashing all of it (measured: gaps of
+    0.3 s times the shard's tensors)."""
+    import hashlib as real_hashlib
+
+    from dist_export import tensor_checksums
+    from dist_export.execute import prepare_shards, reused_shards
+    from dist_export.runtime.dist import DistContext
+
+    plan, out, manifest, source = _killed_run_to_resume(tmp_path)
+
+    class SlowSha256:
+        def __init__(self):
+            self._h = real_hashlib.sha256()
+
+        def update(self, data):
+            time.sleep(SLOW_HASH_S)
+            self._h.update(data)
+
+        def hexdigest(self):
+            return self._h.hexdigest()
+
+    class SlowHashlib:
+        sha256 = SlowSha256
+
+    monkeypatch.setattr(tensor_checksums, "hashlib", SlowHashlib)
+    ticks = Ticks()
+    reused = reused_shards(prepare_shards(DistContext(), plan, out, manifest, source, ticks))
+    ticks.tick()
+    widest = max(len(s.tensors) for s in plan.shards if s.filename in reused)
+    assert widest * SLOW_HASH_S >= 1.2, f"test setup: the reused shards hold at most {widest} tensors"
+    gaps = [b - a for a, b in zip(ticks.times, ticks.times[1:])]
+    assert max(gaps) < 1.0, f"{max(gaps):.2f} s without a tick (shards of up to {widest} tensors)"

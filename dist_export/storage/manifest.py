@@ -133,8 +133,9 @@ class Manifest:
             crcs.update(rec.get(SOURCE_CRC_KEY) or {})
         return (merged, crcs) if with_sources else merged
 
-    def reusable(self, filename: str, path: str) -> dict | None:
-        """The shard's record if --resume and the file on disk still matches it, else None."""
+    def reusable(self, filename: str, path: str, tick=None) -> dict | None:
+        """The shard's record if --resume and the file on disk still matches it, else None (`tick()` per chunk
+        of the file hashed)."""
         if not self.resume:
             return None
         rec_path = os.path.join(self.dir, "shards", filename + ".json")
@@ -145,6 +146,6 @@ class Manifest:
             return None
         from .shared_shard import check_shard
 
-        if check_shard(path, rec) is not None:
+        if check_shard(path, rec, tick=tick) is not None:
             return None
         return {k: v for k, v in rec.items() if k != "fingerprint"}

@@ -231,9 +231,9 @@ def complete_part(manifest, rank: int, handle: SharedHandle, filename: str, tens
     return info
 
 
-def check_shard(path: str, info: dict, label: str | None = None) -> str | None:
+def check_shard(path: str, info: dict, label: str | None = None, tick=None) -> str | None:
     """None if `path` holds exactly the bytes `info` (a shard record) describes, else the first difference.
-    Records with a whole-file `sha256` (exports before issue 17) are checked by that."""
+    Records with a whole-file `sha256` (exports before issue 17) are checked by that. `tick()` per chunk hashed."""
 
     name = label or os.path.basename(path)
     if os.path.islink(path) or not os.path.isfile(path):
@@ -242,7 +242,7 @@ def check_shard(path: str, info: dict, label: str | None = None) -> str | None:
     if info.get("size") is not None and size != info["size"]:
         return f"{name}: {size} bytes, the export record says {info['size']}"
     if "tensors" not in info:
-        if file_sha256(path) != info.get("sha256"):
+        if file_sha256(path, tick=tick) != info.get("sha256"):
             return f"{name}: sha256 differs from the export record (the file changed after export)"
         return None
     try:
@@ -259,7 +259,7 @@ def check_shard(path: str, info: dict, label: str | None = None) -> str | None:
     ranges = {m.name: (m.start, m.end) for m in metas}
     if set(ranges) != set(want):
         return f"{name}: tensors {sorted(set(ranges) ^ set(want))[:3]} differ from the export record"
-    got = sha256_ranges(path, ranges)
+    got = sha256_ranges(path, ranges, tick=tick)
     bad = [n for n in want if got[n] != want[n]]
     if bad:
         return f"{name}: bytes of tensor(s) {bad[:3]} differ from the export record (the file changed after export)"
