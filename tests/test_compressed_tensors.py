@@ -46,24 +46,26 @@ MODELS = {"int4-w4a16": "synthetic:llama-small", "int4-w4a16-mse": "synthetic:ll
           "mxfp4-w4a16": "synthetic:qwen3-moe-tiny"}
 
 
-def _calib(model, recipe, tmp_path):
-    if recipe not in CALIBRATED:
+def _calib(model, recipe, tmp_path, kv_cache=None):
+    if recipe not in CALIBRATED and kv_cache is None:
         return None
+    from dist_export.api import export_recipe
     from dist_export.calibration.run import calibrate
-    from dist_export.recipe import load_recipe
 
     path = str(tmp_path / "calib.safetensors")
-    calibrate(model_dir(model), load_recipe(recipe), path, random_tokens=True, num_samples=2, seq_len=16)
+    calibrate(model_dir(model), export_recipe(recipe, kv_cache), path, random_tokens=True, num_samples=2,
+              seq_len=16)
     return path
 
 
-def _exports(model, recipe, tmp_path):
+def _exports(model, recipe, tmp_path, kv_cache=None):
     from dist_export.api import export
 
     src = model_dir(model)
-    calib = _calib(model, recipe, tmp_path)
-    export(src, str(tmp_path / "fake"), recipe=recipe, format="vllm-fq", calib=calib)
-    export(src, str(tmp_path / "ct"), recipe=recipe, format="compressed-tensors", calib=calib, max_shard_size="40KB")
+    calib = _calib(model, recipe, tmp_path, kv_cache)
+    export(src, str(tmp_path / "fake"), recipe=recipe, format="vllm-fq", calib=calib, kv_cache=kv_cache)
+    export(src, str(tmp_path / "ct"), recipe=recipe, format="compressed-tensors", calib=calib, max_shard_size="40KB",
+           kv_cache=kv_cache)
     with open(tmp_path / "ct" / "config.json") as f:
         config = json.load(f)
     return read_all(str(tmp_path / "fake")), read_all(str(tmp_path / "ct")), config
@@ -146,29 +148,55 @@ json.dump({k: sorted(map(str, v)) for k, v in info.items()}, open(info_path, "w"
 
 def test_transformers_dequantize_load_equals_fake_quant(tmp_path):
     """transformers + compressed-tensors load the folder (no missing/unexpected keys) with the fold's weights."""
-    from transformers import AutoModelForCausalLM
-
     # (NVFP4 MoE experts are left out: transformers 5.24 dequantizes them without weight_global_scale, for
     # llm-compressor's files alike; compressed-tensors' own decompression of them is tested above.)
     for model, recipe in (("synthetic:llama-tiny", "nvfp4"), ("synthetic:llama-tiny", "fp8-block"),
                           ("synthetic:qwen3-moe-tiny", "int8-w8a16"), ("synthetic:qwen3-moe-tiny", "fp8-pc-pt"),
                           ("synthetic:llama-tiny", "int8-w8a8"), ("synthetic:llama-tiny", "mxfp8-w8a16"),
                           ("synthetic:llama-tiny", "mxfp4-w4a16")):
-        (tmp_path / recipe).mkdir()
-        _exports(model, recipe, tmp_path / recipe)
-        out, info_path = tmp_path / recipe / "loaded.safetensors", tmp_path / recipe / "info.json"
-        run_ct(_LOAD, str(tmp_path / recipe / "ct"), str(out), str(info_path))
-        with open(info_path) as f:
-            info = json.load(f)
-        # a dequantized (dense) model has no parameter for activation scales, so transformers reports them
-        # as unexpected (llm-compressor's own files alike); every other tensor must find its parameter
-        unexpected = {k for k in info["unexpected_keys"] if not k.endswith((".input_global_scale", ".input_scale"))}
-        assert not info["missing_keys"] and not unexpected and not info["mismatched_keys"], info
-        fake = AutoModelForCausalLM.from_pretrained(str(tmp_path / recipe / "fake"), dtype=torch.bfloat16)
-        real_sd = load_file(str(out))
-        for name, t in fake.state_dict().items():
-            # (transformers keeps dequantized INT/FP8 MoE experts in the scale dtype, float32)
-            assert torch.equal(real_sd[name].to(t.dtype), t), (recipe, name)
+        _check_dequantize_load(model, recipe, tmp_path)
+
+
+@pytest.mark.parametrize("model,recipe", [("synthetic:llama-tiny", "fp8"), ("synthetic:llama-tiny", "nvfp4-w4a16"),
+                                          ("synthetic:llama-tiny", "nvfp4-mse"),
+                                          ("synthetic:llama-small", "int4-w4a16"),
+                                          ("synthetic:llama-small", "int4-w4a16-mse")])
+def test_transformers_dequantize_load_the_other_schemes(model, recipe, tmp_path):
+    """README's remaining compressed-tensors x transformers cells: the same load, one scheme each."""
+    _check_dequantize_load(model, recipe, tmp_path)
+
+
+def test_transformers_loads_fp8_kv_cache_export_without_its_kv_scales(tmp_path):
+    """fp8-pc-pt + --kv-cache fp8: transformers loads the weights (equal to the fold); it has no FP8 KV cache,
+    so the attention modules' k_scale / v_scale are its only unexpected keys (4: 2 layers x k, v)."""
+    assert _check_dequantize_load("synthetic:llama-tiny", "fp8-pc-pt", tmp_path, kv_cache="fp8") == [
+        f"model.layers.{i}.self_attn.{r}_scale" for i in range(2) for r in "kv"]
+
+
+def _check_dequantize_load(model, recipe, tmp_path, kv_cache=None) -> list[str]:
+    """transformers' dequantize=True load of the compressed-tensors export: every tensor finds its parameter and
+    equals the vllm-fq fold."""
+    from transformers import AutoModelForCausalLM
+
+    (tmp_path / recipe).mkdir()
+    _exports(model, recipe, tmp_path / recipe, kv_cache)
+    out, info_path = tmp_path / recipe / "loaded.safetensors", tmp_path / recipe / "info.json"
+    run_ct(_LOAD, str(tmp_path / recipe / "ct"), str(out), str(info_path))
+    with open(info_path) as f:
+        info = json.load(f)
+    # a dequantized (dense) model has no parameter for activation scales, so transformers reports them
+    # as unexpected (llm-compressor's own files alike); every other tensor must find its parameter
+    unexpected = {k for k in info["unexpected_keys"] if not k.endswith((".input_global_scale", ".input_scale"))}
+    kv_scales = sorted(k for k in unexpected if k.endswith(("self_attn.k_scale", "self_attn.v_scale")))
+    if kv_cache is not None:  # transformers has no FP8 KV cache: the scales find no parameter
+        unexpected -= set(kv_scales)
+    assert not info["missing_keys"] and not unexpected and not info["mismatched_keys"], info
+    fake = AutoModelForCausalLM.from_pretrained(str(tmp_path / recipe / "fake"), dtype=torch.bfloat16)
+    real_sd = load_file(str(out))
+    for name, t in fake.state_dict().items():
+        # (transformers keeps dequantized INT/FP8 MoE experts in the scale dtype, float32)
+        assert torch.equal(real_sd[name].to(t.dtype), t), (recipe, name)
+    return kv_scales
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:

@@ -57,3 +57,25 @@ def test_config_json_is_modelopts_own_conversion_of_hf_quant_config(tmp_path):
         # every key ModelOpt writes, with ModelOpt's value (ours may add config_groups where ModelOpt's converter
         # has none for the algo, and vLLM's top-level group_size)
         assert {k: ours.get(k) for k in theirs} == theirs, (recipe, ours, theirs)
+
+
+def test_transformers_has_no_modelopt_loader(tmp_path):
+    """README's `modelopt` x transformers cells, pinned: transformers (5.24 here) has no `modelopt` quantization
+    type. It warns and skips the config, so FP8 codes load unscaled with every `weight_scale` unexpected, and
+    NVFP4's packed weights do not fit the dense parameters. A transformers that gains a loader fails this test."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+
+    from dist_export.api import export
+
+    assert "modelopt" not in AUTO_QUANTIZER_MAPPING
+    src = model_dir("synthetic:llama-tiny")
+    export(src, str(tmp_path / "fp8"), recipe="fp8-pc-pt", format="modelopt")
+    model, info = AutoModelForCausalLM.from_pretrained(str(tmp_path / "fp8"), dtype=torch.bfloat16,
+                                                       output_loading_info=True)
+    assert getattr(model, "hf_quantizer", None) is None
+    assert len([k for k in info["unexpected_keys"] if k.endswith(".weight_scale")]) == 14, info["unexpected_keys"]
+    export(src, str(tmp_path / "nvfp4"), recipe="nvfp4-w4a16", format="modelopt")
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        AutoModelForCausalLM.from_pretrained(str(tmp_path / "nvfp4"), dtype=torch.bfloat16)

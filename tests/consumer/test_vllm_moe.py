@@ -66,7 +66,8 @@ def _fused_moe_layers(worker) -> list[str]:
     return [n for n, m in worker.model_runner.model.named_modules() if isinstance(m, RoutedExperts)]
 
 
-@pytest.mark.parametrize("recipe", ["int4-w4a16", "int8-w8a16", "nvfp4-w4a16"])
+@pytest.mark.parametrize("recipe", ["int4-w4a16", "int8-w8a16", "nvfp4-w4a16", "nvfp4-mse-wide", "mxfp8-w8a16",
+                                    "mxfp4-w4a16"])
 def test_vllm_serves_weight_only_moe_fold(recipe, tmp_path, synthetic_cache):
     from dist_export.api import export
     from dist_export.sources.synthetic import ensure_synthetic
