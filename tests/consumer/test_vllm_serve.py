@@ -31,7 +31,8 @@ FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate
          "up_proj": "gate_up_proj", "o_proj": "o_proj", "down_proj": "down_proj"}
 # recipe -> activation quant of every projection: None (weight-only), "token" (FP8 dynamic), "tensor" (FP8 static)
 # or "int8-token" (INT8 dynamic per token: served and compared in float32, see test_vllm_native's docstring)
-RECIPES = {"fp8-pc-pt": "token", "fp8": "tensor", "int8-w8a16": None, "int4-w4a16": None, "nvfp4-w4a16": None, "int8-w8a8": "int8-token",
+RECIPES = {"fp8-pc-pt": "token", "fp8": "tensor", "int8-w8a16": None, "int4-w4a16": None, "nvfp4-w4a16": None,
+           "int8-w8a8": "int8-token",
            "mxfp8-w8a16": None, "mxfp4-w4a16": None, "nvfp4-mse-wide": None}
 # Activation fake quant ModelOpt runs only on CUDA (the export warns so): recipe -> what the failure's traceback
 # shows on CPU (MX: its CUDA-only extension; FP8 groups: an assert on scale_bits; NVFP4: a CUDA amax)
