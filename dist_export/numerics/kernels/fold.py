@@ -373,6 +373,7 @@ def fold_int(x, granularity, block, amax, maxb, minb, out_dtype):
 
 NV_TR, NV_TB = 8, 8  # element fold (odd widths, unaligned rows): rows x blocks of 16 per program
 NVW_TR, NVW_TB = 16, 8  # word fold and encoder: rows x blocks of 16 per program
+NVW_WARPS = 4  # warps per program of the word kernel (Triton's default; bench/sweep_nvfp4_tiles.py times others)
 _WORD = {torch.bfloat16: (0, torch.int32), torch.float16: (1, torch.int32), torch.float32: (2, torch.int64)}
 
 
@@ -402,7 +403,7 @@ def _word_launch(x, gamax, block_amax, y, scales, gs, bad):
     _nvfp4_word_kernel[(triton.cdiv(r, NVW_TR), triton.cdiv(nb, NVW_TB))](
         xw, g, bam, yw, scales if not fake else yw, gs if not fake else g, bad if not fake else g, r, w,
         xw.stride(0), yw.stride(0), nb, HAS_BAMAX=has, DT=dt, FAKE=fake, TR=NVW_TR, TB=NVW_TB, EVEN=even,
-        WIDE=wide, **_OPTS)
+        WIDE=wide, num_warps=NVW_WARPS, **_OPTS)
 
 
 def fold_nvfp4(x, gamax, block_amax, out_dtype):
