@@ -1,9 +1,18 @@
 """Shared fixtures: one synthetic-model cache for all xdist workers. Helpers live in helpers.py."""
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
+import torch
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated (its module first imported). On a machine without a GPU
+# it is set before any test can import the kernels, so which tests share a process (xdist) never decides whether a
+# kernel test runs in the interpreter or fails with "Cannot call @triton.jit'd outside of the scope of a kernel".
+# CPU tensors never take a kernel (numerics.kernels.enabled), so nothing else changes.
+if importlib.util.find_spec("triton") is not None and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Tests import these from helpers.py; kept importable here only for branches written before the move.
 from helpers import REPO, folder_hashes, model_dir, run_cli, run_torchrun  # noqa: F401,E402
