@@ -432,6 +432,15 @@ def _interrupt_once() -> None:
         signal.signal(signal.SIGINT, once)
 
 
+def _default_sigterm() -> None:
+    """The loading-time SIGTERM line (launch.die_with_launcher) ends here: from now on the start-up guard and the
+    monitor handle SIGTERM, and outside them it is the default (no line claiming start-up)."""
+    import signal
+
+    if getattr(signal.getsignal(signal.SIGTERM), "loading", False):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 # The modules each command loads (torch and friends: seconds), imported while Ctrl-C still ends the process at
 # once (__main__), so a KeyboardInterrupt is never raised inside an import.
 HEAVY = {"export": ".api", "plan": ".api", "calibrate": ".calibration.run", "verify": ".verify",
@@ -455,6 +464,7 @@ def main(argv=None) -> int:
             return launch_local(strip_option(argv, "--nproc-per-node"), args.nproc_per_node)
         importlib.import_module(HEAVY[args.command], __package__)
         _interrupt_once()
+        _default_sigterm()
         return COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
         msg = _one_line(e, args)

@@ -10,8 +10,10 @@ import torch
 # Triton reads TRITON_INTERPRET when a kernel is decorated (its module first imported). On a machine without a GPU
 # it is set before any test can import the kernels, so which tests share a process (xdist) never decides whether a
 # kernel test runs in the interpreter or fails with "Cannot call @triton.jit'd outside of the scope of a kernel".
-# CPU tensors never take a kernel (numerics.kernels.enabled), so nothing else changes.
-if importlib.util.find_spec("triton") is not None and not torch.cuda.is_available():
+# CPU tensors never take a kernel (numerics.kernels.enabled), so nothing else changes. Not in the consumer and
+# ModelOpt venvs (.ci/run): their tests call none of our kernels, and vLLM or ModelOpt must see the environment as is.
+_OTHER_TOOLS = any(importlib.util.find_spec(m) is not None for m in ("vllm", "modelopt"))
+if importlib.util.find_spec("triton") is not None and not torch.cuda.is_available() and not _OTHER_TOOLS:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Tests import these from helpers.py; kept importable here only for branches written before the move.

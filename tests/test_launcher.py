@@ -346,6 +346,53 @@ def test_sigkill_of_the_launcher_takes_its_ranks(tmp_path, fault):
     assert (decoy / "store").read_bytes() == b"x"
 
 
+def _catches_sigterm(pid: int) -> bool:
+    """The process has a SIGTERM handler (bit 15 of SigCgt in /proc/PID/status)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            line = next(x for x in f if x.startswith("SigCgt:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(int(line.split()[1], 16) >> (signal_number("SIGTERM") - 1) & 1)
+
+
+def signal_number(name: str) -> int:
+    import signal
+
+    return int(getattr(signal, name))
+
+
+def test_sigkill_of_the_launcher_while_ranks_load_torch(tmp_path):
+    """SIGKILL of the `--nproc-per-node` parent while its ranks still import torch (they asked for the
+    parent-death signal, the start-up guard has no handler yet): each rank says why in one line, exits 143 and
+    removes the rendezvous folder. They used to die silently of the default SIGTERM action (CI, stop 24)."""
+    import signal
+
+    out, tmp = tmp_path / "out", tmp_path / "tmp"
+    tmp.mkdir()
+    proc = _job(out, "", "--dead-timeout", "120", env={"TMPDIR": str(tmp)})
+    try:
+        deadline = time.monotonic() + 60
+        ranks: list[int] = []
+        while time.monotonic() < deadline and not (len(ranks) == 2 and all(map(_catches_sigterm, ranks))):
+            ranks = _children(proc.pid) if proc.poll() is None else []
+            time.sleep(0.005)
+        assert len(ranks) == 2 and all(map(_catches_sigterm, ranks)), ranks
+        loading = [not _loaded_torch(r) for r in ranks]
+        os.kill(proc.pid, signal.SIGKILL)
+        err = _ended(proc, timeout=30)
+    finally:
+        if _group_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert any(loading), "no rank had a SIGTERM handler before torch was loaded"
+    for rank in (0, 1):
+        assert f"[rank {rank}] error: start-up aborted: terminated by SIGTERM: the launcher (pid {proc.pid}) " \
+               f"is gone; nothing was written: rerun the command" in err, err[-2000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert not out.exists()
+    assert not [p.name for p in tmp.iterdir() if p.name.startswith("dist-export-rdzv-")]
+
+
 def _loaded_torch(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/maps") as f:

@@ -61,12 +61,30 @@ def die_with_launcher() -> None:
     _launcher_pid = int(pid) if pid else parent
     if pid:
         _rendezvous_dir = os.path.dirname(os.environ.get(RENDEZVOUS_ENV, "").removeprefix("file://")) or None
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminated_while_loading)  # until cli.main has loaded the command's modules
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     if os.getppid() != _launcher_pid:
         print(f"[rank {os.environ.get('RANK', '?')}] error: {launcher_gone()}; this rank stops too",
               file=sys.stderr, flush=True)
         remove_launcher_rendezvous()
         os._exit(128 + signal.SIGTERM)
+
+
+def _terminated_while_loading(signum, frame) -> None:
+    """SIGTERM while the command's modules load (torch: seconds, before the start-up guard has a handler): one
+    line and exit 143, not a silent death; the launcher's rendezvous folder removed when the launcher is gone."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    gone = launcher_gone(settle_s=SETTLE_S)
+    why = f": {gone}" if gone else " (a launcher stopping the job)"
+    os.write(2, f"[rank {os.environ.get('RANK', '?')}] error: start-up aborted: terminated by SIGTERM{why}; nothing "
+                f"was written: rerun the command\n".encode())
+    if gone:
+        remove_launcher_rendezvous()
+    os._exit(128 + signal.SIGTERM)
+
+
+_terminated_while_loading.loading = True  # cli.main restores the default once the modules are loaded
 
 
 def remove_launcher_rendezvous() -> None:
