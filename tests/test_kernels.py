@@ -191,7 +191,9 @@ def test_mse_search_bit_exact(fmt, gran, bs, kind):
     from dist_export.numerics import QuantSpec, compute_amax
     from dist_export.numerics.mse import search_block_amax
 
-    shapes = [(12, 48), (3, 40)] + ([(777, 1024), (64, 4096)] if BIG else [])
+    # big shapes stay ragged but modest: the CPU reference searches 64 candidates in double sums (777 x 1024 NVFP4
+    # took 83 s on 2 cores, and four such cases outran a 330 s GPU run)
+    shapes = [(12, 48), (3, 40)] + ([(131, 1024), (64, 4096)] if BIG else [])
     k = 64 if BIG else 12
     spec = QuantSpec(fmt, gran, bs, "mse", k)
     for shape in shapes:
