@@ -353,13 +353,20 @@ def _catches_sigterm(pid: int) -> bool:
             line = next(x for x in f if x.startswith("SigCgt:"))
     except (OSError, StopIteration):
         return False
-    return bool(int(line.split()[1], 16) >> (signal_number("SIGTERM") - 1) & 1)
-
-
-def signal_number(name: str) -> int:
     import signal
 
-    return int(getattr(signal, name))
+    return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+
+
+def _wait_for_ranks(proc: subprocess.Popen, ready, timeout: float, poll_s: float) -> list[int]:
+    """The job's two children once `ready` holds for both (fails after `timeout`)."""
+    deadline = time.monotonic() + timeout
+    ranks: list[int] = []
+    while time.monotonic() < deadline and not (len(ranks) == 2 and all(map(ready, ranks))):
+        ranks = _children(proc.pid) if proc.poll() is None else []
+        time.sleep(poll_s)
+    assert len(ranks) == 2 and all(map(ready, ranks)), ranks
+    return ranks
 
 
 def test_sigkill_of_the_launcher_while_ranks_load_torch(tmp_path):
@@ -372,12 +379,7 @@ def test_sigkill_of_the_launcher_while_ranks_load_torch(tmp_path):
     tmp.mkdir()
     proc = _job(out, "", "--dead-timeout", "120", env={"TMPDIR": str(tmp)})
     try:
-        deadline = time.monotonic() + 60
-        ranks: list[int] = []
-        while time.monotonic() < deadline and not (len(ranks) == 2 and all(map(_catches_sigterm, ranks))):
-            ranks = _children(proc.pid) if proc.poll() is None else []
-            time.sleep(0.005)
-        assert len(ranks) == 2 and all(map(_catches_sigterm, ranks)), ranks
+        ranks = _wait_for_ranks(proc, _catches_sigterm, timeout=60, poll_s=0.005)
         loading = [not _loaded_torch(r) for r in ranks]
         os.kill(proc.pid, signal.SIGKILL)
         err = _ended(proc, timeout=30)
@@ -415,12 +417,7 @@ def test_sigkill_of_torchrun_takes_its_workers(tmp_path):
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
-        deadline = time.monotonic() + 90
-        workers: list[int] = []
-        while time.monotonic() < deadline and not (len(workers) == 2 and all(map(_loaded_torch, workers))):
-            workers = _children(proc.pid) if proc.poll() is None else []
-            time.sleep(0.2)
-        assert len(workers) == 2 and all(map(_loaded_torch, workers)), workers
+        workers = _wait_for_ranks(proc, _loaded_torch, timeout=90, poll_s=0.2)
         time.sleep(2.0)  # rank 0 reaches the rendezvous, rank 1 stalls before it
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()

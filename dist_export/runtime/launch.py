@@ -71,14 +71,18 @@ def die_with_launcher() -> None:
         os._exit(128 + signal.SIGTERM)
 
 
+def start_up_aborted_line(rank, message: str) -> str:
+    """The one line of a rank that stops before the process group formed (this module and the start-up guard)."""
+    return f"[rank {rank}] error: start-up aborted: {message}; nothing was written: rerun the command"
+
+
 def _terminated_while_loading(signum, frame) -> None:
     """SIGTERM while the command's modules load (torch: seconds, before the start-up guard has a handler): one
     line and exit 143, not a silent death; the launcher's rendezvous folder removed when the launcher is gone."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     gone = launcher_gone(settle_s=SETTLE_S)
     why = f": {gone}" if gone else " (a launcher stopping the job)"
-    os.write(2, f"[rank {os.environ.get('RANK', '?')}] error: start-up aborted: terminated by SIGTERM{why}; nothing "
-                f"was written: rerun the command\n".encode())
+    os.write(2, (start_up_aborted_line(os.environ.get("RANK", "?"), f"terminated by SIGTERM{why}") + "\n").encode())
     if gone:
         remove_launcher_rendezvous()
     os._exit(128 + signal.SIGTERM)

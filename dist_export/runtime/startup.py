@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 
-from .launch import SETTLE_S, launcher_gone, remove_launcher_rendezvous
+from .launch import SETTLE_S, launcher_gone, remove_launcher_rendezvous, start_up_aborted_line
 from .processes import SignalWakeup, process_state
 
 KEY = "dist_export_startup"
@@ -145,8 +145,7 @@ class StartupWatch:
     def _fail(self, message: str, code: int = 1, clean=None) -> None:
         if self._done.is_set() and code == 1 or not self._failing.acquire(blocking=False):
             return  # the group formed meanwhile, or the other thread is already exiting
-        print(f"[rank {self.rank}] error: start-up aborted: {message}; nothing was written: rerun the command",
-              file=sys.stderr, flush=True)
+        print(start_up_aborted_line(self.rank, message), file=sys.stderr, flush=True)
         if clean is not None:
             clean()
         os._exit(code)
