@@ -7,9 +7,11 @@ nothing has been written yet, and a KeyboardInterrupt raised inside an import le
 import os
 import signal
 
+from .runtime.signals import ignore_from_now_on
+
 
 def _interrupted_while_loading(signum, frame):
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # first: a second SIGINT (the launcher's) must not print again
+    ignore_from_now_on(signal.SIGINT)  # first: a second SIGINT (the launcher's) must not print again
     if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":  # a launcher too: no rank started yet
         os.write(2, b"[rank 0] interrupted during start-up; nothing was written\n")
     os._exit(130)

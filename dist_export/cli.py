@@ -422,8 +422,10 @@ def _interrupt_once() -> None:
     import signal
     import threading
 
+    from .runtime.signals import ignore_from_now_on
+
     def once(signum, frame):
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        ignore_from_now_on(signal.SIGINT)
         raise KeyboardInterrupt
 
     current = signal.getsignal(signal.SIGINT)

@@ -528,3 +528,39 @@ def test_ctrl_c_at_any_moment_of_start_up_is_one_line(tmp_path, delay):
     assert "Traceback" not in err
     found = os.listdir(out) if out.exists() else []
     assert not [f for f in found if f.endswith(".tmp")] and "model.safetensors.index.json" not in found, found
+
+
+def test_a_handled_signal_is_absorbed_by_a_python_handler_never_sig_ign():
+    """Every one-shot handler (loading-time Ctrl-C and SIGTERM, the command's first Ctrl-C, the monitor after an
+    interrupt) leaves a Python no-op behind, not SIG_IGN: CPython prints 'OSError: Signal 2 ignored due to race
+    condition' with a traceback when the repeat (the launcher's forwarded Ctrl-C, microseconds after the
+    terminal's) lands while the disposition becomes SIG_IGN; CI of stop 25 failed on that traceback. Then a
+    pending repeat is swallowed without a word."""
+    code = r"""
+import signal, sys, threading
+from dist_export import cli
+from dist_export.runtime import monitor
+
+def disposition():
+    h = signal.getsignal(signal.SIGINT)
+    return "SIG_IGN" if h is signal.SIG_IGN else getattr(h, "__name__", repr(h))
+
+cli._interrupt_once()
+try:
+    signal.raise_signal(signal.SIGINT)
+    print("no KeyboardInterrupt")
+except KeyboardInterrupt:
+    print("first:", disposition())
+signal.raise_signal(signal.SIGINT)  # a repeat: absorbed
+signal.raise_signal(signal.SIGINT)
+print("repeats absorbed:", disposition())
+
+m = monitor.Monitor.__new__(monitor.Monitor)
+m.interrupted, m._old_sigint, m._wakeup = True, signal.default_int_handler, None
+m._stop, m._thread, m.progress = threading.Event(), threading.Thread(target=lambda: None), type("P", (), {"close": lambda self: None})()
+m.stop()
+print("monitor:", disposition())
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 0 and proc.stderr == "", (proc.returncode, proc.stderr[-2000:])
+    assert proc.stdout.splitlines() == ["first: _absorb", "repeats absorbed: _absorb", "monitor: _absorb"], proc.stdout

@@ -31,6 +31,8 @@ import sys
 import tempfile
 import time
 
+from .signals import ignore_from_now_on
+
 RENDEZVOUS_ENV = "DIST_EXPORT_RENDEZVOUS"  # init_method for the children, e.g. file:///tmp/x/store
 LAUNCHER_PID_ENV = "DIST_EXPORT_LAUNCHER_PID"  # the parent's pid, read (and removed) by die_with_launcher
 PR_SET_PDEATHSIG = 1
@@ -79,7 +81,7 @@ def start_up_aborted_line(rank, message: str) -> str:
 def _terminated_while_loading(signum, frame) -> None:
     """SIGTERM while the command's modules load (torch: seconds, before the start-up guard has a handler): one
     line and exit 143, not a silent death; the launcher's rendezvous folder removed when the launcher is gone."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    ignore_from_now_on(signal.SIGTERM)
     gone = launcher_gone(settle_s=SETTLE_S)
     why = f": {gone}" if gone else " (a launcher stopping the job)"
     os.write(2, (start_up_aborted_line(os.environ.get("RANK", "?"), f"terminated by SIGTERM{why}") + "\n").encode())

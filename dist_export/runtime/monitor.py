@@ -26,6 +26,7 @@ import time
 
 from .processes import SignalWakeup, process_state
 from .progress import Progress
+from .signals import ignore_from_now_on
 
 WORKING, WAITING, FINISHED, INTERRUPTED = 0, 1, 2, 3
 INTERRUPT_GRACE = 3.0  # s a peer may be interrupted before this rank, that was not, aborts too
@@ -113,7 +114,10 @@ class Monitor:
             self._wakeup = None
         if self._old_sigint is not None:
             # after an interrupt, later SIGINTs (the launcher forwards the terminal's) stay ignored until exit
-            signal.signal(signal.SIGINT, self._old_sigint if not self.interrupted else signal.SIG_IGN)
+            if self.interrupted:
+                ignore_from_now_on(signal.SIGINT)
+            else:
+                signal.signal(signal.SIGINT, self._old_sigint)
             self._old_sigint = None
 
     def finish(self) -> None:
